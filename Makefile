@@ -1,0 +1,29 @@
+# Two commands set up and test everything on a fresh machine: `make install`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint typecheck unit bench clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+
+test: lint typecheck unit
+
+lint:
+	$(BIN)/ruff check casstore tests benchmarks
+	$(BIN)/ruff format --check casstore tests benchmarks
+
+typecheck:
+	$(BIN)/mypy
+
+unit:
+	$(BIN)/pytest -n 2 --durations=15
+
+bench:
+	$(BIN)/python -m benchmarks.bench_store
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,56 @@
+"""The small protocol every backend implements.
+
+Objects are immutable byte strings addressed by '/'-separated keys. The store above relies
+on exactly these guarantees, and the conformance suite (tests/backend_conformance.py)
+checks them for every backend:
+
+* ``put_if_absent`` publishes atomically: a reader sees the whole object or nothing, never a
+  prefix, whatever crashes; an existing object is never replaced by a different one.
+* ``refresh`` answers "is it there?" and, when it is, renews its age, so a saver that reuses
+  a chunk keeps gc's grace period from expiring under it (the REAPI FindMissingBlobs rule).
+* No method needs a lock for correctness.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch: last publish or refresh
+
+
+class Backend(abc.ABC):
+    """An object store for casstore. Implementations must be thread-safe."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes. Raises :class:`casstore.NotFound` when absent."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Publish ``data`` under ``key`` atomically unless it exists. True if written."""
+
+    @abc.abstractmethod
+    def refresh(self, key: str) -> bool:
+        """True if ``key`` exists, renewing its age; False if it does not."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and age of ``key``, or None."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False if it was already gone."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every published object whose key starts with ``prefix`` ('dir/' style)."""
+
+    def describe(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,156 @@
+"""POSIX filesystem backend: a local disk or a network volume mounted on every replica.
+
+Publish protocol (see docs/format.md): write a uniquely named temp file *in the object's own
+directory*, fsync it, then ``link()`` it to the final name (EEXIST means someone published
+first, which is fine for immutable, content-addressed objects) and unlink the temp name.
+Filesystems without hard links fall back to ``rename()``: keys are content digests or unique
+names, so replacing an object can only ever replace it with identical bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from casstore import constants
+from casstore.backends.base import Backend, ObjectInfo
+from casstore.errors import NotFound, StoreUnavailable
+
+# link() is not supported on every mount (some FUSE and SMB filesystems).
+_NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+
+
+def temp_name() -> str:
+    return f"{constants.TEMP_PREFIX}{uuid.uuid4().hex}"
+
+
+class FileSystemBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    def describe(self) -> str:
+        return f"fs:{self.root}"
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"invalid object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"no object {key}") from None
+        except IsADirectoryError:
+            raise NotFound(f"no object {key}") from None
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            tmp = self._write_temp(path.parent, data)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_temp(path.parent, data)
+        try:
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in _NO_LINK_ERRNOS:
+                    raise
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _write_temp(self, directory: Path, data: bytes) -> Path:
+        tmp = directory / temp_name()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+        return tmp
+
+    def refresh(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            # A read-only store still answers presence; it cannot renew the age.
+            return self._path(key).is_file()
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> bool:
+        try:
+            os.unlink(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = prefix.rstrip("/")
+        start = self._path(base) if base else self.root
+        yield from self._walk(start, f"{base}/" if base else "")
+
+    def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith(constants.TEMP_PREFIX):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(Path(entry.path), f"{key_prefix}{entry.name}/")
+            elif entry.is_file(follow_symlinks=False):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
+
+    def ensure_root(self) -> None:
+        """Create the root directory, with a clear error when that is impossible."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StoreUnavailable(
+                f"store root {self.root} exists and is not a directory"
+            ) from None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create store root {self.root}: {e.strerror}") from e
+        if not self.root.is_dir():
+            raise StoreUnavailable(f"store root {self.root} is not a directory")

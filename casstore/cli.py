@@ -1,0 +1,388 @@
+"""The ``casstore`` command line. The only module that imports typer and rich.
+
+Exit codes: 0 success; 1 error (one line on stderr); 2 usage error; 3 key not found;
+4 incomplete (a load with missing files, a verify that found damage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from casstore import audit, config
+from casstore.errors import CasstoreError, NotFound
+from casstore.keys import CacheKey, detect_key
+from casstore.store import Store
+
+EXIT_ERROR = 1
+EXIT_NOT_FOUND = 3
+EXIT_INCOMPLETE = 4
+
+app = typer.Typer(
+    name="casstore",
+    help="Content-addressed store for torch.compile caches on a shared volume.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Off a terminal, rich would wrap tables at 80 columns; scripts want whole lines.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+@dataclasses.dataclass
+class _State:
+    root: Path | None = None
+    threads: int = 16
+
+
+_state = _State()
+
+RootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--root",
+        envvar="CASSTORE_ROOT",
+        help="Store root (default: /cache/org/cas if /cache/org exists, else ~/.cache/casstore).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+TorchOpt = Annotated[
+    str | None, typer.Option(help="torch version of the key (default: the installed one).")
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Accelerator arch of the key: sm_XY or a CPU ISA label (default: this host)."
+    ),
+]
+ModelOpt = Annotated[str, typer.Option(envvar="CASSTORE_MODEL", help="Model fingerprint.")]
+ExtraOpt = Annotated[
+    list[str] | None,
+    typer.Option("--extra", help="Extra key factor NAME=VALUE (repeatable)."),
+]
+
+
+@app.callback()
+def _main(
+    root: RootOpt = None,
+    threads: Annotated[int, typer.Option(min=1, max=256, help="I/O threads.")] = 16,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="casstore: %(message)s",
+        stream=sys.stderr,
+    )
+    _state.root = root
+    _state.threads = threads
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library errors into one clear line and an exit code."""
+    try:
+        yield
+    except NotFound as e:
+        _fail(str(e), EXIT_NOT_FOUND)
+    except CasstoreError as e:
+        _fail(str(e))
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}")
+
+
+def _open_store(create: bool = True) -> Store:
+    root = _state.root or config.default_root()
+    return Store(root, threads=_state.threads, create=create)
+
+
+def _key(torch: str | None, arch: str | None, model: str, extra: list[str] | None) -> CacheKey:
+    extras: dict[str, str] = {}
+    for item in extra or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            _fail(f"--extra expects NAME=VALUE, got {item!r}", 2)
+        extras[name] = value
+    if torch is not None and arch is not None:
+        return CacheKey(torch=torch, arch=arch, model=model, extra=extras)
+    detected = detect_key(model, extras, import_torch=arch is None)
+    return CacheKey(
+        torch=torch or detected.torch,
+        arch=arch or detected.arch,
+        model=model,
+        extra=detected.extra,
+    )
+
+
+@contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _emit_json(doc: Any) -> None:
+    out.print_json(json.dumps(msgspec.to_builtins(doc)), highlight=False)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@app.command()
+def save(
+    directory: Annotated[Path, typer.Argument(help="Directory to save.")],
+    torch: TorchOpt = None,
+    arch: ArchOpt = None,
+    model: ModelOpt = "default",
+    extra: ExtraOpt = None,
+    max_size_mb: Annotated[
+        int | None, typer.Option(help="Refuse trees larger than this many MiB.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Save DIRECTORY under a key; only chunks the store lacks are uploaded."""
+    with _errors():
+        store = _open_store()
+        key = _key(torch, arch, model, extra)
+        with _progress("saving", not as_json) as progress:
+            report = store.save(
+                directory,
+                key,
+                max_bytes=max_size_mb * 2**20 if max_size_mb is not None else None,
+                progress=progress,
+            )
+    if as_json:
+        _emit_json({**dataclasses.asdict(report), "key": report.key, "key_id": report.key.id})
+        return
+    out.print(f"saved {key}")
+    out.print(
+        f"  {report.files} files ({_mib(report.bytes)}), {report.changed_files} new or changed, "
+        f"{report.new_chunks} new chunks ({_mib(report.new_bytes)}, "
+        f"{_mib(report.stored_bytes)} compressed) in {report.seconds:.2f}s"
+    )
+    if report.skipped:
+        out.print(
+            f"  skipped {len(report.skipped)}: "
+            + ", ".join(f"{p} ({why})" for p, why in report.skipped[:5])
+            + (" …" if len(report.skipped) > 5 else "")
+        )
+
+
+@app.command()
+def load(
+    directory: Annotated[Path, typer.Argument(help="Directory to restore into.")],
+    torch: TorchOpt = None,
+    arch: ArchOpt = None,
+    model: ModelOpt = "default",
+    extra: ExtraOpt = None,
+    key_id: Annotated[
+        str | None, typer.Option("--key", help="Key id (or prefix) instead of the key fields.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a saved key into DIRECTORY, fetching only files not already present."""
+    with _errors():
+        store = _open_store(create=False)
+        key = store.resolve(key_id) if key_id else _key(torch, arch, model, extra)
+        with _progress("loading", not as_json) as progress:
+            report = store.load(key, directory, progress=progress)
+    if as_json:
+        _emit_json({**dataclasses.asdict(report), "key": report.key, "key_id": report.key.id})
+    else:
+        out.print(f"loaded {key}")
+        out.print(
+            f"  {report.written} written, {report.skipped} already present, "
+            f"{len(report.missing)} missing; fetched {_mib(report.bytes_fetched)} "
+            f"in {report.seconds:.2f}s"
+        )
+    if report.missing:
+        if not as_json:
+            err.print(
+                f"[yellow]{len(report.missing)} files could not be restored:[/yellow] "
+                + ", ".join(report.missing[:5]),
+                highlight=False,
+            )
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+@app.command("ls")
+def list_keys(as_json: JsonOpt = False) -> None:
+    """List the saved keys."""
+    with _errors():
+        infos = list(_open_store(create=False).keys())
+    if as_json:
+        _emit_json([{**dataclasses.asdict(i), "key": i.key, "id": i.key.id} for i in infos])
+        return
+    table = Table("id", "torch", "arch", "model", "files", "size", "saves", "last saved")
+    for i in infos:
+        table.add_row(
+            i.key.id[:12],
+            i.key.torch,
+            i.key.arch,
+            i.key.model,
+            str(i.files),
+            _mib(i.bytes),
+            str(i.manifests),
+            _when(i.last_saved),
+        )
+    out.print(table)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="Key id or unambiguous id prefix.")],
+    files: Annotated[bool, typer.Option("--files", help="List every file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one key: its factors, manifests and files."""
+    with _errors():
+        store = _open_store(create=False)
+        key = store.resolve(ref)
+        loaded = store.manifests(key)
+        view = store.files(key)
+    if as_json:
+        _emit_json(
+            {
+                "key": key,
+                "id": key.id,
+                "manifests": [
+                    {
+                        "name": n,
+                        "created_at": m.created_at,
+                        "producer": m.producer,
+                        "files": len(m.files),
+                    }
+                    for n, m in loaded
+                ],
+                "files": [
+                    {
+                        "path": f.path,
+                        "size": f.size,
+                        "mode": f.mode,
+                        "digest": f.digest.hex(),
+                        "chunks": len(f.chunks),
+                    }
+                    for f in view.values()
+                ],
+            }
+        )
+        return
+    out.print(f"key {key.id}")
+    for name, value in [
+        ("torch", key.torch),
+        ("arch", key.arch),
+        ("model", key.model),
+        *sorted(key.extra.items()),
+    ]:
+        out.print(f"  {name:8} {value}")
+    out.print(
+        f"{len(view)} files, {_mib(sum(f.size for f in view.values()))}, {len(loaded)} manifests:"
+    )
+    for name, m in loaded:
+        p = m.producer
+        out.print(
+            f"  {name.rsplit('/', 1)[-1]}  {_when(m.created_at)}  {len(m.files)} files  "
+            f"from {p.host} (casstore {p.casstore}, python {p.python})",
+            highlight=False,
+        )
+    if files:
+        for f in view.values():
+            out.print(f"  {f.mode:04o} {f.size:>12} {f.path}", highlight=False)
+
+
+@app.command()
+def verify(as_json: JsonOpt = False) -> None:
+    """Re-hash every chunk and check every manifest; exit 4 if anything is damaged."""
+    with _errors():
+        store = _open_store(create=False)
+        with _progress("verifying", not as_json) as progress:
+            report = audit.verify(store, threads=_state.threads, progress=progress)
+    if as_json:
+        _emit_json({**dataclasses.asdict(report), "ok": report.ok})
+    else:
+        out.print(f"{report.chunks} chunks, {report.manifests} manifests checked")
+        for key, why in report.corrupt:
+            out.print(f"  corrupt chunk {key}: {why}", highlight=False)
+        for key, why in report.invalid_manifests:
+            out.print(f"  invalid manifest {key}: {why}", highlight=False)
+        for name, digest in report.missing_chunks:
+            out.print(f"  {name} references missing chunk {digest}", highlight=False)
+        out.print("ok" if report.ok else "[red]damaged[/red]")
+    if not report.ok:
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+@app.command()
+def stats(as_json: JsonOpt = False) -> None:
+    """Chunks, stored bytes, logical bytes and the dedup ratio."""
+    with _errors():
+        s = audit.stats(_open_store(create=False))
+    if as_json:
+        _emit_json(
+            {
+                **dataclasses.asdict(s),
+                "dedup_ratio": s.dedup_ratio,
+                "compression_ratio": s.compression_ratio,
+            }
+        )
+        return
+    out.print(f"keys           {s.keys} ({s.manifests} manifests)")
+    out.print(f"chunks         {s.chunks}")
+    out.print(f"stored         {_mib(s.stored_bytes)} (compressed)")
+    out.print(f"unique         {_mib(s.unique_bytes)} (distinct chunk bytes)")
+    out.print(f"logical        {_mib(s.logical_bytes)} (what loads write)")
+    out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Constants that are part of the on-disk format (see docs/format.md).
+
+Changing any value in the FORMAT section changes how trees are cut and stored; it requires
+a new ``FORMAT_VERSION``, because every writer in the organisation must cut the same way
+for chunks to deduplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- FORMAT -------------------------------------------------------------------------------
+FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 1
+
+# FastCDC (2020 variant, normalised chunking level 1, default gear table). Sizes chosen in
+# docs/decisions.md: inductor caches are thousands of small files (one chunk each) plus a
+# few large binaries (precompiled headers ~150 MB, .so files) where a 1-byte change, such as
+# an embedded build path, must only cost a few hundred KiB.
+CHUNK_MIN_SIZE = 32 * 1024
+CHUNK_AVG_SIZE = 128 * 1024
+CHUNK_MAX_SIZE = 512 * 1024
+CHUNK_NORMALIZED: Final = 1
+CHUNK_SEED = 0
+
+DIGEST_ALGORITHM = "blake3"
+DIGEST_SIZE = 32  # bytes; hex form is 64 characters
+COMPRESSION = "zstd"
+ZSTD_LEVEL = 3
+
+# Chunk objects fan out on the first FANOUT_CHARS hex characters of the digest: 4096 dirs,
+# so even 8M chunks keep each directory near 2000 entries (ccache's comfort limit).
+FANOUT_CHARS = 3
+
+LAYOUT_FILE = "CASSTORE"
+CHUNKS_DIR = "chunks"
+MANIFESTS_DIR = "manifests"
+LOCKS_DIR = "locks"
+QUARANTINE_DIR = "quarantine"
+
+CHUNK_SUFFIX = ".zst"
+MANIFEST_SUFFIX = ".manifest"
+
+# Temp files live in the directory of the object they become (cross-directory renames
+# misbehave on some network filesystems) and carry this prefix plus a random suffix.
+TEMP_PREFIX = ".tmp-"
+
+# --- LIMITS (not format; defensive bounds on what a reader accepts) -------------------------
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
+MAX_PATH_BYTES = 4096
+MAX_FILES_PER_MANIFEST = 10_000_000
+
+# --- DEFAULTS -----------------------------------------------------------------------------
+ORG_CACHE_MOUNT = "/cache/org"
+DEFAULT_ORG_ROOT = "/cache/org/cas"
+DEFAULT_THREADS = 16

@@ -1,0 +1,48 @@
+"""The exception tree. Every error casstore raises derives from :class:`CasstoreError`.
+
+Each subclass also mixes in the built-in exception a caller would naturally catch
+(``except LookupError`` works for a missing key), the way huggingface_hub does.
+"""
+
+from __future__ import annotations
+
+
+class CasstoreError(Exception):
+    """Base class of every error raised by casstore."""
+
+
+class NotFound(CasstoreError, LookupError):
+    """No manifest (or object) exists for the requested key."""
+
+
+class CorruptObject(CasstoreError, ValueError):
+    """A stored object does not match its digest, or cannot be decoded."""
+
+    def __init__(self, message: str, *, digest: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.digest = digest
+        self.path = path
+
+
+class InvalidManifest(CasstoreError, ValueError):
+    """A manifest is malformed, of an unknown format, or names an unsafe path."""
+
+
+class UnsafePath(InvalidManifest):
+    """A manifest path would escape the destination (absolute, ``..``, through a symlink)."""
+
+
+class FormatMismatch(CasstoreError, ValueError):
+    """The store on disk was written with another format version or chunker parameters."""
+
+
+class CacheTooLarge(CasstoreError, ValueError):
+    """The tree to save exceeds the configured size cap; nothing was uploaded."""
+
+
+class LockTimeout(CasstoreError, TimeoutError):
+    """A best-effort lock could not be taken in time."""
+
+
+class StoreUnavailable(CasstoreError, OSError):
+    """The store root cannot be used (missing, not a directory, not writable)."""

@@ -1,0 +1,188 @@
+"""Cache keys: which compiled artifacts may be served to which replica.
+
+A key is (torch version, accelerator arch, model fingerprint) plus free-form extra factors.
+Kernels compiled for one key must never be served to another: CPU kernels are built with
+``-march=native`` (an AVX-512 kernel crashes an AVX2-only host) and torch keys GPU caches by
+device *name*, so both belong in the key.
+
+Detection never imports torch: it reads installed package metadata and ``/proc/cpuinfo``.
+Only when torch is *already* imported (a model server) is the GPU queried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import msgspec
+
+from casstore.errors import InvalidManifest
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9._+\-:/= ]{1,200}$")
+
+
+class CacheKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The identity of one saved cache. ``extra`` holds further factors (CUDA, Triton, …)."""
+
+    torch: str
+    arch: str
+    model: str = "default"
+    extra: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        for name in ("torch", "arch", "model"):
+            _check_label(name, getattr(self, name))
+        for k, v in self.extra.items():
+            _check_label("extra key", k)
+            _check_label(f"extra[{k}]", v)
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the ``extra`` dict.
+        return hash(self.canonical())
+
+    @property
+    def id(self) -> str:
+        """Stable 32-hex-digit id: the digest of the canonical encoding."""
+        return hashlib.blake2b(self.canonical(), digest_size=16).hexdigest()
+
+    def canonical(self) -> bytes:
+        """Canonical bytes: JSON with sorted extra keys, so equal keys give equal ids."""
+        doc = {
+            "torch": self.torch,
+            "arch": self.arch,
+            "model": self.model,
+            "extra": dict(sorted(self.extra.items())),
+        }
+        return msgspec.json.encode(doc)
+
+    def describe(self) -> str:
+        parts = [f"torch={self.torch}", f"arch={self.arch}", f"model={self.model}"]
+        parts += [f"{k}={v}" for k, v in sorted(self.extra.items())]
+        return " ".join(parts)
+
+    def __str__(self) -> str:
+        return f"{self.id[:12]} ({self.describe()})"
+
+
+def _check_label(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _LABEL_RE.match(value):
+        raise InvalidManifest(
+            f"key field {name}={value!r} must be 1-200 characters of letters, digits, "
+            "spaces and ._+-:/="
+        )
+
+
+# --- environment detection ----------------------------------------------------------------
+
+
+def installed_version(dist: str) -> str | None:
+    """Version of an installed distribution, without importing it."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def detect_torch_version() -> str:
+    """torch's version with its build tag (``2.13.0+cpu``), or ``none`` without torch."""
+    mod = sys.modules.get("torch")
+    version = getattr(mod, "__version__", None) if mod is not None else None
+    return str(version) if version else (installed_version("torch") or "none")
+
+
+# CPU flags that change what ``-march=native`` may emit. Hypervisor/bookkeeping flags are
+# left out so that two hosts with the same instruction sets share one key.
+_ISA_FLAG_RE = re.compile(
+    r"^(sse\d.*|ssse3|avx.*|fma.*|f16c|bmi\d|adx|aes|vaes|pclmulqdq|vpclmulqdq|sha_ni|gfni|"
+    r"popcnt|lzcnt|abm|movbe|amx.*|cx16|xsave.*|rdrnd|rdrand|rdseed|clflushopt|clwb|"
+    r"serialize|waitpkg|movdir.*|sse4a|xop|fma4|tbm|asimd.*|sve.*|sme.*|fp16|bf16|i8mm|dotprod)$"
+)
+
+_X86_LEVELS = (
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}),
+    ("x86-64-v2", {"cx16", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+)
+
+
+def cpu_isa_label(flags: set[str], machine: str) -> str:
+    """``<level>-<hash of ISA flags>``, e.g. ``x86-64-v4-1a2b3c4d``.
+
+    The level makes the key readable; the hash makes it exact, because two CPUs of one
+    level can still differ in an extension that ``-march=native`` uses (AMX, VNNI, …).
+    """
+    isa = sorted(f for f in flags if _ISA_FLAG_RE.match(f))
+    level = machine
+    if machine in ("x86_64", "AMD64"):
+        level = "x86-64"
+        for name, needed in _X86_LEVELS:
+            if needed <= flags:
+                level = name
+                break
+    tag = hashlib.blake2b(" ".join(isa).encode(), digest_size=4).hexdigest()
+    return f"{level}-{tag}"
+
+
+@lru_cache(maxsize=1)
+def detect_cpu_isa() -> str:
+    flags: set[str] = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    return cpu_isa_label(flags, platform.machine())
+
+
+def gpu_visible() -> bool:
+    """Whether this host exposes an NVIDIA or AMD GPU, without loading any GPU library."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd"))
+
+
+def detect_arch(*, import_torch: bool = False) -> tuple[str, dict[str, str]]:
+    """The accelerator arch and extra factors of this process.
+
+    A GPU is queried only when torch is already imported (or ``import_torch`` asks for the
+    import, as the CLI does) and CUDA is initialisable, so a model server that has not paid
+    for ``import torch`` never does here.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None and import_torch and gpu_visible() and installed_version("torch"):
+        try:
+            import torch
+        except Exception:  # a broken torch install keys as CPU
+            torch = None
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability()
+                extra = {"device": str(torch.cuda.get_device_name())}
+                if torch.version.cuda:
+                    extra["cuda"] = str(torch.version.cuda)
+                return f"sm_{major}{minor}", extra
+        except Exception:  # a broken CUDA setup falls back to the CPU key
+            pass
+    return detect_cpu_isa(), {}
+
+
+def detect_key(
+    model: str = "default", extra: dict[str, str] | None = None, *, import_torch: bool = False
+) -> CacheKey:
+    """The key of this process's environment for ``model``."""
+    arch, arch_extra = detect_arch(import_torch=import_torch)
+    merged = {**arch_extra, **(extra or {})}
+    triton = installed_version("triton")
+    if triton and "triton" not in merged:
+        merged["triton"] = triton
+    # Inductor emits Python source and pickles whose validity depends on the interpreter.
+    merged.setdefault("python", f"{sys.version_info.major}.{sys.version_info.minor}")
+    return CacheKey(torch=detect_torch_version(), arch=arch, model=model, extra=merged)

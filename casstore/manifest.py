@@ -1,0 +1,195 @@
+"""Manifests: the msgspec document that lists a saved tree's files and their chunks.
+
+Manifests are immutable. One key may hold several (each save that adds files publishes
+one more); readers merge them, newest winning per path. Decoding is strict: an unknown
+format version, an unknown field or an unsafe path rejects the whole document.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+
+import msgspec
+
+from casstore import constants
+from casstore._version import __version__
+from casstore.errors import InvalidManifest, UnsafePath
+from casstore.keys import CacheKey
+
+
+class ChunkRef(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One chunk of a file, in order: digest of its uncompressed bytes and their count."""
+
+    digest: bytes
+    size: int
+
+
+class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    path: str  # relative, '/'-separated, normalised
+    size: int
+    mode: int  # permission bits only
+    digest: bytes  # BLAKE3 of the whole file, to recognise an identical local file cheaply
+    chunks: tuple[ChunkRef, ...]
+
+
+class Producer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str
+    pid: int
+    casstore: str
+    python: str
+    platform: str
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format: int
+    key: CacheKey
+    created_at: float
+    producer: Producer
+    files: tuple[FileEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class _Header(msgspec.Struct):
+    """Read first, leniently, so a newer format gets a clear error instead of a schema one."""
+
+    format: int
+
+
+def this_producer() -> Producer:
+    return Producer(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        casstore=__version__,
+        python=platform.python_version(),
+        platform=f"{sys.platform}-{platform.machine()}",
+    )
+
+
+def new_manifest(key: CacheKey, files: Iterable[FileEntry]) -> Manifest:
+    ordered = tuple(sorted(files, key=lambda f: f.path))
+    m = Manifest(
+        format=constants.MANIFEST_FORMAT_VERSION,
+        key=key,
+        created_at=time.time(),
+        producer=this_producer(),
+        files=ordered,
+    )
+    validate(m)
+    return m
+
+
+def new_manifest_name(created_at: float) -> str:
+    """Unique, time-ordered file name: ``<ns since epoch, 20 digits>-<random>.manifest``."""
+    ns = int(created_at * 1e9)
+    return f"{ns:020d}-{uuid.uuid4().hex[:12]}{constants.MANIFEST_SUFFIX}"
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(m: Manifest) -> bytes:
+    return _encoder.encode(m)
+
+
+def decode(blob: bytes, *, source: str = "manifest") -> Manifest:
+    """Strictly decode and validate a manifest. Raises :class:`InvalidManifest`."""
+    if len(blob) > constants.MAX_MANIFEST_BYTES:
+        raise InvalidManifest(f"{source}: {len(blob)} bytes exceeds the manifest size limit")
+    try:
+        header = msgspec.msgpack.decode(blob, type=_Header)
+    except msgspec.DecodeError as e:
+        raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
+    if header.format != constants.MANIFEST_FORMAT_VERSION:
+        raise InvalidManifest(
+            f"{source}: manifest format {header.format} is not supported by this casstore "
+            f"(reads format {constants.MANIFEST_FORMAT_VERSION}); upgrade casstore"
+        )
+    try:
+        m = msgspec.msgpack.decode(blob, type=Manifest)
+    except (msgspec.DecodeError, InvalidManifest) as e:
+        raise InvalidManifest(f"{source}: malformed manifest ({e})") from e
+    validate(m, source=source)
+    return m
+
+
+def check_path(path: str) -> None:
+    """Reject any path that is not a plain relative path inside the destination."""
+    if not path:
+        raise UnsafePath("empty path")
+    if "\x00" in path or "\\" in path:
+        raise UnsafePath(f"path {path!r} contains NUL or backslash")
+    if len(path.encode("utf-8", "surrogatepass")) > constants.MAX_PATH_BYTES:
+        raise UnsafePath(f"path {path[:80]!r}... is too long")
+    if path.startswith("/"):
+        raise UnsafePath(f"path {path!r} is absolute")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise UnsafePath(f"path {path!r} is not normalised (empty, '.' or '..' component)")
+
+
+def validate(m: Manifest, *, source: str = "manifest") -> None:
+    if len(m.files) > constants.MAX_FILES_PER_MANIFEST:
+        raise InvalidManifest(f"{source}: too many files ({len(m.files)})")
+    seen: set[str] = set()
+    dirs: set[str] = set()
+    for f in m.files:
+        try:
+            check_path(f.path)
+        except UnsafePath as e:
+            raise UnsafePath(f"{source}: {e}") from None
+        if f.path in seen:
+            raise InvalidManifest(f"{source}: duplicate path {f.path!r}")
+        seen.add(f.path)
+        parts = f.path.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if not 0 <= f.size <= constants.MAX_FILE_SIZE:
+            raise InvalidManifest(f"{source}: {f.path!r} declares impossible size {f.size}")
+        if not 0 <= f.mode <= 0o7777:
+            raise InvalidManifest(f"{source}: {f.path!r} has invalid mode {f.mode:o}")
+        if len(f.digest) != constants.DIGEST_SIZE:
+            raise InvalidManifest(f"{source}: {f.path!r} has a malformed digest")
+        if len(f.chunks) > f.size:
+            # Every chunk holds at least one byte: more chunks than bytes is hostile.
+            raise InvalidManifest(f"{source}: {f.path!r} lists more chunks than bytes")
+        total = 0
+        for c in f.chunks:
+            if len(c.digest) != constants.DIGEST_SIZE:
+                raise InvalidManifest(f"{source}: {f.path!r} has a malformed chunk digest")
+            if not 0 < c.size <= constants.CHUNK_MAX_SIZE:
+                raise InvalidManifest(f"{source}: {f.path!r} has a chunk of size {c.size}")
+            total += c.size
+        if total != f.size:
+            raise InvalidManifest(
+                f"{source}: {f.path!r} chunks add up to {total} bytes, not {f.size}"
+            )
+    clash = seen & dirs
+    if clash:
+        raise InvalidManifest(f"{source}: {sorted(clash)[0]!r} is both a file and a directory")
+
+
+def merge(manifests: Iterable[Manifest]) -> dict[str, FileEntry]:
+    """Union of the manifests' files; for a path in several, the newest manifest wins.
+
+    A path that clashes with a newer one (a file where the newer has a directory, or the
+    reverse) is dropped, so the merged view can always be written out.
+    """
+    view: dict[str, FileEntry] = {}
+    dirs: set[str] = set()
+    for m in sorted(manifests, key=lambda m: m.created_at, reverse=True):
+        for f in m.files:
+            parts = f.path.split("/")
+            parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+            if f.path in view or f.path in dirs or any(p in view for p in parents):
+                continue
+            view[f.path] = f
+            dirs.update(parents)
+    return dict(sorted(view.items()))

@@ -1,0 +1,646 @@
+"""The store: save a directory tree under a key, load it back byte for byte.
+
+Save: scan the tree, cut every file into chunks, upload only chunks the store lacks, then
+publish one immutable manifest listing what changed. Load: merge the key's manifests, and
+for each file not already present, fetch and verify its chunks into a temp file that is
+renamed into place only when complete. See docs/format.md for the exact protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from casstore import chunking, constants, objects
+from casstore import manifest as mf
+from casstore.backends.base import Backend
+from casstore.backends.fs import FileSystemBackend, temp_name
+from casstore.errors import (
+    CacheTooLarge,
+    CasstoreError,
+    CorruptObject,
+    FormatMismatch,
+    InvalidManifest,
+    NotFound,
+    StoreUnavailable,
+    UnsafePath,
+)
+from casstore.keys import CacheKey
+from casstore.locks import best_effort_lock
+from casstore.manifest import ChunkRef, FileEntry, Manifest
+
+log = logging.getLogger("casstore")
+
+#: ``progress(done_bytes, total_bytes)``; called from worker threads.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class SaveReport:
+    key: CacheKey
+    files: int = 0  # regular files in the tree
+    bytes: int = 0  # their total size
+    changed_files: int = 0  # files new or different from what the key already held
+    chunks: int = 0  # chunk references of the changed files
+    new_chunks: int = 0  # chunks this save uploaded
+    new_bytes: int = 0  # uncompressed bytes of those chunks
+    stored_bytes: int = 0  # compressed bytes written to the store
+    manifest: str | None = None  # published manifest name; None when nothing changed
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+
+@dataclass
+class LoadReport:
+    key: CacheKey
+    files: int = 0  # files in the merged manifests
+    written: int = 0  # files fetched and written
+    skipped: int = 0  # files already present and identical
+    missing: list[str] = field(default_factory=list)  # files not restored (missing/corrupt)
+    bytes_fetched: int = 0  # compressed bytes read from the store
+    bytes_written: int = 0
+    manifests: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key: CacheKey
+    manifests: int
+    files: int
+    bytes: int
+    last_saved: float
+
+
+@dataclass
+class _LocalFile:
+    rel: str
+    path: Path
+    size: int
+    mode: int
+
+
+class _Counter:
+    """Thread-safe running totals and the optional progress callback."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            done = self.done
+        if self._progress is not None:
+            self._progress(done, self.total)
+
+
+def _layout_doc() -> dict[str, object]:
+    return {
+        "format": constants.FORMAT_VERSION,
+        "digest": constants.DIGEST_ALGORITHM,
+        "compression": constants.COMPRESSION,
+        "chunker": chunking.chunker_params(),
+        "fanout_chars": constants.FANOUT_CHARS,
+    }
+
+
+class Store:
+    """A content-addressed store of directory trees.
+
+    ``Store(root)`` opens the store at ``root`` on a POSIX filesystem, creating it if
+    needed; ``Store(backend=...)`` opens one on any :class:`Backend`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        backend: Backend | None = None,
+        threads: int = constants.DEFAULT_THREADS,
+        fsync: bool = True,
+        create: bool = True,
+    ) -> None:
+        if backend is None:
+            if root is None:
+                raise TypeError("Store() needs a root path or a backend")
+            fs = FileSystemBackend(root, fsync=fsync)
+            if create:
+                fs.ensure_root()
+            elif not fs.root.is_dir():
+                raise StoreUnavailable(f"no store at {fs.root}")
+            backend = fs
+        self.backend = backend
+        self.root = Path(root) if root is not None else None
+        self.threads = max(1, threads)
+        self._check_layout(create)
+
+    def __repr__(self) -> str:
+        return f"Store({self.backend.describe()})"
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def _check_layout(self, create: bool) -> None:
+        expected = _layout_doc()
+        try:
+            blob = self.backend.get(constants.LAYOUT_FILE)
+        except NotFound:
+            if not create:
+                raise StoreUnavailable(f"{self.backend.describe()} is not a casstore") from None
+            encoded = json.dumps(expected, indent=2, sort_keys=True).encode() + b"\n"
+            try:
+                self.backend.put_if_absent(constants.LAYOUT_FILE, encoded)
+            except OSError as e:
+                raise StoreUnavailable(
+                    f"cannot initialise store {self.backend.describe()}: {e}"
+                ) from e
+            blob = self.backend.get(constants.LAYOUT_FILE)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read store {self.backend.describe()}: {e}") from e
+        try:
+            found = json.loads(blob)
+        except ValueError as e:
+            raise FormatMismatch(f"{constants.LAYOUT_FILE} is not valid JSON: {e}") from e
+        if found.get("format") != expected["format"]:
+            raise FormatMismatch(
+                f"store format {found.get('format')} is not supported by this casstore "
+                f"(format {expected['format']}); upgrade casstore"
+            )
+        if found != expected:
+            raise FormatMismatch(
+                f"store layout differs from this casstore's (found {found}, "
+                f"expected {expected}); every writer must chunk the same way"
+            )
+
+    # --- manifests ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _manifest_prefix(key_id: str) -> str:
+        return f"{constants.MANIFESTS_DIR}/{key_id}/"
+
+    def manifests(self, key: CacheKey) -> list[tuple[str, Manifest]]:
+        """Every valid manifest of ``key`` as (name, manifest), oldest first.
+
+        Invalid manifests are logged and left out; raises :class:`InvalidManifest` when
+        manifests exist but none is valid, :class:`NotFound` when there are none.
+        """
+        infos = list(self.backend.list(self._manifest_prefix(key.id)))
+        infos = [i for i in infos if i.key.endswith(constants.MANIFEST_SUFFIX)]
+        if not infos:
+            raise NotFound(f"no saved cache for key {key}")
+        found: list[tuple[str, Manifest]] = []
+        errors: list[str] = []
+        for info in infos:
+            try:
+                m = mf.decode(self.backend.get(info.key), source=info.key)
+            except NotFound:
+                continue  # deleted (compaction, gc) since the listing
+            except InvalidManifest as e:
+                log.warning("ignoring invalid manifest: %s", e)
+                errors.append(str(e))
+                continue
+            if m.key != key:
+                log.warning("ignoring %s: it belongs to key %s, not %s", info.key, m.key, key)
+                errors.append(f"{info.key}: wrong key")
+                continue
+            found.append((info.key, m))
+        if not found:
+            if errors:
+                raise InvalidManifest(f"every manifest of key {key} is invalid: {errors[0]}")
+            raise NotFound(f"no saved cache for key {key}")
+        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
+        return found
+
+    def files(self, key: CacheKey) -> dict[str, FileEntry]:
+        """The merged view of ``key``: every file a load would restore."""
+        return mf.merge(m for _, m in self.manifests(key))
+
+    def keys(self) -> Iterator[KeyInfo]:
+        """One :class:`KeyInfo` per key that has at least one valid manifest."""
+        key_ids = sorted(
+            {
+                info.key.split("/")[1]
+                for info in self.backend.list(f"{constants.MANIFESTS_DIR}/")
+                if info.key.count("/") == 2
+            }
+        )
+        for key_id in key_ids:
+            loaded = self._manifests_by_id(key_id)
+            if not loaded:
+                continue
+            key = loaded[-1][1].key
+            view = mf.merge(m for _, m in loaded)
+            yield KeyInfo(
+                key=key,
+                manifests=len(loaded),
+                files=len(view),
+                bytes=sum(f.size for f in view.values()),
+                last_saved=loaded[-1][1].created_at,
+            )
+
+    def _manifests_by_id(self, key_id: str) -> list[tuple[str, Manifest]]:
+        found = []
+        for info in self.backend.list(self._manifest_prefix(key_id)):
+            try:
+                m = mf.decode(self.backend.get(info.key), source=info.key)
+            except (NotFound, InvalidManifest):
+                continue
+            if m.key.id == key_id:
+                found.append((info.key, m))
+        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
+        return found
+
+    def resolve(self, ref: str) -> CacheKey:
+        """A key from its id or an unambiguous id prefix (as ``casstore ls`` prints)."""
+        ref = ref.strip().lower()
+        matches = [k.key for k in self.keys() if k.key.id.startswith(ref)] if ref else []
+        if not matches:
+            raise NotFound(f"no key with id {ref!r}")
+        if len(matches) > 1:
+            raise NotFound(f"key id prefix {ref!r} is ambiguous ({len(matches)} keys)")
+        return matches[0]
+
+    # --- save ---------------------------------------------------------------------------
+
+    def save(
+        self,
+        src_dir: str | os.PathLike[str],
+        key: CacheKey,
+        *,
+        max_bytes: int | None = None,
+        exclude: Callable[[str], bool] | None = None,
+        lock_timeout: float = 60.0,
+        progress: ProgressCallback | None = None,
+    ) -> SaveReport:
+        """Save the regular files under ``src_dir`` as ``key``.
+
+        Only files new or different from the key's current merged view are uploaded and
+        listed in the new manifest; unchanged trees publish nothing. Raises
+        :class:`CacheTooLarge` before uploading anything when the tree exceeds ``max_bytes``.
+        """
+        started = time.monotonic()
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise NotFound(f"{src} is not a directory")
+        report = SaveReport(key=key)
+        local = list(_scan_tree(src, report.skipped, exclude))
+        report.files = len(local)
+        report.bytes = sum(f.size for f in local)
+        if max_bytes is not None and report.bytes > max_bytes:
+            raise CacheTooLarge(
+                f"{src} holds {report.bytes / 2**20:.1f} MiB, over the "
+                f"{max_bytes / 2**20:.0f} MiB cap; nothing was uploaded"
+            )
+        lock_path = self._lock_path(key)
+        with best_effort_lock(lock_path, lock_timeout) if lock_path else nullcontext(False):
+            # Read the current view under the lock: a replica that waited for another's
+            # upload of the same key then finds nothing left to do.
+            try:
+                current = self.files(key)
+            except (NotFound, InvalidManifest):
+                current = {}
+            entries = self._upload(local, current, report, progress)
+            changed = [e for e in entries if current.get(e.path) != e]
+            report.changed_files = len(changed)
+            report.chunks = sum(len(e.chunks) for e in changed)
+            if changed:
+                m = mf.new_manifest(key, changed)
+                name = self._manifest_prefix(key.id) + mf.new_manifest_name(m.created_at)
+                # Every chunk of every listed file is present now: _upload returned only
+                # entries whose chunks were found or written.
+                self.backend.put_if_absent(name, mf.encode(m))
+                report.manifest = name
+        report.seconds = time.monotonic() - started
+        log.info(
+            "saved %s: %d files, %d changed, %d new chunks (%.1f MiB) in %.2fs",
+            key,
+            report.files,
+            report.changed_files,
+            report.new_chunks,
+            report.new_bytes / 2**20,
+            report.seconds,
+        )
+        return report
+
+    def _lock_path(self, key: CacheKey) -> Path | None:
+        if isinstance(self.backend, FileSystemBackend):
+            return self.backend.root / constants.LOCKS_DIR / f"{key.id}.lock"
+        return None
+
+    def _upload(
+        self,
+        local: list[_LocalFile],
+        current: dict[str, FileEntry],
+        report: SaveReport,
+        progress: ProgressCallback | None,
+    ) -> list[FileEntry]:
+        counter = _Counter(report.bytes, progress)
+        present: set[bytes] = set()  # chunks known to be in the store during this save
+        stats_lock = threading.Lock()
+
+        def ensure_chunk(data: memoryview, ref: ChunkRef) -> None:
+            if ref.digest in present:
+                return
+            key = objects.chunk_key(ref.digest)
+            # refresh() both checks presence and renews the chunk's age for gc's grace.
+            if not self.backend.refresh(key):
+                blob = objects.encode_chunk(data)
+                if self.backend.put_if_absent(key, blob):
+                    with stats_lock:
+                        report.new_chunks += 1
+                        report.new_bytes += ref.size
+                        report.stored_bytes += len(blob)
+            present.add(ref.digest)
+
+        with (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as files_pool,
+            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
+        ):
+
+            def save_file(f: _LocalFile) -> FileEntry | None:
+                data = _read_stable(f)
+                if data is None:
+                    with stats_lock:
+                        report.skipped.append((f.rel, "changed while being read"))
+                    counter.advance(f.size)
+                    return None
+                whole = chunking.digest(data)
+                old = current.get(f.rel)
+                if old is not None and old.digest == whole and old.size == len(data):
+                    counter.advance(f.size)
+                    return old if old.mode == f.mode else _with_mode(old, f.mode)
+                view = memoryview(data)
+                refs = []
+                futures: list[Future[None]] = []
+                for c in chunking.cut(view):
+                    ref = ChunkRef(c.digest, c.length)
+                    refs.append(ref)
+                    piece = view[c.offset : c.offset + c.length]
+                    futures.append(chunk_pool.submit(ensure_chunk, piece, ref))
+                for fut in futures:
+                    fut.result()
+                counter.advance(f.size)
+                return FileEntry(f.rel, len(data), f.mode, whole, tuple(refs))
+
+            results = list(files_pool.map(save_file, local))
+        return [e for e in results if e is not None]
+
+    # --- load ---------------------------------------------------------------------------
+
+    def load(
+        self,
+        key: CacheKey,
+        dest_dir: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> LoadReport:
+        """Restore ``key`` into ``dest_dir``. Raises :class:`NotFound` for an unknown key.
+
+        Files already present with identical bytes are left alone. A file whose chunks are
+        missing or corrupt is reported in ``missing`` and never written.
+        """
+        started = time.monotonic()
+        loaded = self.manifests(key)
+        view = mf.merge(m for _, m in loaded)
+        report = LoadReport(key=key, files=len(view), manifests=len(loaded))
+        dest = Path(dest_dir)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StoreUnavailable(f"destination {dest} is not a directory") from None
+        if dest.is_symlink() or not dest.is_dir():
+            raise StoreUnavailable(f"destination {dest} is not a directory")
+        counter = _Counter(sum(f.size for f in view.values()), progress)
+        stats_lock = threading.Lock()
+
+        with (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as files_pool,
+            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
+        ):
+
+            def load_file(entry: FileEntry) -> None:
+                try:
+                    outcome, fetched = self._restore_file(dest, entry, chunk_pool)
+                except (CasstoreError, OSError) as e:
+                    if isinstance(e, OSError) and e.errno in _FATAL_ERRNOS:
+                        raise
+                    log.warning("could not restore %s: %s", entry.path, e)
+                    outcome, fetched = "missing", 0
+                with stats_lock:
+                    report.bytes_fetched += fetched
+                    if outcome == "written":
+                        report.written += 1
+                        report.bytes_written += entry.size
+                    elif outcome == "skipped":
+                        report.skipped += 1
+                    else:
+                        report.missing.append(entry.path)
+                counter.advance(entry.size)
+
+            for fut in [files_pool.submit(load_file, e) for e in view.values()]:
+                fut.result()
+        report.missing.sort()
+        report.seconds = time.monotonic() - started
+        log.info(
+            "loaded %s: %d written, %d already present, %d missing in %.2fs",
+            key,
+            report.written,
+            report.skipped,
+            len(report.missing),
+            report.seconds,
+        )
+        return report
+
+    def _restore_file(
+        self, dest: Path, entry: FileEntry, chunk_pool: ThreadPoolExecutor
+    ) -> tuple[str, int]:
+        parent = _safe_parent(dest, entry.path)
+        target = parent / entry.path.rsplit("/", 1)[-1]
+        mode = entry.mode & 0o777
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{entry.path}: a directory is in the way")
+        if (
+            st is not None
+            and stat.S_ISREG(st.st_mode)
+            and st.st_size == entry.size
+            and _file_digest(target) == entry.digest
+        ):
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(target, mode)
+            return "skipped", 0
+
+        tmp = parent / temp_name()
+        published = False
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fetched = 0
+        try:
+            if entry.size:
+                os.ftruncate(fd, entry.size)
+            offsets = []
+            pos = 0
+            for ref in entry.chunks:
+                offsets.append(pos)
+                pos += ref.size
+
+            def fetch(ref: ChunkRef, offset: int) -> int:
+                blob = self.backend.get(objects.chunk_key(ref.digest))
+                data = objects.decode_chunk(blob, ref.digest, ref.size)
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+                return len(blob)
+
+            if len(entry.chunks) == 1:
+                fetched = fetch(entry.chunks[0], 0)
+            else:
+                futures = [
+                    chunk_pool.submit(fetch, r, o)
+                    for r, o in zip(entry.chunks, offsets, strict=True)
+                ]
+                try:
+                    fetched = sum(f.result() for f in futures)
+                finally:
+                    for f in futures:
+                        f.cancel()
+                    for f in futures:
+                        if not f.cancelled():
+                            f.exception()  # wait, so no write lands after close
+            os.fchmod(fd, mode)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, target)
+            published = True
+        except (NotFound, CorruptObject) as e:
+            log.warning("%s not restored: %s", entry.path, e)
+            return "missing", fetched
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not published:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        return "written", fetched
+
+
+# Errors that no other file would escape either: stop the whole load at once.
+_FATAL_ERRNOS = {28, 30, 122}  # ENOSPC, EROFS, EDQUOT
+
+
+def _with_mode(entry: FileEntry, mode: int) -> FileEntry:
+    return FileEntry(entry.path, entry.size, mode, entry.digest, entry.chunks)
+
+
+def _scan_tree(
+    root: Path, skipped: list[tuple[str, str]], exclude: Callable[[str], bool] | None
+) -> Iterator[_LocalFile]:
+    """Regular files under ``root``, never following a symlink; others are logged."""
+    stack = [(root, "")]
+    while stack:
+        directory, rel_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
+            log.warning("skipping unreadable directory %s: %s", directory, e)
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}{entry.name}"
+            if entry.name.startswith(constants.TEMP_PREFIX):
+                continue
+            if exclude is not None and exclude(rel):
+                continue
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.append((rel, "name is not valid UTF-8"))
+                log.warning("skipping %r: file name is not valid UTF-8", rel)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                skipped.append((rel, f"cannot stat: {e.strerror}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((Path(entry.path), f"{rel}/"))
+            elif stat.S_ISREG(st.st_mode):
+                yield _LocalFile(rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode))
+            else:
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
+                skipped.append((rel, kind))
+                log.info("skipping %s %s", kind, rel)
+
+
+def _read_stable(f: _LocalFile) -> bytes | None:
+    """The file's bytes, or None if it changed size/mtime while being read (still being
+    written by a compiler, say) or vanished."""
+    try:
+        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, OSError):
+        return None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
+            data = fh.read()
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (
+        len(data) != before.st_size
+        or after.st_size != before.st_size
+        or after.st_mtime_ns != before.st_mtime_ns
+    ):
+        return None
+    f.size = len(data)
+    return data
+
+
+def _file_digest(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            return chunking.digest(fh.read())
+    except OSError:
+        return None
+
+
+def _safe_parent(dest: Path, rel: str) -> Path:
+    """The directory that will hold ``rel`` inside ``dest``, created as needed.
+
+    Every existing component must be a real directory: a symlink (even one pointing back
+    inside) is refused, so no write can be redirected outside ``dest``.
+    """
+    mf.check_path(rel)
+    current = dest
+    for part in rel.split("/")[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, 0o755)
+                continue
+            except FileExistsError:
+                st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise UnsafePath(f"{rel}: {current} is {what}")
+    return current

@@ -1,0 +1,108 @@
+"""One conformance suite for every backend: subclass and provide the ``backend`` fixture.
+
+These are the guarantees casstore.store relies on (see casstore/backends/base.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from casstore.backends.base import Backend
+from casstore.errors import NotFound
+
+
+class BackendConformance:
+    @pytest.fixture
+    def backend(self) -> Backend:
+        raise NotImplementedError
+
+    def test_get_missing_raises_not_found(self, backend: Backend) -> None:
+        with pytest.raises(NotFound):
+            backend.get("chunks/abc/nothing.zst")
+        with pytest.raises(LookupError):  # NotFound is also a LookupError
+            backend.get("chunks/abc/nothing.zst")
+
+    def test_put_then_get_roundtrip(self, backend: Backend) -> None:
+        data = os.urandom(100_000)
+        assert backend.put_if_absent("chunks/abc/x.zst", data) is True
+        assert backend.get("chunks/abc/x.zst") == data
+        info = backend.stat("chunks/abc/x.zst")
+        assert info is not None and info.size == len(data)
+
+    def test_put_if_absent_never_replaces(self, backend: Backend) -> None:
+        assert backend.put_if_absent("manifests/k/a.manifest", b"first") is True
+        assert backend.put_if_absent("manifests/k/a.manifest", b"second") is False
+        assert backend.get("manifests/k/a.manifest") == b"first"
+
+    def test_empty_object(self, backend: Backend) -> None:
+        assert backend.put_if_absent("x/empty", b"") is True
+        assert backend.get("x/empty") == b""
+
+    def test_refresh_reports_presence_and_renews_age(self, backend: Backend) -> None:
+        assert backend.refresh("chunks/000/none.zst") is False
+        backend.put_if_absent("chunks/000/a.zst", b"a")
+        before = backend.stat("chunks/000/a.zst")
+        assert before is not None
+        time.sleep(0.02)
+        assert backend.refresh("chunks/000/a.zst") is True
+        after = backend.stat("chunks/000/a.zst")
+        assert after is not None and after.mtime > before.mtime
+
+    def test_delete(self, backend: Backend) -> None:
+        backend.put_if_absent("d/x", b"1")
+        assert backend.delete("d/x") is True
+        assert backend.delete("d/x") is False
+        assert backend.stat("d/x") is None
+        with pytest.raises(NotFound):
+            backend.get("d/x")
+
+    def test_list_by_prefix_shows_only_published(self, backend: Backend) -> None:
+        for k in ("m/a/1", "m/a/2", "m/b/1", "n/1"):
+            backend.put_if_absent(k, k.encode())
+        assert sorted(i.key for i in backend.list("m/")) == ["m/a/1", "m/a/2", "m/b/1"]
+        assert sorted(i.key for i in backend.list("m/a/")) == ["m/a/1", "m/a/2"]
+        assert list(backend.list("zzz/")) == []
+        sizes = {i.key: i.size for i in backend.list("m/")}
+        assert sizes["m/a/1"] == len(b"m/a/1")
+
+    def test_rejects_escaping_keys(self, backend: Backend) -> None:
+        for bad in ("../x", "/abs", "a/../../b", "a//b", ""):
+            with pytest.raises(ValueError):
+                backend.put_if_absent(bad, b"x")
+
+    def test_concurrent_writers_of_one_key_agree(self, backend: Backend) -> None:
+        """Many threads publish the same content-addressed object: exactly one writes it,
+        and a reader never sees a prefix."""
+        data = os.urandom(2_000_000)
+        results: list[bool] = []
+        seen_bad: list[int] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    got = backend.get("c/same")
+                except NotFound:
+                    continue
+                if got != data:
+                    seen_bad.append(len(got))
+
+        r = threading.Thread(target=reader)
+        r.start()
+        threads = [
+            threading.Thread(target=lambda: results.append(backend.put_if_absent("c/same", data)))
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        r.join()
+        assert results.count(True) == 1
+        assert seen_bad == []
+        assert backend.get("c/same") == data

@@ -1,0 +1,131 @@
+"""The CLI, run as a real subprocess the way users and cron jobs run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from casstore.keys import detect_cpu_isa
+from tests.helpers import chunk_files, read_tree, write_tree
+
+KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "cli"]
+
+
+def run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CASSTORE_ROOT": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "casstore", *args], capture_output=True, text=True, env=env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    write_tree(tmp_path / "src", {"fx/a.py": b"print(1)", "big.so": os.urandom(600_000)})
+    out = run(tmp_path / "store", "save", str(tmp_path / "src"), *KEY_ARGS, "--json")
+    return tmp_path / "store", json.loads(out.stdout)
+
+
+def test_save_and_load_json_reports(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
+    root, report = saved
+    assert report["files"] == 2 and report["new_chunks"] == len(chunk_files(root))
+    assert isinstance(report["key_id"], str) and len(report["key_id"]) == 32
+    out = run(root, "load", str(tmp_path / "dst"), *KEY_ARGS, "--json")
+    loaded = json.loads(out.stdout)
+    assert loaded["written"] == 2 and loaded["missing"] == []
+    assert read_tree(tmp_path / "dst") == read_tree(tmp_path / "src")
+    again = json.loads(run(root, "load", str(tmp_path / "dst"), *KEY_ARGS, "--json").stdout)
+    assert (again["written"], again["skipped"]) == (0, 2)
+
+
+def test_ls_show_and_load_by_id(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
+    root, report = saved
+    keys = json.loads(run(root, "ls", "--json").stdout)
+    assert [k["id"] for k in keys] == [report["key_id"]]
+    assert keys[0]["key"]["arch"] == "sm_90" and keys[0]["files"] == 2
+    prefix = str(report["key_id"])[:8]
+    shown = json.loads(run(root, "show", prefix, "--json").stdout)
+    assert sorted(f["path"] for f in shown["files"]) == ["big.so", "fx/a.py"]
+    human = run(root, "show", prefix, "--files").stdout
+    assert "sm_90" in human and "fx/a.py" in human
+    run(root, "load", str(tmp_path / "by-id"), "--key", prefix)
+    assert (tmp_path / "by-id" / "fx/a.py").read_bytes() == b"print(1)"
+
+
+def test_verify_reports_each_damaged_chunk(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, _ = saved
+    assert json.loads(run(root, "verify", "--json").stdout)["ok"] is True
+    damaged = chunk_files(root)[:2]
+    for c in damaged:
+        c.write_bytes(c.read_bytes()[:-3] + b"bad")
+    proc = run(root, "verify", "--json", check=False)
+    assert proc.returncode == 4
+    report = json.loads(proc.stdout)
+    assert sorted(k.rsplit("/", 1)[-1] for k, _ in report["corrupt"]) == sorted(
+        c.name for c in damaged
+    )
+    load = run(root, "load", str(tmp_path / "dst"), *KEY_ARGS, check=False)
+    assert load.returncode == 4 and "could not be restored" in load.stderr
+
+
+def test_stats_reports_dedup(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
+    root, _ = saved
+    run(root, "save", str(tmp_path / "src"), "--torch", "t", "--arch", "sm_90", "--model", "twin")
+    s = json.loads(run(root, "stats", "--json").stdout)
+    assert s["keys"] == 2 and s["manifests"] == 2
+    assert s["logical_bytes"] == 2 * s["unique_bytes"]
+    assert s["dedup_ratio"] == pytest.approx(2.0)
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
+    missing = run(tmp_path / "nostore", "ls", check=False)
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error:")
+    assert "Traceback" not in missing.stderr
+    run(tmp_path / "store", "save", str(tmp_path), *KEY_ARGS)  # creates the store
+    unknown = run(
+        tmp_path / "store",
+        "load",
+        str(tmp_path / "d"),
+        "--model",
+        "nope",
+        "--torch",
+        "t",
+        "--arch",
+        "a",
+        check=False,
+    )
+    assert unknown.returncode == 3 and "no saved cache" in unknown.stderr
+    (tmp_path / "file").write_text("x")
+    bad_root = run(tmp_path / "file", "save", str(tmp_path), *KEY_ARGS, check=False)
+    assert bad_root.returncode == 1 and "not a directory" in bad_root.stderr
+    assert len(bad_root.stderr.strip().splitlines()) == 1
+    too_big = run(
+        tmp_path / "store", "save", str(tmp_path), *KEY_ARGS, "--max-size-mb", "0", check=False
+    )
+    assert too_big.returncode == 1 and "cap" in too_big.stderr
+
+
+def test_default_key_matches_this_host(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", {"a": b"1"})
+    out = json.loads(run(tmp_path / "store", "save", str(tmp_path / "src"), "--json").stdout)
+    assert out["key"]["torch"].startswith("2.13.0")
+    assert out["key"]["arch"] == detect_cpu_isa()
+    assert out["key"]["extra"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_import_casstore_stays_light() -> None:
+    code = (
+        "import sys, casstore; heavy = [m for m in ('torch', 'typer', 'rich', 'numpy') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
