@@ -191,15 +191,18 @@ def test_file_growing_during_save_is_never_saved_torn(store: Store, tmp_path: Pa
     grow = src / "growing.so"
     block = os.urandom(2**20)
     stop = threading.Event()
+    started = threading.Event()
 
     def writer() -> None:
         with open(grow, "ab") as fh:
             while not stop.is_set():
                 fh.write(block)
                 fh.flush()
+                started.set()
 
     t = threading.Thread(target=writer)
     t.start()
+    assert started.wait(10)
     try:
         report = store.save(src, KEY)
     finally:

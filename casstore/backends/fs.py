@@ -1,10 +1,11 @@
 """POSIX filesystem backend: a local disk or a network volume mounted on every replica.
 
 Publish protocol (see docs/format.md): write a uniquely named temp file *in the object's own
-directory*, fsync it, then ``link()`` it to the final name (EEXIST means someone published
-first, which is fine for immutable, content-addressed objects) and unlink the temp name.
-Filesystems without hard links fall back to ``rename()``: keys are content digests or unique
-names, so replacing an object can only ever replace it with identical bytes.
+directory*, fsync it, then move it to the final name without ever replacing an existing one:
+``renameat2(RENAME_NOREPLACE)`` where the filesystem has it, else ``link()`` + ``unlink()``
+(EEXIST means someone published first, which is fine for immutable, content-addressed
+objects). Filesystems with neither fall back to ``rename()``: keys are content digests or
+unique names, so replacing an object could only replace it with identical bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from casstore import constants
+from casstore.backends._posix import rename_noreplace
 from casstore.backends.base import Backend, ObjectInfo
 from casstore.errors import NotFound, StoreUnavailable
 
@@ -30,34 +32,43 @@ def temp_name() -> str:
 class FileSystemBackend(Backend):
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
         self.fsync = fsync
+        self._noreplace = True
 
     def describe(self) -> str:
         return f"fs:{self.root}"
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> str:
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"invalid object key {key!r}")
-        return self.root.joinpath(*parts)
+        return os.path.join(self._root, key)
 
     def get(self, key: str) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise NotFound(f"no object {key}") from None
-        except IsADirectoryError:
+            with open(self._path(key), "rb", buffering=0) as f:
+                return f.readall()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {key}") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
+        directory = os.path.dirname(path)
         try:
-            tmp = self._write_temp(path.parent, data)
+            tmp = self._write_temp(directory, data)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._write_temp(path.parent, data)
+            os.makedirs(directory, exist_ok=True)
+            tmp = self._write_temp(directory, data)
         try:
+            if self._noreplace:
+                try:
+                    published = rename_noreplace(tmp, path)
+                    if published:
+                        tmp = ""
+                    return published
+                except NotImplementedError:
+                    self._noreplace = False  # this mount cannot; use link() from now on
             try:
                 os.link(tmp, path)
                 return True
@@ -66,18 +77,22 @@ class FileSystemBackend(Backend):
             except OSError as e:
                 if e.errno not in _NO_LINK_ERRNOS:
                     raise
-            if path.exists():
+            # Neither primitive exists here: a plain rename. Keys are content digests or
+            # unique names, so the only thing it can replace is an identical object.
+            if os.path.lexists(path):
                 return False
             os.replace(tmp, path)
+            tmp = ""
             return True
         finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
 
-    def _write_temp(self, directory: Path, data: bytes) -> Path:
-        tmp = directory / temp_name()
+    def _write_temp(self, directory: str, data: bytes) -> str:
+        tmp = os.path.join(directory, temp_name())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
@@ -104,7 +119,7 @@ class FileSystemBackend(Backend):
             return False
         except PermissionError:
             # A read-only store still answers presence; it cannot renew the age.
-            return self._path(key).is_file()
+            return os.path.isfile(self._path(key))
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -122,7 +137,7 @@ class FileSystemBackend(Backend):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = prefix.rstrip("/")
-        start = self._path(base) if base else self.root
+        start = Path(self._path(base)) if base else self.root
         yield from self._walk(start, f"{base}/" if base else "")
 
     def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo]:
