@@ -11,7 +11,6 @@ Only when torch is *already* imported (a model server) is the GPU queried.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import platform
 import re
@@ -19,6 +18,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import blake3
 import msgspec
 
 from casstore.errors import InvalidManifest
@@ -47,8 +47,8 @@ class CacheKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def id(self) -> str:
-        """Stable 32-hex-digit id: the digest of the canonical encoding."""
-        return hashlib.blake2b(self.canonical(), digest_size=16).hexdigest()
+        """Stable 32-hex-digit id: BLAKE3 (128-bit output) of the canonical encoding."""
+        return blake3.blake3(self.canonical()).hexdigest(length=16)
 
     def canonical(self) -> bytes:
         """Canonical bytes: JSON with sorted extra keys, so equal keys give equal ids."""
@@ -124,7 +124,7 @@ def cpu_isa_label(flags: set[str], machine: str) -> str:
             if needed <= flags:
                 level = name
                 break
-    tag = hashlib.blake2b(" ".join(isa).encode(), digest_size=4).hexdigest()
+    tag = blake3.blake3(" ".join(isa).encode()).hexdigest(length=4)
     return f"{level}-{tag}"
 
 

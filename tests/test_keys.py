@@ -17,7 +17,7 @@ def test_id_is_stable_and_extra_order_free() -> None:
 def test_id_is_part_of_the_on_disk_format() -> None:
     """Manifests live under the key id: a change here would orphan every saved cache."""
     key = CacheKey(torch="2.13.0+cpu", arch="sm_90", model="m", extra={"cuda": "12.8"})
-    assert key.id == "8a973bffde4dae235279284ddab44062"
+    assert key.id == "c36cc5b446f02f51f61c188c53838cb6"
 
 
 @pytest.mark.parametrize("field", ["torch", "arch", "model"])
@@ -72,3 +72,12 @@ def test_detect_key_reads_this_host_without_importing_torch() -> None:
     torch_version, arch = out.stdout.split()
     assert torch_version.startswith("2.13.0")
     assert arch == k.detect_cpu_isa()
+
+
+def test_format_document_states_the_real_key_id() -> None:
+    from pathlib import Path
+
+    key = CacheKey(torch="2.13.0+cpu", arch="sm_90", model="m", extra={"cuda": "12.8"})
+    doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    assert key.canonical().decode() in doc
+    assert f"-> id {key.id}" in doc
