@@ -13,8 +13,8 @@ install:
 test: lint typecheck unit
 
 lint:
-	$(BIN)/ruff check casstore tests benchmarks
-	$(BIN)/ruff format --check casstore tests benchmarks
+	$(BIN)/ruff check casstore tests benchmarks demo
+	$(BIN)/ruff format --check casstore tests benchmarks demo
 
 typecheck:
 	$(BIN)/mypy

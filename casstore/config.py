@@ -1,31 +1,188 @@
-"""Configuration read from the environment *when called*, never frozen at import."""
+"""Configuration read from the environment *when called*, never frozen at import.
+
+The variables and defaults of b10-transfer are accepted with the same meaning, so a
+deployment configured for it works unchanged. An invalid value never fails: it is logged
+once, naming the variable and the fallback used. See docs/compile-cache.md.
+"""
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
+import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from casstore import constants
 
 log = logging.getLogger("casstore")
 
+ORG_SCOPE = "org"
+DEPLOYMENT_SCOPE = "deployment"
+SCOPE_MOUNTS = {ORG_SCOPE: "/cache/org", DEPLOYMENT_SCOPE: "/cache/model"}
 
-def default_root() -> Path:
-    """The store root: ``$CASSTORE_ROOT``, else the org volume, else a per-user cache.
+# b10-transfer's platform rules, enforced only in strict mode (CASSTORE_STRICT_PATHS=1):
+# elsewhere they would stop casstore working with perfectly good directories.
+STRICT_CACHE_DIR_PREFIXES = ("/tmp/", "/cache/", "~/.cache")
+STRICT_WORK_DIR_PREFIXES = ("/app/", "/tmp/", "/cache/")
 
-    ``/cache/org/cas`` is used when ``/cache/org`` exists (the shared volume is mounted);
-    otherwise ``~/.cache/casstore`` so the tool works on a laptop, and the choice is logged.
+
+def default_root(scope: str = ORG_SCOPE) -> Path:
+    """The store root: ``$CASSTORE_ROOT`` (or ``$B10FS_CACHE_DIR``), else the scope's
+    volume, else a per-user cache.
+
+    ``/cache/org/cas`` is used when ``/cache/org`` exists (``/cache/model/cas`` for the
+    deployment scope); otherwise ``~/.cache/casstore`` so the tool works on a laptop, and
+    the choice is logged.
     """
-    env = os.environ.get("CASSTORE_ROOT")
-    if env:
-        return Path(env).expanduser()
-    if Path(constants.ORG_CACHE_MOUNT).is_dir():
-        return Path(constants.DEFAULT_ORG_ROOT)
+    for var in ("CASSTORE_ROOT", "B10FS_CACHE_DIR"):
+        env = os.environ.get(var)
+        if env:
+            return Path(env).expanduser()
+    mount = SCOPE_MOUNTS.get(scope, SCOPE_MOUNTS[ORG_SCOPE])
+    if Path(mount).is_dir():
+        return Path(mount) / "cas"
     fallback = Path.home() / ".cache" / "casstore"
     log.info(
-        "%s is not mounted; using the local store %s (set CASSTORE_ROOT to choose)",
-        constants.ORG_CACHE_MOUNT,
-        fallback,
+        "%s is not mounted; using the local store %s (set CASSTORE_ROOT to choose)", mount, fallback
     )
     return fallback
+
+
+def default_inductor_cache_dir() -> Path:
+    """Where torch puts its inductor cache by default, computed as torch does
+    (``torch._inductor.runtime.cache_dir_utils.default_cache_dir``) without importing it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
+
+
+def _env_int(name: str, default: int, low: int, cap: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        log.warning("%s=%r is not an integer; using %d", name, raw, default)
+        return default
+    if value < low:
+        log.warning("%s=%d is below %d; using %d", name, value, low, default)
+        return default
+    if value > cap:
+        log.warning("%s=%d exceeds the cap %d; using %d", name, value, cap, cap)
+        return cap
+    return value
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    log.warning("%s=%r is not a boolean; using %s", name, raw, int(default))
+    return default
+
+
+def _strict_ok(name: str, path: Path, prefixes: tuple[str, ...]) -> bool:
+    text = os.fspath(path)
+    allowed = [os.path.expanduser(p) for p in prefixes]
+    if any(text == a.rstrip("/") or text.startswith(a.rstrip("/") + "/") for a in allowed):
+        return True
+    log.warning(
+        "%s=%s is outside the allowed prefixes %s (strict mode)", name, text, ", ".join(prefixes)
+    )
+    return False
+
+
+# Caps: the ceiling a variable may be raised to, as b10-transfer caps its knobs.
+MAX_CACHE_SIZE_CAP_MB = 100 * 1024
+MAX_CONCURRENT_SAVES_CAP = 1000
+LOCK_TIMEOUT_CAP_SECONDS = 3600
+INCOMPLETE_TIMEOUT_CAP_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    cache_dir: Path
+    triton_cache_dir: Path | None  # only when set apart from the inductor cache dir
+    local_work_dir: Path
+    scope: str
+    max_cache_size_mb: int
+    max_concurrent_saves: int
+    lock_timeout_seconds: int
+    incomplete_timeout_seconds: int
+    precompiled_headers: bool
+    strict_paths: bool
+
+
+def read_settings(
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    scope: str | None = None,
+) -> Settings:
+    """The compile-cache settings, from arguments first, then the environment."""
+    scope = (scope or os.environ.get("CASSTORE_SCOPE") or ORG_SCOPE).lower()
+    if scope == "model":  # b10cache calls the deployment scope /cache/model
+        scope = DEPLOYMENT_SCOPE
+    if scope not in SCOPE_MOUNTS:
+        log.warning("scope %r is not one of %s; using %s", scope, sorted(SCOPE_MOUNTS), ORG_SCOPE)
+        scope = ORG_SCOPE
+    strict = _env_bool("CASSTORE_STRICT_PATHS", False)
+
+    default_cache = default_inductor_cache_dir()
+    if cache_dir is not None:
+        cache = Path(cache_dir).expanduser()
+    else:
+        env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        cache = Path(env).expanduser() if env else default_cache
+    if strict and not _strict_ok("TORCHINDUCTOR_CACHE_DIR", cache, STRICT_CACHE_DIR_PREFIXES):
+        log.warning("using the default %s instead", default_cache)
+        cache = default_cache
+
+    triton_env = os.environ.get("TRITON_CACHE_DIR")
+    triton = Path(triton_env).expanduser() if triton_env else None
+    if triton is not None and (triton == cache or cache in triton.parents):
+        triton = None  # inside the inductor cache: saved with it
+
+    work = Path(os.environ.get("LOCAL_WORK_DIR") or "/app")
+    if strict and not _strict_ok("LOCAL_WORK_DIR", work, STRICT_WORK_DIR_PREFIXES):
+        work = Path("/app")
+
+    return Settings(
+        root=Path(root).expanduser() if root is not None else default_root(scope),
+        cache_dir=cache,
+        triton_cache_dir=triton,
+        local_work_dir=work,
+        scope=scope,
+        max_cache_size_mb=_env_int("MAX_CACHE_SIZE_MB", 1024, 1, MAX_CACHE_SIZE_CAP_MB),
+        max_concurrent_saves=_env_int("MAX_CONCURRENT_SAVES", 50, 1, MAX_CONCURRENT_SAVES_CAP),
+        lock_timeout_seconds=_env_int(
+            "CLEANUP_LOCK_TIMEOUT_SECONDS", 30, 1, LOCK_TIMEOUT_CAP_SECONDS
+        ),
+        incomplete_timeout_seconds=_env_int(
+            "CLEANUP_INCOMPLETE_TIMEOUT_SECONDS", 60, 1, INCOMPLETE_TIMEOUT_CAP_SECONDS
+        ),
+        precompiled_headers=_env_bool("CASSTORE_PRECOMPILED_HEADERS", True),
+        strict_paths=strict,
+    )
+
+
+def model_fingerprint(model: str | None) -> str:
+    """``model=``, else ``$CASSTORE_MODEL``, else ``default``."""
+    return model or os.environ.get("CASSTORE_MODEL") or "default"
+
+
+def threads() -> int:
+    return _env_int("CASSTORE_THREADS", constants.DEFAULT_THREADS, 1, 256)

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import portalocker
 
 log = logging.getLogger("casstore")
 
+_BUSY = portalocker.exceptions.AlreadyLocked
 
-@contextmanager
-def best_effort_lock(path: Path, timeout: float) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path`` if possible within ``timeout`` seconds.
 
-    Yields True when held, False when the lock was busy or could not be created; the body
-    runs either way.
-    """
+def _try_lock(path: Path, timeout: float) -> tuple[Any | None, bool]:
+    """(lock, busy): the held lock, or None and whether that was because someone holds it
+    (True) or because locking is impossible here (False: read-only store, no flock)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = portalocker.Lock(
@@ -37,19 +38,62 @@ def best_effort_lock(path: Path, timeout: float) -> Iterator[bool]:
             flags=portalocker.LOCK_EX | portalocker.LOCK_NB,
         )
         lock.acquire()
+    except _BUSY:
+        return None, True
     except (portalocker.exceptions.BaseLockException, OSError) as e:
-        log.debug("lock %s not taken (%s); going on without it", path, e)
-        yield False
-        return
+        log.debug("cannot lock %s (%s); going on without it", path, e)
+        return None, False
     try:
-        # Refresh the lock file's age so cleanup can tell live locks from stale ones.
-        try:
-            os.utime(path)
-        except OSError:
-            pass
-        yield True
+        os.utime(path)  # so cleanup can tell live lock files from stale ones
+    except OSError:
+        pass
+    return lock, False
+
+
+def _release(lock: Any) -> None:
+    try:
+        lock.release()
+    except (portalocker.exceptions.BaseLockException, OSError):
+        pass
+
+
+@contextmanager
+def best_effort_lock(path: Path, timeout: float) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` if possible within ``timeout`` seconds.
+
+    Yields True when held, False when the lock was busy or could not be created; the body
+    runs either way.
+    """
+    lock, _busy = _try_lock(path, timeout)
+    try:
+        yield lock is not None
     finally:
-        try:
-            lock.release()
-        except (portalocker.exceptions.BaseLockException, OSError):
-            pass
+        if lock is not None:
+            _release(lock)
+
+
+@contextmanager
+def save_slot(lock_dir: Path, slots: int, timeout: float) -> Iterator[bool]:
+    """Hold one of ``slots`` lock files, so at most that many saves run at once per store.
+
+    Yields False only when every slot stayed busy for ``timeout`` seconds. Where locking is
+    impossible it yields True (no limit rather than no saves); where flock is not
+    coordinated between hosts, each host counts only its own saves.
+    """
+    deadline = time.monotonic() + max(timeout, 0.0)
+    order = list(range(slots))
+    random.shuffle(order)  # spread replicas over the slots instead of all probing slot 0
+    while True:
+        for i in order:
+            lock, busy = _try_lock(lock_dir / f"save-slot-{i:04d}.lock", 0)
+            if lock is not None or not busy:
+                try:
+                    yield True
+                finally:
+                    if lock is not None:
+                        _release(lock)
+                return
+        if time.monotonic() >= deadline:
+            yield False
+            return
+        time.sleep(0.2)

@@ -1,0 +1,240 @@
+"""``load_compile_cache()`` / ``save_compile_cache()`` for model.py: drop-in for
+b10-transfer's calls of the same names.
+
+They never raise: every failure is logged once with its cause and returned as
+``OperationStatus.ERROR``. They import nothing heavy at module level (no torch, no CLI
+libraries); the store is imported when first called, so even a broken install returns
+ERROR instead of failing model.py's import.
+
+What is saved, as separate trees under keys that differ only in ``extra["tree"]``:
+
+* ``inductor``: the inductor cache dir (``TORCHINDUCTOR_CACHE_DIR``), Triton's cache
+  included when it lives inside, minus lock and temp files;
+* ``triton``: ``TRITON_CACHE_DIR`` when it is set apart from the inductor cache dir;
+* ``precompiled_headers`` (CPU only, model-independent key): inductor keeps its ~150 MB
+  precompiled header in the *default* cache dir whatever ``TORCHINDUCTOR_CACHE_DIR`` says,
+  and rebuilds it even on a warm cache. Shipping it under one key shared by every model
+  makes warm starts fast; the store keeps one copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from casstore.config import Settings
+    from casstore.keys import CacheKey
+    from casstore.store import Store
+
+log = logging.getLogger("casstore")
+
+SHARED_MODEL = "_shared"  # model fingerprint of trees that do not depend on the model
+
+
+class OperationStatus(enum.Enum):
+    """Outcome of a compile-cache call, as in b10-transfer."""
+
+    SUCCESS = "success"
+    SKIPPED = "skipped"
+    ERROR = "error"
+    DOES_NOT_EXIST = "does_not_exist"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class _Tree:
+    name: str
+    path: Path
+    key: CacheKey
+
+
+# torch writes ``.<pid>.<thread>.tmp`` then renames; FileLock leaves ``*.lock`` files.
+_TRANSIENT = re.compile(r"(^|/)\.[^/]*\.tmp$|\.lock$|(^|/)\.tmp-[^/]*$")
+
+
+def _is_transient(rel: str) -> bool:
+    return _TRANSIENT.search(rel) is not None
+
+
+def _trees(settings: Settings, model: str) -> list[_Tree]:
+    from casstore.config import default_inductor_cache_dir
+    from casstore.keys import detect_key
+
+    def key(tree: str, model_name: str = model) -> CacheKey:
+        return detect_key(model_name, {"tree": tree})
+
+    trees = [_Tree("inductor", settings.cache_dir, key("inductor"))]
+    if settings.triton_cache_dir is not None:
+        trees.append(_Tree("triton", settings.triton_cache_dir, key("triton")))
+    pch = default_inductor_cache_dir() / "precompiled_headers"
+    inside = settings.cache_dir == pch.parent or settings.cache_dir in pch.parents
+    if settings.precompiled_headers and not inside:
+        pch_key = key("precompiled_headers", SHARED_MODEL)
+        if not pch_key.arch.startswith("sm_"):  # CPU builds only
+            trees.append(_Tree("precompiled_headers", pch, pch_key))
+    return trees
+
+
+def _open_store(settings: Settings, *, create: bool) -> Store:
+    from casstore.config import threads
+    from casstore.store import Store
+
+    return Store(settings.root, create=create, threads=threads())
+
+
+def load_compile_cache(
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    scope: str | None = None,
+) -> OperationStatus:
+    """Restore this model's compile cache into the local cache dir.
+
+    SUCCESS: files were restored. SKIPPED: every file was already present.
+    DOES_NOT_EXIST: nothing was saved for this key yet. ERROR: anything else (logged).
+    Call it before the first ``torch.compile`` call runs.
+    """
+    started = time.monotonic()
+    try:
+        from casstore.config import model_fingerprint, read_settings
+        from casstore.errors import NotFound, StoreUnavailable
+
+        settings = read_settings(cache_dir=cache_dir, root=root, scope=scope)
+        trees = _trees(settings, model_fingerprint(model))
+        main = trees[0]
+        log.info("loading compile cache %s from %s into %s", main.key, settings.root, main.path)
+        try:
+            store = _open_store(settings, create=False)
+        except StoreUnavailable:
+            if settings.root.exists():
+                raise
+            log.info("no store at %s yet", settings.root)
+            return OperationStatus.DOES_NOT_EXIST
+        try:
+            report = store.load(main.key, main.path)
+        except NotFound:
+            log.info("no compile cache saved for %s", main.key)
+            return OperationStatus.DOES_NOT_EXIST
+        for extra in trees[1:]:
+            try:
+                r = store.load(extra.key, extra.path)
+                log.info("%s: %d files restored, %d present", extra.name, r.written, r.skipped)
+            except NotFound:
+                pass
+            except Exception as e:  # a side tree never fails the main load
+                log.warning("could not restore %s: %s", extra.name, e)
+        log.info(
+            "compile cache %s: %d files restored, %d already present, %d missing, "
+            "%.1f MiB fetched in %.2fs",
+            main.key,
+            report.written,
+            report.skipped,
+            len(report.missing),
+            report.bytes_fetched / 2**20,
+            time.monotonic() - started,
+        )
+        if report.missing:
+            log.warning(
+                "%d cached files could not be restored (torch will recompile them): %s",
+                len(report.missing),
+                ", ".join(report.missing[:5]),
+            )
+        if report.written:
+            return OperationStatus.SUCCESS
+        if report.missing:
+            return OperationStatus.ERROR
+        return OperationStatus.SKIPPED
+    except Exception as e:
+        log.error("load_compile_cache failed: %s: %s", type(e).__name__, e)
+        log.debug("load_compile_cache traceback", exc_info=True)
+        return OperationStatus.ERROR
+
+
+def save_compile_cache(
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    scope: str | None = None,
+) -> OperationStatus:
+    """Save this model's compile cache to the store; only new chunks are uploaded.
+
+    SUCCESS: new files were saved. SKIPPED: nothing new (or no cache dir / an empty one,
+    or every save slot stayed busy). ERROR: anything else (logged).
+    Call it after warm-up, once compilation has run.
+    """
+    started = time.monotonic()
+    try:
+        from casstore.config import model_fingerprint, read_settings
+        from casstore.errors import CacheTooLarge
+        from casstore.locks import save_slot
+
+        settings = read_settings(cache_dir=cache_dir, root=root, scope=scope)
+        trees = _trees(settings, model_fingerprint(model))
+        main = trees[0]
+        if not main.path.is_dir() or not any(main.path.iterdir()):
+            log.info("%s is missing or empty; nothing to save", main.path)
+            return OperationStatus.SKIPPED
+        store = _open_store(settings, create=True)
+        lock_dir = settings.root / "locks"
+        max_bytes = settings.max_cache_size_mb * 2**20
+        with save_slot(
+            lock_dir, settings.max_concurrent_saves, settings.lock_timeout_seconds
+        ) as held:
+            if not held:
+                log.warning(
+                    "%d saves already running on %s; skipping this one",
+                    settings.max_concurrent_saves,
+                    settings.root,
+                )
+                return OperationStatus.SKIPPED
+            try:
+                report = store.save(
+                    main.path,
+                    main.key,
+                    max_bytes=max_bytes,
+                    exclude=_is_transient,
+                    lock_timeout=settings.lock_timeout_seconds,
+                )
+            except CacheTooLarge as e:
+                log.error("not saved: %s (raise MAX_CACHE_SIZE_MB)", e)
+                return OperationStatus.ERROR
+            for extra in trees[1:]:
+                if not extra.path.is_dir():
+                    continue
+                try:
+                    r = store.save(
+                        extra.path,
+                        extra.key,
+                        max_bytes=max_bytes,
+                        exclude=_is_transient,
+                        lock_timeout=settings.lock_timeout_seconds,
+                    )
+                    log.info("%s: %d new chunks", extra.name, r.new_chunks)
+                except Exception as e:  # a side tree never fails the main save
+                    log.warning("could not save %s: %s", extra.name, e)
+        log.info(
+            "saved compile cache %s: %d files, %d new or changed, %d new chunks "
+            "(%.1f MiB) in %.2fs",
+            main.key,
+            report.files,
+            report.changed_files,
+            report.new_chunks,
+            report.new_bytes / 2**20,
+            time.monotonic() - started,
+        )
+        return OperationStatus.SUCCESS if report.manifest else OperationStatus.SKIPPED
+    except Exception as e:
+        log.error("save_compile_cache failed: %s: %s", type(e).__name__, e)
+        log.debug("save_compile_cache traceback", exc_info=True)
+        return OperationStatus.ERROR

@@ -1,0 +1,362 @@
+"""The model.py API: statuses, configuration, and real torch.compile warm starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from casstore import OperationStatus, Store, load_compile_cache, save_compile_cache
+from casstore import config as cfg
+from casstore import keys as keys_mod
+from casstore.compile_cache import _is_transient
+from tests.helpers import read_tree, temp_files, write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in (
+        "CASSTORE_ROOT",
+        "B10FS_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "CASSTORE_MODEL",
+        "MAX_CACHE_SIZE_MB",
+        "MAX_CONCURRENT_SAVES",
+        "CASSTORE_STRICT_PATHS",
+        "CASSTORE_SCOPE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    # Each test gets its own default inductor dir (and so its own precompiled headers).
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+
+def fake_cache(root: Path, n: int = 6, size: int = 50_000) -> dict[str, bytes]:
+    tree = {f"fxgraph/{i:02x}/entry{i}": os.urandom(size) for i in range(n)}
+    tree["aotautograd/a/b"] = b"autograd entry"
+    write_tree(root, tree)
+    return tree
+
+
+# --- status matrix -------------------------------------------------------------------------
+
+
+def test_status_matrix_roundtrip(tmp_path: Path) -> None:
+    root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.DOES_NOT_EXIST
+    assert not root.exists()  # a load never creates the store
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SKIPPED  # no dir
+    a.mkdir()
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SKIPPED  # empty
+    tree = fake_cache(a)
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SKIPPED  # nothing new
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SUCCESS
+    assert {p: d for p, (d, _) in read_tree(b).items()} == tree
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SKIPPED
+    other = load_compile_cache(cache_dir=tmp_path / "C", root=root, model="other")
+    assert other is OperationStatus.DOES_NOT_EXIST
+
+
+def test_later_graphs_are_added_by_a_second_save(tmp_path: Path) -> None:
+    root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
+    fake_cache(a)
+    save_compile_cache(cache_dir=a, root=root)
+    (a / "fxgraph" / "late").write_bytes(b"compiled after warm-up")
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
+    load_compile_cache(cache_dir=b, root=root)
+    assert (b / "fxgraph" / "late").read_bytes() == b"compiled after warm-up"
+
+
+def test_env_configures_cache_dir_root_and_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = tmp_path / "A"
+    fake_cache(a)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(a))
+    monkeypatch.setenv("B10FS_CACHE_DIR", str(tmp_path / "b10"))  # alias of CASSTORE_ROOT
+    monkeypatch.setenv("CASSTORE_MODEL", "flux")
+    assert save_compile_cache() is OperationStatus.SUCCESS
+    (key,) = [k.key for k in Store(tmp_path / "b10").keys()]
+    assert key.model == "flux" and key.extra["tree"] == "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "B"))
+    assert load_compile_cache() is OperationStatus.SUCCESS
+    assert read_tree(tmp_path / "B") == read_tree(a)
+
+
+def test_torch_transient_files_are_not_saved(tmp_path: Path) -> None:
+    a = tmp_path / "A"
+    write_tree(
+        a,
+        {
+            "fxgraph/x": b"entry",
+            "fxgraph/.123.456.tmp": b"half",
+            "locks/k.lock": b"",
+            "fxgraph/.tmp-1234": b"ours",
+        },
+    )
+    save_compile_cache(cache_dir=a, root=tmp_path / "store")
+    load_compile_cache(cache_dir=tmp_path / "B", root=tmp_path / "store")
+    assert list(read_tree(tmp_path / "B")) == ["fxgraph/x"]
+    assert _is_transient("a/.1.2.tmp") and _is_transient("x.lock")
+    assert not _is_transient("fxgraph/ab.tmpl") and not _is_transient("lockfile")
+
+
+def test_size_cap_from_env_is_an_error_before_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_cache(tmp_path / "A", n=3, size=600_000)
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "1")
+    status = save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
+    assert status is OperationStatus.ERROR
+    assert "MAX_CACHE_SIZE_MB" in caplog.text
+    assert not list((tmp_path / "store").rglob("*.zst"))
+
+
+def test_invalid_env_values_are_logged_with_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "lots")
+    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "999999")
+    monkeypatch.setenv("CLEANUP_LOCK_TIMEOUT_SECONDS", "-5")
+    s = cfg.read_settings()
+    assert s.max_cache_size_mb == 1024
+    assert s.max_concurrent_saves == cfg.MAX_CONCURRENT_SAVES_CAP
+    assert s.lock_timeout_seconds == 30
+    assert "MAX_CACHE_SIZE_MB='lots' is not an integer; using 1024" in caplog.text
+    assert "MAX_CONCURRENT_SAVES=999999 exceeds the cap" in caplog.text
+    assert "CLEANUP_LOCK_TIMEOUT_SECONDS=-5 is below 1" in caplog.text
+
+
+def test_settings_are_read_when_called_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "7")
+    assert cfg.read_settings().max_cache_size_mb == 7
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "9")
+    assert cfg.read_settings().max_cache_size_mb == 9
+
+
+def test_strict_mode_enforces_platform_prefixes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/cache")
+    monkeypatch.setenv("LOCAL_WORK_DIR", "/srv/work")
+    assert cfg.read_settings().cache_dir == Path("/srv/cache")  # not strict: anywhere goes
+    monkeypatch.setenv("CASSTORE_STRICT_PATHS", "1")
+    s = cfg.read_settings()
+    assert s.cache_dir == cfg.default_inductor_cache_dir()
+    assert s.local_work_dir == Path("/app")
+    assert "TORCHINDUCTOR_CACHE_DIR=/srv/cache is outside the allowed prefixes" in caplog.text
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/cache/model/inductor")
+    assert cfg.read_settings().cache_dir == Path("/cache/model/inductor")
+
+
+def test_scopes_pick_their_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert cfg.read_settings(scope="deployment").scope == "deployment"
+    assert cfg.read_settings(scope="model").scope == "deployment"
+    assert cfg.read_settings(scope="bogus").scope == "org"
+    monkeypatch.setattr(
+        cfg, "SCOPE_MOUNTS", {"org": str(tmp_path / "org"), "deployment": str(tmp_path / "model")}
+    )
+    (tmp_path / "model").mkdir()
+    assert cfg.read_settings(scope="deployment").root == tmp_path / "model" / "cas"
+    assert cfg.read_settings(scope="org").root == Path.home() / ".cache" / "casstore"
+
+
+def test_key_of_another_arch_is_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_cache(tmp_path / "A")
+    save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
+    monkeypatch.setattr(keys_mod, "detect_arch", lambda **_: ("x86-64-v3-00000000", {}))
+    status = load_compile_cache(cache_dir=tmp_path / "B", root=tmp_path / "store")
+    assert status is OperationStatus.DOES_NOT_EXIST
+    assert not (tmp_path / "B").exists() or not any((tmp_path / "B").iterdir())
+
+
+def test_never_raises_on_bad_roots_and_manifests(tmp_path: Path) -> None:
+    fake_cache(tmp_path / "A")
+    as_file = tmp_path / "file"
+    as_file.write_bytes(b"not a dir")
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=as_file) is OperationStatus.ERROR
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=as_file) is OperationStatus.ERROR
+    root = tmp_path / "store"
+    save_compile_cache(cache_dir=tmp_path / "A", root=root)
+    for m in root.rglob("*.manifest"):
+        m.write_bytes(m.read_bytes()[:20])
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    assert not (tmp_path / "B").exists() or read_tree(tmp_path / "B") == {}
+    bad_type = load_compile_cache(cache_dir=tmp_path / "B", root=12345)  # type: ignore[arg-type]
+    assert bad_type is OperationStatus.ERROR
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    point = tmp_path / "mnt"
+    point.mkdir()
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+def _mount(args: list[str]) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+def test_full_disk_destination_is_an_error_without_partial_files(
+    tmp_path: Path, mount_point: Path
+) -> None:
+    fake_cache(tmp_path / "A", n=8, size=400_000)
+    save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
+    _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)])
+    status = load_compile_cache(cache_dir=mount_point / "cache", root=tmp_path / "store")
+    assert status is OperationStatus.ERROR
+    assert temp_files(mount_point) == []
+    source = {p: d for p, (d, _) in read_tree(tmp_path / "A").items()}
+    for path, (data, _) in read_tree(mount_point / "cache").items():
+        assert data == source[path]  # whatever was written is complete
+
+
+def test_full_disk_store_is_an_error(tmp_path: Path, mount_point: Path) -> None:
+    fake_cache(tmp_path / "A", n=8, size=400_000)
+    _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)])
+    status = save_compile_cache(cache_dir=tmp_path / "A", root=mount_point / "store")
+    assert status is OperationStatus.ERROR
+    assert list((mount_point / "store").rglob("*.manifest")) == []
+
+
+def test_read_only_store_loads_but_cannot_save(tmp_path: Path, mount_point: Path) -> None:
+    fake_cache(tmp_path / "A")
+    save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
+    _mount(["--bind", str(tmp_path / "store"), str(mount_point)])
+    _mount(["-o", "remount,ro,bind", str(mount_point)])
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=mount_point) is (
+        OperationStatus.SUCCESS
+    )
+    (tmp_path / "A" / "new").write_bytes(b"new graph")
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=mount_point) is OperationStatus.ERROR
+
+
+_HOLD_SLOT = """
+import sys, time
+from pathlib import Path
+from casstore.locks import save_slot
+with save_slot(Path(sys.argv[1]), 1, 0) as held:
+    print(held, flush=True)
+    time.sleep(30)
+"""
+
+
+def test_max_concurrent_saves_is_enforced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "store"
+    fake_cache(tmp_path / "A")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SLOT, str(root / "locks")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
+        monkeypatch.setenv("CLEANUP_LOCK_TIMEOUT_SECONDS", "1")
+        assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.SKIPPED
+        assert "1 saves already running" in caplog.text
+        monkeypatch.setenv("MAX_CONCURRENT_SAVES", "2")
+        assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.SUCCESS
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_import_is_light_and_never_imports_torch() -> None:
+    code = (
+        "import sys\nfrom casstore import load_compile_cache, save_compile_cache, OperationStatus\n"
+        "print(sorted(m for m in ('torch', 'typer', 'rich', 'blake3', 'zstandard') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- real torch.compile, one process per replica start ------------------------------------
+
+
+def _replica(
+    model: str, cache_dir: Path, tmpdir: Path, root: Path, *flags: str
+) -> dict[str, object]:
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TMPDIR": str(tmpdir)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "demo.compile_worker",
+            "--model",
+            model,
+            "--root",
+            str(root),
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.slow
+def test_real_torch_compile_warm_start_from_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two models compiled cold on one 'replica', restored on a fresh one: torch hits its
+    FX-graph and AOTAutograd caches, outputs match eager, and the models share chunks."""
+    caplog.set_level(logging.WARNING)
+    root = tmp_path / "store"
+    cold = {
+        m: _replica(m, tmp_path / f"A-{m}", tmp_path / "tmpA", root, "--save")
+        for m in ("mlp", "conv")
+    }
+    for m, r in cold.items():
+        assert r["save_status"] == "SUCCESS", m
+        assert r["counters"] == {
+            "fxgraph_cache_hit": 0,
+            "fxgraph_cache_miss": 1,
+            "autograd_cache_hit": 0,
+            "autograd_cache_miss": 1,
+        }
+    for m in ("mlp", "conv"):
+        warm = _replica(m, tmp_path / f"B-{m}", tmp_path / f"tmpB-{m}", root, "--load")
+        assert warm["load_status"] == "SUCCESS"
+        counters = warm["counters"]
+        assert isinstance(counters, dict)
+        assert counters["fxgraph_cache_hit"] >= 1 and counters["autograd_cache_hit"] >= 1
+        assert counters["fxgraph_cache_miss"] == 0
+        assert warm["matches_eager"] is True
+        # The precompiled header came from the store, not from a rebuild.
+        assert list((tmp_path / f"tmpB-{m}").rglob("precompiled_headers/*.gch"))
+
+    store = Store(root)
+    inductor = {k.key.model: k.key for k in store.keys() if k.key.extra.get("tree") == "inductor"}
+    chunks = {
+        m: {c.digest for f in store.files(k).values() for c in f.chunks}
+        for m, k in inductor.items()
+    }
+    shared = chunks["mlp"] & chunks["conv"]
+    assert shared, "identical artifacts of two models must be stored once"
+    stored = {p.name[:-4] for p in (root / "chunks").rglob("*.zst")}
+    assert {d.hex() for d in shared} <= stored
+    pch_keys = [k for k in store.keys() if k.key.extra.get("tree") == "precompiled_headers"]
+    assert len(pch_keys) == 1 and pch_keys[0].key.model == "_shared"
