@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint typecheck unit bench clean
+.PHONY: install test lint typecheck unit bench demo clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ unit:
 
 bench:
 	$(BIN)/python -m benchmarks.bench_store
+	$(BIN)/python -m benchmarks.bench_compile
+
+demo:
+	$(BIN)/python -m demo.run_demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

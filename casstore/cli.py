@@ -77,6 +77,13 @@ ArchOpt = Annotated[
     ),
 ]
 ModelOpt = Annotated[str, typer.Option(envvar="CASSTORE_MODEL", help="Model fingerprint.")]
+TreeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Tree name, a key factor: 'inductor' (the default) matches the keys "
+        "load_compile_cache()/save_compile_cache() use for the inductor cache dir."
+    ),
+]
 ExtraOpt = Annotated[
     list[str] | None,
     typer.Option("--extra", help="Extra key factor NAME=VALUE (repeatable)."),
@@ -122,8 +129,10 @@ def _open_store(create: bool = True) -> Store:
     return Store(root, threads=_state.threads, create=create)
 
 
-def _key(torch: str | None, arch: str | None, model: str, extra: list[str] | None) -> CacheKey:
-    extras: dict[str, str] = {}
+def _key(
+    torch: str | None, arch: str | None, model: str, tree: str, extra: list[str] | None
+) -> CacheKey:
+    extras: dict[str, str] = {"tree": tree}
     for item in extra or []:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -180,6 +189,7 @@ def save(
     torch: TorchOpt = None,
     arch: ArchOpt = None,
     model: ModelOpt = "default",
+    tree: TreeOpt = "inductor",
     extra: ExtraOpt = None,
     max_size_mb: Annotated[
         int | None, typer.Option(help="Refuse trees larger than this many MiB.")
@@ -189,7 +199,7 @@ def save(
     """Save DIRECTORY under a key; only chunks the store lacks are uploaded."""
     with _errors():
         store = _open_store()
-        key = _key(torch, arch, model, extra)
+        key = _key(torch, arch, model, tree, extra)
         with _progress("saving", not as_json) as progress:
             report = store.save(
                 directory,
@@ -220,6 +230,7 @@ def load(
     torch: TorchOpt = None,
     arch: ArchOpt = None,
     model: ModelOpt = "default",
+    tree: TreeOpt = "inductor",
     extra: ExtraOpt = None,
     key_id: Annotated[
         str | None, typer.Option("--key", help="Key id (or prefix) instead of the key fields.")
@@ -229,7 +240,7 @@ def load(
     """Restore a saved key into DIRECTORY, fetching only files not already present."""
     with _errors():
         store = _open_store(create=False)
-        key = store.resolve(key_id) if key_id else _key(torch, arch, model, extra)
+        key = store.resolve(key_id) if key_id else _key(torch, arch, model, tree, extra)
         with _progress("loading", not as_json) as progress:
             report = store.load(key, directory, progress=progress)
     if as_json:

@@ -129,3 +129,21 @@ def test_import_casstore_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_cli_default_key_matches_the_model_py_api(tmp_path: Path) -> None:
+    """What save_compile_cache() stored, `casstore load --model M` finds with no key flags."""
+    write_tree(tmp_path / "A", {"fxgraph/x": b"graph"})
+    code = (
+        "import sys; from casstore import save_compile_cache; "
+        "print(save_compile_cache(cache_dir=sys.argv[1], root=sys.argv[2], model='m').name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "A"), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "SUCCESS"
+    run(tmp_path / "store", "load", str(tmp_path / "B"), "--model", "m")
+    assert (tmp_path / "B" / "fxgraph" / "x").read_bytes() == b"graph"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -16,9 +15,8 @@ from casstore import OperationStatus, Store, load_compile_cache, save_compile_ca
 from casstore import config as cfg
 from casstore import keys as keys_mod
 from casstore.compile_cache import _is_transient
+from demo.replica import start_replica
 from tests.helpers import read_tree, temp_files, write_tree
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -293,28 +291,7 @@ def test_import_is_light_and_never_imports_torch() -> None:
 def _replica(
     model: str, cache_dir: Path, tmpdir: Path, root: Path, *flags: str
 ) -> dict[str, object]:
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TMPDIR": str(tmpdir)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "demo.compile_worker",
-            "--model",
-            model,
-            "--root",
-            str(root),
-            *flags,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return start_replica(cache_dir, tmpdir, model, root, *flags)
 
 
 @pytest.mark.slow
