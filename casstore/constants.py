@@ -41,6 +41,8 @@ MANIFESTS_DIR = "manifests"
 LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
 
+# A manifest file starts with these bytes, then the BLAKE3-256 of the msgpack body.
+MANIFEST_MAGIC = b"CASMF\x00"
 CHUNK_SUFFIX = ".zst"
 MANIFEST_SUFFIX = ".manifest"
 

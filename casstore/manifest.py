@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from casstore import constants
+from casstore import chunking, constants
 from casstore._version import __version__
 from casstore.errors import InvalidManifest, UnsafePath
 from casstore.keys import CacheKey
@@ -97,13 +97,34 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def encode(m: Manifest) -> bytes:
-    return _encoder.encode(m)
+    """``MAGIC`` + BLAKE3-256 of the body + the msgpack body (see docs/format.md)."""
+    return seal(_encoder.encode(m))
+
+
+def seal(body: bytes) -> bytes:
+    """Frame a msgpack body as a manifest file: magic, then the body's digest."""
+    return constants.MANIFEST_MAGIC + chunking.digest(body) + body
 
 
 def decode(blob: bytes, *, source: str = "manifest") -> Manifest:
-    """Strictly decode and validate a manifest. Raises :class:`InvalidManifest`."""
+    """Check, strictly decode and validate a manifest. Raises :class:`InvalidManifest`.
+
+    The digest in the header makes any damaged byte an error rather than, say, a file
+    restored under another name or mode.
+    """
     if len(blob) > constants.MAX_MANIFEST_BYTES:
         raise InvalidManifest(f"{source}: {len(blob)} bytes exceeds the manifest size limit")
+    magic, size = constants.MANIFEST_MAGIC, len(constants.MANIFEST_MAGIC)
+    if blob[:size] != magic:
+        raise InvalidManifest(f"{source}: not a casstore manifest (bad magic)")
+    digest, body = blob[size : size + constants.DIGEST_SIZE], blob[size + constants.DIGEST_SIZE :]
+    if chunking.digest(body) != digest:
+        raise InvalidManifest(f"{source}: manifest is damaged (digest mismatch)")
+    return decode_body(body, source=source)
+
+
+def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
+    """Strictly decode and validate a manifest body (msgpack, without the header)."""
     try:
         header = msgspec.msgpack.decode(blob, type=_Header)
     except msgspec.DecodeError as e:

@@ -18,7 +18,7 @@ def raw_manifest(files: list[dict[str, object]], fmt: int = 1) -> bytes:
     doc = msgspec.to_builtins(mf.new_manifest(KEY, [entry("ok")]))
     doc["format"] = fmt
     doc["files"] = files
-    return msgspec.msgpack.encode(doc)
+    return mf.seal(msgspec.msgpack.encode(doc))
 
 
 def raw_file(
@@ -51,8 +51,20 @@ def test_unknown_format_version_is_a_clear_error() -> None:
     [b"", b"\xc1", b"garbage that is not msgpack", msgspec.msgpack.encode({"files": []})],
 )
 def test_malformed_documents_are_rejected(blob: bytes) -> None:
-    with pytest.raises(InvalidManifest):
+    with pytest.raises(InvalidManifest, match="bad magic"):
         mf.decode(blob)
+    with pytest.raises(InvalidManifest, match="not a casstore manifest|malformed"):
+        mf.decode(mf.seal(blob))
+
+
+def test_every_damaged_byte_is_detected() -> None:
+    """Without the digest, a flipped byte could rename a file or change its mode."""
+    blob = mf.encode(mf.new_manifest(KEY, [entry("dir/file.py", b"x" * 100)]))
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(InvalidManifest):
+            mf.decode(bytes(bad))
 
 
 def test_truncated_document_is_rejected() -> None:
@@ -66,7 +78,7 @@ def test_unknown_field_is_rejected() -> None:
     doc = msgspec.to_builtins(mf.new_manifest(KEY, [entry("a")]))
     doc["surprise"] = 1
     with pytest.raises(InvalidManifest):
-        mf.decode(msgspec.msgpack.encode(doc))
+        mf.decode(mf.seal(msgspec.msgpack.encode(doc)))
 
 
 @pytest.mark.parametrize(

@@ -285,7 +285,7 @@ def _put_raw_manifest(store: Store, key: CacheKey, files: list[dict[str, object]
     doc = msgspec.to_builtins(mf.new_manifest(key, []))
     doc["files"] = files
     name = f"{constants.MANIFESTS_DIR}/{key.id}/{mf.new_manifest_name(doc['created_at'])}"
-    store.backend.put_if_absent(name, msgspec.msgpack.encode(doc))
+    store.backend.put_if_absent(name, mf.seal(msgspec.msgpack.encode(doc)))
 
 
 @pytest.mark.parametrize("path", ["../escape", "/tmp/abs", "a/../../escape", "./x"])
