@@ -53,7 +53,7 @@ def test_unknown_format_version_is_a_clear_error() -> None:
 def test_malformed_documents_are_rejected(blob: bytes) -> None:
     with pytest.raises(InvalidManifest, match="bad magic"):
         mf.decode(blob)
-    with pytest.raises(InvalidManifest, match="not a casstore manifest|malformed"):
+    with pytest.raises(InvalidManifest, match=r"not a casstore manifest|malformed"):
         mf.decode(mf.seal(blob))
 
 
