@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,3 +133,70 @@ def stats(store: Store) -> StoreStats:
                 unique[c.digest] = c.size
     s.unique_bytes = sum(unique.values())
     return s
+
+
+@dataclass
+class RepairReport:
+    chunks_quarantined: int = 0
+    manifests_quarantined: int = 0
+
+
+def repair(store: Store, report: VerifyReport) -> RepairReport:
+    """Move what ``verify`` found damaged into ``quarantine/``, out of every reader's way.
+
+    A quarantined chunk counts as missing, so the next save that holds its bytes uploads it
+    again; files that need it are misses until then, never wrong bytes.
+    """
+    out = RepairReport()
+    for key, _why in report.corrupt:
+        name = key.rsplit("/", 1)[-1]
+        dest = f"{constants.QUARANTINE_DIR}/chunks/{name}.{uuid.uuid4().hex[:8]}"
+        if store.backend.move(key, dest):
+            out.chunks_quarantined += 1
+    for key, _why in report.invalid_manifests:
+        dest = f"{constants.QUARANTINE_DIR}/manifests/{key.replace('/', '_')}"
+        if store.backend.move(key, f"{dest}.{uuid.uuid4().hex[:8]}"):
+            out.manifests_quarantined += 1
+    return out
+
+
+@dataclass
+class ModelUsage:
+    model: str
+    keys: int = 0
+    logical_bytes: int = 0  # what loads of its keys write
+    own_bytes: int = 0  # stored bytes of chunks only this model references
+    shared_bytes: int = 0  # stored bytes of chunks it shares with other models
+
+
+def usage_by_model(store: Store) -> list[ModelUsage]:
+    """Who uses the space: per model fingerprint, its own and its shared stored bytes."""
+    sizes = {}
+    for info in store.backend.list(f"{constants.CHUNKS_DIR}/"):
+        hexd = objects.digest_from_key(info.key)
+        if hexd is not None:
+            sizes[bytes.fromhex(hexd)] = info.size
+    manifests, _ = _all_manifests(store)
+    by_key: dict[str, list[mf.Manifest]] = {}
+    for _, m in manifests:
+        by_key.setdefault(m.key.id, []).append(m)
+    usage: dict[str, ModelUsage] = {}
+    chunks_of: dict[str, set[bytes]] = {}
+    for ms in by_key.values():
+        model = ms[0].key.model
+        u = usage.setdefault(model, ModelUsage(model))
+        u.keys += 1
+        for f in mf.merge(ms).values():
+            u.logical_bytes += f.size
+            chunks_of.setdefault(model, set()).update(c.digest for c in f.chunks)
+    owners: dict[bytes, int] = {}
+    for digests in chunks_of.values():
+        for d in digests:
+            owners[d] = owners.get(d, 0) + 1
+    for model, digests in chunks_of.items():
+        for d in digests:
+            if owners[d] > 1:
+                usage[model].shared_bytes += sizes.get(d, 0)
+            else:
+                usage[model].own_bytes += sizes.get(d, 0)
+    return sorted(usage.values(), key=lambda u: u.own_bytes + u.shared_bytes, reverse=True)

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from casstore import audit, config
+from casstore import gc as gc_mod
 from casstore.errors import CasstoreError, NotFound
 from casstore.keys import CacheKey, detect_key
 from casstore.store import Store
@@ -348,14 +349,30 @@ def show(
 
 
 @app.command()
-def verify(as_json: JsonOpt = False) -> None:
-    """Re-hash every chunk and check every manifest; exit 4 if anything is damaged."""
+def verify(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Move damaged objects into quarantine/.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every chunk and check every manifest; exit 4 if anything is damaged.
+
+    With --repair, damaged chunks and manifests are moved to quarantine/; the next save
+    that holds a quarantined chunk's bytes uploads it again.
+    """
     with _errors():
         store = _open_store(create=False)
         with _progress("verifying", not as_json) as progress:
             report = audit.verify(store, threads=_state.threads, progress=progress)
+        repaired = audit.repair(store, report) if repair else None
     if as_json:
-        _emit_json({**dataclasses.asdict(report), "ok": report.ok})
+        _emit_json(
+            {
+                **dataclasses.asdict(report),
+                "ok": report.ok,
+                "repaired": dataclasses.asdict(repaired) if repaired else None,
+            }
+        )
     else:
         out.print(f"{report.chunks} chunks, {report.manifests} manifests checked")
         for key, why in report.corrupt:
@@ -365,13 +382,26 @@ def verify(as_json: JsonOpt = False) -> None:
         for name, digest in report.missing_chunks:
             out.print(f"  {name} references missing chunk {digest}", highlight=False)
         out.print("ok" if report.ok else "[red]damaged[/red]")
+        if repaired is not None:
+            out.print(
+                f"quarantined {repaired.chunks_quarantined} chunks and "
+                f"{repaired.manifests_quarantined} manifests"
+            )
     if not report.ok:
         raise typer.Exit(EXIT_INCOMPLETE)
 
 
+ByOpt = Annotated[str | None, typer.Option("--by", help="Break usage down: 'model'.")]
+
+
 @app.command()
-def stats(as_json: JsonOpt = False) -> None:
-    """Chunks, stored bytes, logical bytes and the dedup ratio."""
+def stats(by: ByOpt = None, as_json: JsonOpt = False) -> None:
+    """Chunks, stored bytes, logical bytes and the dedup ratio (--by model: who uses it)."""
+    if by is not None:
+        if by != "model":
+            _fail(f"--by accepts 'model', not {by!r}", 2)
+        _usage(as_json)
+        return
     with _errors():
         s = audit.stats(_open_store(create=False))
     if as_json:
@@ -389,6 +419,157 @@ def stats(as_json: JsonOpt = False) -> None:
     out.print(f"unique         {_mib(s.unique_bytes)} (distinct chunk bytes)")
     out.print(f"logical        {_mib(s.logical_bytes)} (what loads write)")
     out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
+
+
+@app.command()
+def du(as_json: JsonOpt = False) -> None:
+    """Space used per model: bytes only it uses, bytes it shares (same as stats --by model)."""
+    _usage(as_json)
+
+
+def _usage(as_json: bool) -> None:
+    with _errors():
+        rows = audit.usage_by_model(_open_store(create=False))
+    if as_json:
+        _emit_json([dataclasses.asdict(r) for r in rows])
+        return
+    table = Table("model", "keys", "logical", "own (stored)", "shared (stored)")
+    for r in rows:
+        table.add_row(
+            r.model, str(r.keys), _mib(r.logical_bytes), _mib(r.own_bytes), _mib(r.shared_bytes)
+        )
+    out.print(table)
+
+
+@app.command()
+def rm(
+    ref: Annotated[str, typer.Argument(help="Key id or unambiguous id prefix.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a key's manifests; its chunks are freed by the next gc (after the grace)."""
+    with _errors():
+        store = _open_store(create=False)
+        key = store.resolve(ref)
+        count = gc_mod.remove_key(store, key)
+    if as_json:
+        _emit_json({"key": key, "id": key.id, "manifests_deleted": count})
+    else:
+        out.print(f"removed {key} ({count} manifests)")
+
+
+def _duration(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return config.parse_duration(text)
+    except ValueError as e:
+        _fail(str(e), 2)
+
+
+@app.command()
+def gc(
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CASSTORE_GC_MAX_AGE",
+            help="Drop keys neither saved nor loaded for this long (e.g. 30d).",
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CASSTORE_GC_MAX_SIZE",
+            help="Drop least-recently-used keys until the stored chunks fit (e.g. 500G).",
+        ),
+    ] = None,
+    keep_last: Annotated[
+        int | None,
+        typer.Option(
+            envvar="CASSTORE_GC_KEEP_LAST",
+            min=1,
+            help="Per model (and tree): keep the N most recently used keys.",
+        ),
+    ] = None,
+    grace: Annotated[
+        str,
+        typer.Option(
+            envvar="CASSTORE_GC_GRACE",
+            help="Never delete a chunk younger than this; must exceed the slowest save.",
+        ),
+    ] = "1h",
+    compact: Annotated[bool, typer.Option(help="Merge each key's manifests into one.")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply retention, compact manifests, and delete unreferenced chunks past the grace."""
+    grace_s = _duration(grace)
+    assert grace_s is not None
+    try:
+        size = config.parse_size(max_size) if max_size is not None else None
+    except ValueError as e:
+        _fail(str(e), 2)
+    settings = config.read_settings()
+    policy = gc_mod.Policy(
+        max_age=_duration(max_age),
+        max_size=size,
+        keep_last=keep_last,
+        grace=grace_s,
+        compact=compact,
+        temp_timeout=settings.incomplete_timeout_seconds,
+        lock_timeout=settings.lock_timeout_seconds,
+    )
+    with _errors():
+        store = _open_store(create=False)
+        with gc_mod.gc_lock(store) as held:
+            if not held:
+                err.print("another gc is running on this store; nothing done")
+                return
+            plan = gc_mod.plan(store, policy)
+            summary = plan.summary()
+            if not as_json:
+                _print_plan(plan)
+            if dry_run:
+                if as_json:
+                    _emit_json({"plan": summary, "executed": False})
+                return
+            if (
+                not yes
+                and sys.stdin.isatty()
+                and not as_json
+                and (plan.drop or plan.chunks)
+                and not typer.confirm("go ahead?", err=True)
+            ):
+                raise typer.Exit(1)
+            with _progress("sweeping", not as_json) as progress:
+                report = gc_mod.execute(store, plan, threads=_state.threads, progress=progress)
+    if as_json:
+        _emit_json({"plan": summary, "executed": True, "report": dataclasses.asdict(report)})
+        return
+    out.print(
+        f"dropped {report.keys_dropped} keys ({report.manifests_deleted} manifests), compacted "
+        f"{report.keys_compacted}, deleted {report.chunks_deleted} chunks "
+        f"({_mib(report.bytes_freed)}), spared {report.chunks_kept_late} in use, removed "
+        f"{report.temps_removed} temp and {report.locks_removed} lock files in "
+        f"{report.seconds:.2f}s"
+    )
+    for problem in report.errors:
+        err.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+
+
+def _print_plan(plan: gc_mod.Plan) -> None:
+    out.print(f"{len(plan.keys)} keys; live: {plan.live_chunks} chunks ({_mib(plan.live_bytes)})")
+    for d in plan.drop:
+        out.print(
+            f"  drop {d.state.key_id[:12]} ({d.state.key.describe()}): {d.reason}", highlight=False
+        )
+    if plan.compact:
+        out.print(f"  compact {len(plan.compact)} keys with several manifests")
+    out.print(
+        f"  delete {len(plan.chunks)} unreferenced chunks older than "
+        f"{plan.policy.grace:.0f}s ({_mib(plan.freed_bytes)})"
+    )
+    out.print(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")
 
 
 def main() -> None:

@@ -91,6 +91,23 @@ def _open_store(settings: Settings, *, create: bool) -> Store:
     return Store(settings.root, create=create, threads=threads())
 
 
+def _opportunistic_cleanup(store: Store, settings: Settings) -> None:
+    """Remove a few stale temp and lock files left by crashed replicas; bounded to ~50 ms
+    so a save never pays for more than a moment of maintenance."""
+    from casstore.gc import cleanup
+
+    try:
+        removed = cleanup(
+            store,
+            temp_timeout=settings.incomplete_timeout_seconds,
+            lock_timeout=settings.lock_timeout_seconds,
+        )
+        if removed:
+            log.info("removed %d stale temp/lock files", removed)
+    except Exception as e:  # maintenance never fails a save
+        log.debug("opportunistic cleanup failed: %s", e)
+
+
 def load_compile_cache(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -223,6 +240,7 @@ def save_compile_cache(
                     log.info("%s: %d new chunks", extra.name, r.new_chunks)
                 except Exception as e:  # a side tree never fails the main save
                     log.warning("could not save %s: %s", extra.name, e)
+        _opportunistic_cleanup(store, settings)
         log.info(
             "saved compile cache %s: %d files, %d new or changed, %d new chunks "
             "(%.1f MiB) in %.2fs",

@@ -186,3 +186,23 @@ def model_fingerprint(model: str | None) -> str:
 
 def threads() -> int:
     return _env_int("CASSTORE_THREADS", constants.DEFAULT_THREADS, 1, 256)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 12h, 30d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+def parse_size(text: str) -> int:
+    """``1000``, ``500M``, ``10G``, ``1.5T`` (binary units, optional ``iB``/``B``) → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (e.g. 500M, 10G)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])

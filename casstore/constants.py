@@ -40,6 +40,8 @@ CHUNKS_DIR = "chunks"
 MANIFESTS_DIR = "manifests"
 LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
+ACCESS_DIR = "access"  # access/<key id>: an empty marker whose mtime is the key's last load
+TRASH_DIR = "trash"  # gc moves chunks here before deleting them (see docs/gc.md)
 
 # A manifest file starts with these bytes, then the BLAKE3-256 of the msgpack body.
 MANIFEST_MAGIC = b"CASMF\x00"

@@ -8,6 +8,7 @@ renamed into place only when complete. See docs/format.md for the exact protocol
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -197,32 +198,47 @@ class Store:
         Invalid manifests are logged and left out; raises :class:`InvalidManifest` when
         manifests exist but none is valid, :class:`NotFound` when there are none.
         """
-        infos = list(self.backend.list(self._manifest_prefix(key.id)))
-        infos = [i for i in infos if i.key.endswith(constants.MANIFEST_SUFFIX)]
-        if not infos:
-            raise NotFound(f"no saved cache for key {key}")
-        found: list[tuple[str, Manifest]] = []
-        errors: list[str] = []
-        for info in infos:
-            try:
-                m = mf.decode(self.backend.get(info.key), source=info.key)
-            except NotFound:
-                continue  # deleted (compaction, gc) since the listing
-            except InvalidManifest as e:
-                log.warning("ignoring invalid manifest: %s", e)
-                errors.append(str(e))
-                continue
-            if m.key != key:
-                log.warning("ignoring %s: it belongs to key %s, not %s", info.key, m.key, key)
-                errors.append(f"{info.key}: wrong key")
-                continue
-            found.append((info.key, m))
+        found, errors = self.read_manifests(key.id, key)
         if not found:
             if errors:
                 raise InvalidManifest(f"every manifest of key {key} is invalid: {errors[0]}")
             raise NotFound(f"no saved cache for key {key}")
-        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
         return found
+
+    def read_manifests(
+        self, key_id: str, key: CacheKey | None = None
+    ) -> tuple[list[tuple[str, Manifest]], list[str]]:
+        """(valid manifests oldest first, errors) under ``manifests/<key_id>/``.
+
+        A manifest that vanishes between listing and reading was compacted into a new one
+        (or removed by gc): the listing is retried, so a load racing compaction still sees
+        the whole key.
+        """
+        for _attempt in range(3):
+            found: list[tuple[str, Manifest]] = []
+            errors: list[str] = []
+            vanished = False
+            for info in self.backend.list(self._manifest_prefix(key_id)):
+                if not info.key.endswith(constants.MANIFEST_SUFFIX):
+                    continue
+                try:
+                    m = mf.decode(self.backend.get(info.key), source=info.key)
+                except NotFound:
+                    vanished = True
+                    continue
+                except InvalidManifest as e:
+                    log.warning("ignoring invalid manifest: %s", e)
+                    errors.append(str(e))
+                    continue
+                if m.key.id != key_id or (key is not None and m.key != key):
+                    log.warning("ignoring %s: it belongs to key %s", info.key, m.key)
+                    errors.append(f"{info.key}: stored under the wrong key")
+                    continue
+                found.append((info.key, m))
+            if not vanished:
+                break
+        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
+        return found, errors
 
     def files(self, key: CacheKey) -> dict[str, FileEntry]:
         """The merged view of ``key``: every file a load would restore."""
@@ -238,7 +254,7 @@ class Store:
             }
         )
         for key_id in key_ids:
-            loaded = self._manifests_by_id(key_id)
+            loaded, _errors = self.read_manifests(key_id)
             if not loaded:
                 continue
             key = loaded[-1][1].key
@@ -250,18 +266,6 @@ class Store:
                 bytes=sum(f.size for f in view.values()),
                 last_saved=loaded[-1][1].created_at,
             )
-
-    def _manifests_by_id(self, key_id: str) -> list[tuple[str, Manifest]]:
-        found = []
-        for info in self.backend.list(self._manifest_prefix(key_id)):
-            try:
-                m = mf.decode(self.backend.get(info.key), source=info.key)
-            except (NotFound, InvalidManifest):
-                continue
-            if m.key.id == key_id:
-                found.append((info.key, m))
-        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
-        return found
 
     def resolve(self, ref: str) -> CacheKey:
         """A key from its id or an unambiguous id prefix (as ``casstore ls`` prints)."""
@@ -335,6 +339,21 @@ class Store:
         )
         return report
 
+    @staticmethod
+    def access_key(key_id: str) -> str:
+        return f"{constants.ACCESS_DIR}/{key_id}"
+
+    def _record_use(self, key: CacheKey) -> None:
+        """Mark ``key`` as used now, for gc's age and LRU policies: one ``utime`` per load
+        (a marker file per key), never a manifest rewrite. Best effort: a read-only store
+        still loads."""
+        marker = self.access_key(key.id)
+        try:
+            if not self.backend.refresh(marker):
+                self.backend.put_if_absent(marker, b"")
+        except OSError as e:
+            log.debug("could not record use of %s: %s", key, e)
+
     def _lock_path(self, key: CacheKey) -> Path | None:
         if isinstance(self.backend, FileSystemBackend):
             return self.backend.root / constants.LOCKS_DIR / f"{key.id}.lock"
@@ -378,24 +397,31 @@ class Store:
                     counter.advance(f.size)
                     return None
                 whole = chunking.digest(data)
+                view = memoryview(data)
                 old = current.get(f.rel)
                 if old is not None and old.digest == whole and old.size == len(data):
-                    counter.advance(f.size)
-                    return old if old.mode == f.mode else _with_mode(old, f.mode)
-                view = memoryview(data)
-                cuts = chunking.cut(view)
-                refs = [ChunkRef(c.digest, c.length) for c in cuts]
-                if len(cuts) == 1:  # most files: no hand-off to another thread
-                    ensure_chunk(view, refs[0])
+                    # Unchanged: its chunks are still checked (and their age refreshed),
+                    # so a chunk lost since (gc race, disk damage repaired by quarantine)
+                    # is re-uploaded from these local bytes: saves heal the store.
+                    entry = old if old.mode == f.mode else _with_mode(old, f.mode)
+                    refs = list(old.chunks)
+                    offsets = list(itertools.accumulate((r.size for r in refs), initial=0))
                 else:
+                    cuts = chunking.cut(view)
+                    refs = [ChunkRef(c.digest, c.length) for c in cuts]
+                    offsets = [c.offset for c in cuts]
+                    entry = FileEntry(f.rel, len(data), f.mode, whole, tuple(refs))
+                if len(refs) == 1:  # most files: no hand-off to another thread
+                    ensure_chunk(view, refs[0])
+                elif refs:
                     futures: list[Future[None]] = [
-                        chunk_pool.submit(ensure_chunk, view[c.offset : c.offset + c.length], r)
-                        for c, r in zip(cuts, refs, strict=True)
+                        chunk_pool.submit(ensure_chunk, view[o : o + r.size], r)
+                        for o, r in zip(offsets, refs, strict=False)
                     ]
                     for fut in futures:
                         fut.result()
                 counter.advance(f.size)
-                return FileEntry(f.rel, len(data), f.mode, whole, tuple(refs))
+                return entry
 
             def save_batch(batch: list[_LocalFile]) -> list[FileEntry | None]:
                 return [save_file(f) for f in batch]
@@ -420,6 +446,7 @@ class Store:
         """
         started = time.monotonic()
         loaded = self.manifests(key)
+        self._record_use(key)
         view = mf.merge(m for _, m in loaded)
         report = LoadReport(key=key, files=len(view), manifests=len(loaded))
         dest = Path(dest_dir)

@@ -106,3 +106,12 @@ class BackendConformance:
         assert results.count(True) == 1
         assert seen_bad == []
         assert backend.get("c/same") == data
+
+    def test_move_never_replaces(self, backend: Backend) -> None:
+        backend.put_if_absent("a/x", b"x")
+        backend.put_if_absent("b/y", b"y")
+        assert backend.move("a/x", "b/y") is False
+        assert backend.get("a/x") == b"x" and backend.get("b/y") == b"y"
+        assert backend.move("a/x", "c/z") is True
+        assert backend.stat("a/x") is None and backend.get("c/z") == b"x"
+        assert backend.move("a/x", "c/w") is False  # source gone

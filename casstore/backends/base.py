@@ -52,5 +52,10 @@ class Backend(abc.ABC):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every published object whose key starts with ``prefix`` ('dir/' style)."""
 
+    def move(self, src: str, dst: str) -> bool:
+        """Rename ``src`` to ``dst`` unless ``dst`` exists; True if moved. Needed by gc's
+        sweep and by quarantine; a backend without renames raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rename objects")
+
     def describe(self) -> str:
         return type(self).__name__

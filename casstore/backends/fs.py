@@ -61,35 +61,50 @@ class FileSystemBackend(Backend):
             os.makedirs(directory, exist_ok=True)
             tmp = self._write_temp(directory, data)
         try:
-            if self._noreplace:
-                try:
-                    published = rename_noreplace(tmp, path)
-                    if published:
-                        tmp = ""
-                    return published
-                except NotImplementedError:
-                    self._noreplace = False  # this mount cannot; use link() from now on
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError as e:
-                if e.errno not in _NO_LINK_ERRNOS:
-                    raise
-            # Neither primitive exists here: a plain rename. Keys are content digests or
-            # unique names, so the only thing it can replace is an identical object.
-            if os.path.lexists(path):
-                return False
-            os.replace(tmp, path)
-            tmp = ""
-            return True
+            return self._publish(tmp, path)
         finally:
-            if tmp:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(tmp)  # gone after a rename; left by link() or a lost race
+            except FileNotFoundError:
+                pass
+
+    def move(self, src: str, dst: str) -> bool:
+        """Rename object ``src`` to ``dst`` unless ``dst`` exists. True if moved; False if
+        ``dst`` existed (``src`` is then left in place) or ``src`` was gone."""
+        src_path, dst_path = self._path(src), self._path(dst)
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        try:
+            moved = self._publish(src_path, dst_path)
+        except FileNotFoundError:
+            return False
+        if moved and os.path.lexists(src_path):
+            os.unlink(src_path)  # published by link(): drop the old name
+        return moved
+
+    def _publish(self, src: str, dst: str) -> bool:
+        """Give ``src``'s file the name ``dst`` without replacing an existing ``dst``.
+
+        Afterwards ``src`` may still exist (link() was used, or ``dst`` existed); the
+        caller removes it."""
+        if self._noreplace:
+            try:
+                return rename_noreplace(src, dst)
+            except NotImplementedError:
+                self._noreplace = False  # this mount cannot; use link() from now on
+        try:
+            os.link(src, dst)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in _NO_LINK_ERRNOS:
+                raise
+        # Neither primitive exists here: a plain rename. Keys are content digests or
+        # unique names, so the only thing it can replace is an identical object.
+        if os.path.lexists(dst):
+            return False
+        os.rename(src, dst)
+        return True
 
     def _write_temp(self, directory: str, data: bytes) -> str:
         tmp = os.path.join(directory, temp_name())

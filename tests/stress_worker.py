@@ -1,0 +1,111 @@
+"""A process in the gc stress test: ``saver``, ``loader`` or ``gc``, until a deadline.
+
+Every file it saves carries its own checksum (``CSV1`` + BLAKE3 of the payload + payload),
+so a loader can tell a wrong byte from a miss without knowing who saved what.
+
+    python -m tests.stress_worker ROLE STORE_ROOT WORKDIR SECONDS ID [GRACE]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import blake3
+
+from casstore import CacheKey, NotFound, Store
+from casstore import gc as gc_mod
+
+MODELS = [f"m{i}" for i in range(6)]
+MAGIC = b"CSV1"
+
+
+def key(model: str) -> CacheKey:
+    return CacheKey(torch="t", arch="a", model=model, extra={"tree": "inductor"})
+
+
+def make_file(rng: random.Random) -> bytes:
+    # A small pool of seeds for part of the content, so chunks are shared between saves.
+    shared = random.Random(rng.randrange(8)).randbytes(rng.choice([0, 40_000, 300_000]))
+    payload = shared + rng.randbytes(rng.randrange(1, 60_000))
+    return MAGIC + blake3.blake3(payload).digest() + payload
+
+
+def intact(data: bytes) -> bool:
+    return data[:4] == MAGIC and blake3.blake3(data[36:]).digest() == data[4:36]
+
+
+def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
+    rng = random.Random(wid)
+    saved = []
+    i = 0
+    while time.monotonic() < deadline:
+        model = rng.choice(MODELS)
+        src = work / f"src-{wid}-{i}"
+        files = {}
+        for j in range(rng.randrange(3, 10)):
+            path = f"{wid}-{i}/{j}.bin"  # unique: no save overrides another's path
+            data = make_file(rng)
+            (src / path).parent.mkdir(parents=True, exist_ok=True)
+            (src / path).write_bytes(data)
+            files[path] = blake3.blake3(data).hexdigest()
+        store.save(src, key(model), lock_timeout=0)
+        saved.append({"model": model, "files": files})
+        shutil.rmtree(src)
+        i += 1
+    return {"saves": saved}
+
+
+def loader(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
+    rng = random.Random(wid)
+    loads = misses = bad = files = 0
+    i = 0
+    while time.monotonic() < deadline:
+        dest = work / f"dst-{wid}-{i}"
+        try:
+            report = store.load(key(rng.choice(MODELS)), dest)
+        except NotFound:
+            continue
+        finally:
+            i += 1
+        loads += 1
+        misses += len(report.missing)
+        for p in dest.rglob("*.bin"):
+            files += 1
+            if not intact(p.read_bytes()):
+                bad += 1
+        shutil.rmtree(dest, ignore_errors=True)
+    return {"loads": loads, "misses": misses, "bad": bad, "files": files}
+
+
+def collector(store: Store, deadline: float, grace: float) -> dict[str, object]:
+    runs = deleted = 0
+    while time.monotonic() < deadline:
+        p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
+        deleted += gc_mod.execute(store, p, threads=4).chunks_deleted
+        runs += 1
+        time.sleep(0.05)
+    return {"gc_runs": runs, "chunks_deleted": deleted}
+
+
+def main() -> None:
+    role, root, work, seconds, wid = sys.argv[1:6]
+    grace = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
+    store = Store(root, threads=4)
+    deadline = time.monotonic() + float(seconds)
+    workdir = Path(work)
+    if role == "saver":
+        result = saver(store, workdir, deadline, wid)
+    elif role == "loader":
+        result = loader(store, workdir, deadline, wid)
+    else:
+        result = collector(store, deadline, grace)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""gc: retention policies (time controlled through mtimes and an injected clock), the
+sweep protocol next to concurrent savers, compaction, cleanup, repair."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from casstore import CacheKey, NotFound, Store, audit, constants, objects
+from casstore import gc as gc_mod
+from casstore.locks import best_effort_lock
+from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
+
+DAY = 86400.0
+HOUR = 3600.0
+
+
+def key(model: str, torch: str = "2.13.0", tree: str = "inductor") -> CacheKey:
+    return CacheKey(torch=torch, arch="x86-64-v3-test", model=model, extra={"tree": tree})
+
+
+def save(store: Store, tmp_path: Path, k: CacheKey, files: dict[str, bytes]) -> None:
+    src = tmp_path / f"src-{k.id}"
+    write_tree(src, files)
+    store.save(src, k)
+
+
+def age(path: Path, seconds_ago: float, now: float) -> None:
+    os.utime(path, (now - seconds_ago, now - seconds_ago))
+
+
+def age_all_chunks(store_root: Path, seconds_ago: float, now: float) -> None:
+    for c in chunk_files(store_root):
+        age(c, seconds_ago, now)
+
+
+def set_last_use(store: Store, k: CacheKey, when: float) -> None:
+    """Pretend ``k`` was saved and last loaded at ``when`` (manifest times are in the
+    documents, so the clock is moved instead: plan(now=...) below)."""
+    marker = Path(store.backend.root) / Store.access_key(k.id)  # type: ignore[attr-defined]
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    os.utime(marker, (when, when))
+
+
+def loads_intact(store: Store, k: CacheKey, dest: Path, files: dict[str, bytes]) -> bool:
+    report = store.load(k, dest)
+    return report.missing == [] and {p: d for p, (d, _) in read_tree(dest).items()} == files
+
+
+def test_max_age_drops_unused_keys_and_their_own_chunks(store: Store, tmp_path: Path) -> None:
+    shared = os.urandom(200_000)
+    old_files = {"old.bin": os.urandom(300_000), "shared.bin": shared}
+    new_files = {"new.bin": os.urandom(300_000), "shared.bin": shared}
+    save(store, tmp_path, key("old"), old_files)
+    save(store, tmp_path, key("new"), new_files)
+    now = time.time() + 40 * DAY  # both saved "40 days ago"
+    set_last_use(store, key("new"), now - 1 * DAY)  # but "new" was loaded yesterday
+    age_all_chunks(tmp_path / "store", 40 * DAY, now)
+    p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY), now=now)
+    assert [d.state.key.model for d in p.drop] == ["old"]
+    report = gc_mod.execute(store, p)
+    assert report.keys_dropped == 1 and report.chunks_deleted >= 1
+    with pytest.raises(NotFound):
+        store.load(key("old"), tmp_path / "d1")
+    assert loads_intact(store, key("new"), tmp_path / "d2", new_files)
+    assert audit.verify(store).ok
+
+
+def test_a_load_records_use_without_rewriting_manifests(store: Store, tmp_path: Path) -> None:
+    save(store, tmp_path, key("m"), {"a": b"1"})
+    manifest = manifest_files(tmp_path / "store")[0]
+    before = manifest.stat().st_mtime_ns
+    store.load(key("m"), tmp_path / "d")
+    marker = tmp_path / "store" / Store.access_key(key("m").id)
+    assert marker.exists() and marker.stat().st_size == 0
+    assert manifest.stat().st_mtime_ns == before
+    now = time.time() + 40 * DAY
+    set_last_use(store, key("m"), now - HOUR)  # the load an hour before "now"
+    assert gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY), now=now).drop == ()
+
+
+def test_keep_last_per_model_and_tree(store: Store, tmp_path: Path) -> None:
+    now = time.time() + 10 * DAY
+    for i, torch in enumerate(["2.11.0", "2.12.0", "2.13.0"]):
+        save(store, tmp_path, key("flux", torch), {"f": f"graph {torch}".encode()})
+        set_last_use(store, key("flux", torch), now - (3 - i) * DAY)
+    save(store, tmp_path, key("flux", "2.11.0", tree="triton"), {"k": b"triton"})
+    save(store, tmp_path, key("other", "2.11.0"), {"o": b"other"})
+    p = gc_mod.plan(store, gc_mod.Policy(keep_last=2), now=now)
+    assert [(d.state.key.model, d.state.key.torch) for d in p.drop] == [("flux", "2.11.0")]
+    assert p.drop[0].state.key.extra["tree"] == "inductor"
+
+
+def test_max_size_evicts_least_recently_used(store: Store, tmp_path: Path) -> None:
+    now = time.time() + 10 * DAY
+    for i, m in enumerate(["a", "b", "c"]):
+        save(store, tmp_path, key(m), {"blob": os.urandom(1_000_000)})  # incompressible
+        set_last_use(store, key(m), now - (10 - i) * HOUR)  # a oldest, c newest
+    age_all_chunks(tmp_path / "store", 2 * DAY, now)
+    p = gc_mod.plan(store, gc_mod.Policy(max_size=2_200_000), now=now)
+    assert [d.state.key.model for d in p.drop] == ["a"]
+    gc_mod.execute(store, p)
+    stored = sum(c.stat().st_size for c in chunk_files(tmp_path / "store"))
+    assert stored <= 2_200_000
+    assert {k.key.model for k in store.keys()} == {"b", "c"}
+
+
+def test_grace_period_protects_young_unreferenced_chunks(store: Store, tmp_path: Path) -> None:
+    save(store, tmp_path, key("m"), {"f": os.urandom(100_000)})
+    gc_mod.remove_key(store, key("m"))
+    now = time.time()
+    chunks = chunk_files(tmp_path / "store")
+    assert gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now).chunks == ()
+    age_all_chunks(tmp_path / "store", 2 * HOUR, now)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
+    assert len(p.chunks) == len(chunks)
+    gc_mod.execute(store, p)
+    assert chunk_files(tmp_path / "store") == []
+
+
+def test_rm_then_gc_frees_the_key(store: Store, tmp_path: Path) -> None:
+    save(store, tmp_path, key("m"), {"f": b"x" * 10})
+    assert gc_mod.remove_key(store, key("m")) == 1
+    with pytest.raises(NotFound):
+        store.load(key("m"), tmp_path / "d")
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert report.chunks_deleted == 1
+
+
+def test_compaction_merges_manifests_without_losing_files(store: Store, tmp_path: Path) -> None:
+    k = key("m")
+    files = {}
+    for i in range(4):
+        files[f"graph{i}"] = f"compiled {i}".encode()
+        save(store, tmp_path, k, {f"graph{i}": files[f"graph{i}"]})
+    assert len(store.manifests(k)) == 4
+    p = gc_mod.plan(store, gc_mod.Policy())
+    # A replica saves a new graph after the plan was made, before it is executed.
+    save(store, tmp_path, k, {"late": b"compiled during gc"})
+    files["late"] = b"compiled during gc"
+    report = gc_mod.execute(store, p)
+    assert report.keys_compacted == 1
+    assert len(store.manifests(k)) == 2  # the merged one + the late one
+    assert loads_intact(store, k, tmp_path / "d", files)
+
+
+def test_late_manifest_protects_candidate_chunks(store: Store, tmp_path: Path) -> None:
+    """gc planned to delete chunks that a save published after the plan references."""
+    data = {"big.so": os.urandom(800_000)}
+    save(store, tmp_path, key("gone"), data)
+    gc_mod.remove_key(store, key("gone"))
+    now = time.time()
+    age_all_chunks(tmp_path / "store", 2 * HOUR, now)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
+    assert len(p.chunks) == len(chunk_files(tmp_path / "store")) > 1
+    save(store, tmp_path, key("again"), data)  # reuses (and refreshes) every chunk
+    report = gc_mod.execute(store, p)
+    assert report.chunks_deleted == 0 and report.chunks_kept_late == len(p.chunks)
+    assert loads_intact(store, key("again"), tmp_path / "d", data)
+
+
+def test_refresh_just_before_the_sweep_restores_the_chunk(store: Store, tmp_path: Path) -> None:
+    """The trash step: a candidate refreshed after planning comes back from trash."""
+    save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
+    gc_mod.remove_key(store, key("m"))
+    now = time.time()
+    (chunk,) = chunk_files(tmp_path / "store")
+    age(chunk, 2 * HOUR, now)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
+    assert len(p.chunks) == 1
+    os.utime(chunk)  # a saver's refresh, without a manifest yet
+    report = gc_mod.execute(store, p)
+    assert report.chunks_deleted == 0 and chunk.exists()
+    assert not list((tmp_path / "store" / constants.TRASH_DIR).rglob("*.zst"))
+
+
+def test_crashed_sweep_trash_is_recovered(store: Store, tmp_path: Path) -> None:
+    save(store, tmp_path, key("m"), {"keep": os.urandom(1000), "drop": os.urandom(1000)})
+    view = store.files(key("m"))
+    keep_key = objects.chunk_key(view["keep"].chunks[0].digest)
+    drop_key = objects.chunk_key(view["drop"].chunks[0].digest)
+    run = f"{constants.TRASH_DIR}/crashed-run"
+    assert store.backend.move(keep_key, f"{run}/{keep_key.rsplit('/', 1)[-1]}")
+    assert store.backend.move(drop_key, f"{run}/{drop_key.rsplit('/', 1)[-1]}")
+    trash = tmp_path / "store" / run
+    now = time.time()
+    age(trash / drop_key.rsplit("/", 1)[-1], 3 * HOUR, now)  # garbage: old
+    os.utime(trash / keep_key.rsplit("/", 1)[-1])  # refreshed by a saver: young
+    age(trash, 2 * HOUR, now)  # the crashed run is long gone
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert report.trash_restored == 1
+    assert store.backend.stat(keep_key) is not None and store.backend.stat(drop_key) is None
+    assert not trash.exists()
+
+
+def test_cleanup_removes_stale_temps_and_idle_locks_only(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    save(store, tmp_path, key("m"), {"f": b"1"})
+    now = time.time()
+    stale = root / "chunks" / f"{constants.TEMP_PREFIX}crashed"
+    fresh = root / "manifests" / f"{constants.TEMP_PREFIX}writing"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"in progress")
+    age(stale, 120, now)
+    (root / "locks").mkdir(exist_ok=True)
+    idle, held = root / "locks" / "idle.lock", root / "locks" / "held.lock"
+    idle.touch()
+    age(idle, 120, now)
+    with best_effort_lock(held, 0) as got:
+        assert got
+        age(held, 120, now)
+        p = gc_mod.plan(store, gc_mod.Policy(temp_timeout=60, lock_timeout=30), now=now)
+        report = gc_mod.execute(store, p)
+    assert report.temps_removed == 1 and not stale.exists() and fresh.exists()
+    assert report.locks_removed == 1 and not idle.exists() and held.exists()
+
+
+def test_opportunistic_cleanup_is_bounded(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / "manifests").mkdir(exist_ok=True)
+    now = time.time()
+    for i in range(50):
+        t = root / "manifests" / f"{constants.TEMP_PREFIX}{i}"
+        t.write_bytes(b"x")
+        age(t, 300, now)
+    assert gc_mod.cleanup(store, temp_timeout=60, lock_timeout=30, budget_seconds=5) == 50
+    assert temp_files(root) == []
+    assert gc_mod.cleanup(store, temp_timeout=60, lock_timeout=30, budget_seconds=0) == 0
+
+
+def test_repair_quarantines_and_the_next_save_heals(store: Store, tmp_path: Path) -> None:
+    files = {"a": os.urandom(200_000), "b": os.urandom(5000)}
+    save(store, tmp_path, key("m"), files)
+    victim = chunk_files(tmp_path / "store")[0]
+    victim.write_bytes(b"garbage")
+    report = audit.verify(store)
+    assert len(report.corrupt) == 1
+    repaired = audit.repair(store, report)
+    assert repaired.chunks_quarantined == 1 and not victim.exists()
+    assert list((tmp_path / "store" / constants.QUARANTINE_DIR).rglob("*"))
+    after = audit.verify(store)
+    assert after.corrupt == [] and len(after.missing_chunks) == 1
+    healed = store.save(tmp_path / f"src-{key('m').id}", key("m"))  # unchanged tree
+    assert healed.new_chunks == 1 and healed.manifest is None
+    assert audit.verify(store).ok
+    assert loads_intact(store, key("m"), tmp_path / "d", files)
+
+
+def test_only_one_gc_at_a_time(store: Store) -> None:
+    with gc_mod.gc_lock(store) as first:
+        assert first
+        with gc_mod.gc_lock(store) as second:
+            assert not second
