@@ -25,6 +25,7 @@ unit:
 bench:
 	$(BIN)/python -m benchmarks.bench_store
 	$(BIN)/python -m benchmarks.bench_compile
+	$(BIN)/python -m benchmarks.bench_gc
 
 demo:
 	$(BIN)/python -m demo.run_demo

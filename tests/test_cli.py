@@ -147,3 +147,34 @@ def test_cli_default_key_matches_the_model_py_api(tmp_path: Path) -> None:
     assert out.stdout.strip() == "SUCCESS"
     run(tmp_path / "store", "load", str(tmp_path / "B"), "--model", "m")
     assert (tmp_path / "B" / "fxgraph" / "x").read_bytes() == b"graph"
+
+
+def test_gc_dry_run_then_execute_and_rm(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, report = saved
+    key_id = str(report["key_id"])
+    removed = json.loads(run(root, "rm", key_id[:10], "--json").stdout)
+    assert removed["manifests_deleted"] == 1
+    chunks_before = len(chunk_files(root))
+    dry = json.loads(run(root, "gc", "--grace", "0", "--dry-run", "--json").stdout)
+    assert dry["executed"] is False and dry["plan"]["chunks_to_delete"] == chunks_before
+    assert len(chunk_files(root)) == chunks_before  # a dry run changes nothing
+    wet = json.loads(run(root, "gc", "--grace", "0", "-y", "--json").stdout)
+    assert wet["report"]["chunks_deleted"] == chunks_before
+    assert chunk_files(root) == []
+    bad = run(root, "gc", "--grace", "soon", check=False)
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def test_verify_repair_and_du(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
+    root, _ = saved
+    victim = chunk_files(root)[0]
+    victim.write_bytes(b"rot")
+    proc = run(root, "verify", "--repair", "--json", check=False)
+    assert proc.returncode == 4
+    assert json.loads(proc.stdout)["repaired"]["chunks_quarantined"] == 1
+    assert not victim.exists()
+    usage = json.loads(run(root, "du", "--json").stdout)
+    assert [u["model"] for u in usage] == ["cli"] and usage[0]["keys"] == 1
+    assert usage[0]["own_bytes"] == sum(c.stat().st_size for c in chunk_files(root))
