@@ -26,6 +26,7 @@ bench:
 	$(BIN)/python -m benchmarks.bench_store
 	$(BIN)/python -m benchmarks.bench_compile
 	$(BIN)/python -m benchmarks.bench_gc
+	$(BIN)/python -m benchmarks.bench_load
 
 demo:
 	$(BIN)/python -m demo.run_demo

@@ -127,7 +127,7 @@ def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
     """Strictly decode and validate a manifest body (msgpack, without the header)."""
     try:
         header = msgspec.msgpack.decode(blob, type=_Header)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises ValueError
         raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
     if header.format != constants.MANIFEST_FORMAT_VERSION:
         raise InvalidManifest(
@@ -136,7 +136,7 @@ def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
         )
     try:
         m = msgspec.msgpack.decode(blob, type=Manifest)
-    except (msgspec.DecodeError, InvalidManifest) as e:
+    except (msgspec.DecodeError, ValueError) as e:
         raise InvalidManifest(f"{source}: malformed manifest ({e})") from e
     validate(m, source=source)
     return m

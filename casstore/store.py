@@ -8,6 +8,7 @@ renamed into place only when complete. See docs/format.md for the exact protocol
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -532,11 +533,6 @@ class Store:
         try:
             if entry.size:
                 os.ftruncate(fd, entry.size)
-            offsets = []
-            pos = 0
-            for ref in entry.chunks:
-                offsets.append(pos)
-                pos += ref.size
 
             def fetch(ref: ChunkRef, offset: int) -> int:
                 blob = self.backend.get(objects.chunk_key(ref.digest))
@@ -550,18 +546,7 @@ class Store:
             if len(entry.chunks) == 1:
                 fetched = fetch(entry.chunks[0], 0)
             else:
-                futures = [
-                    chunk_pool.submit(fetch, r, o)
-                    for r, o in zip(entry.chunks, offsets, strict=True)
-                ]
-                try:
-                    fetched = sum(f.result() for f in futures)
-                finally:
-                    for f in futures:
-                        f.cancel()
-                    for f in futures:
-                        if not f.cancelled():
-                            f.exception()  # wait, so no write lands after close
+                fetched = _fetch_windowed(chunk_pool, fetch, entry.chunks, 4 * self.threads)
             os.fchmod(fd, mode)
             os.close(fd)
             fd = -1
@@ -583,6 +568,35 @@ class Store:
 
 # Errors that no other file would escape either: stop the whole load at once.
 _FATAL_ERRNOS = {28, 30, 122}  # ENOSPC, EROFS, EDQUOT
+
+
+def _fetch_windowed(
+    pool: ThreadPoolExecutor,
+    fetch: Callable[[ChunkRef, int], int],
+    refs: tuple[ChunkRef, ...],
+    window: int,
+) -> int:
+    """Fetch ``refs`` in order with at most ``window`` in flight; stop at the first
+    failure. A file declaring millions of chunks then fails after one miss, not after
+    queueing millions of fetches, and memory stays bounded by the window."""
+    in_flight: collections.deque[Future[int]] = collections.deque()
+    total = 0
+    offset = 0
+    try:
+        for ref in refs:
+            if len(in_flight) >= window:
+                total += in_flight.popleft().result()
+            in_flight.append(pool.submit(fetch, ref, offset))
+            offset += ref.size
+        while in_flight:
+            total += in_flight.popleft().result()
+    finally:
+        for f in in_flight:
+            f.cancel()
+        for f in in_flight:
+            if not f.cancelled():
+                f.exception()  # wait, so no write lands after the file is closed
+    return total
 
 
 def _batches(

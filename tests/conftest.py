@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from casstore import Store
+from tests.seaweed import two_hosts, wait_visible
 
 
 @pytest.fixture
@@ -16,3 +19,21 @@ def store(tmp_path: Path) -> Store:
 @pytest.fixture(autouse=True)
 def _casstore_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="casstore")
+
+
+@pytest.fixture(scope="session")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """Two mounts of one real SeaweedFS filer path: (host1, host2). One per test session
+    (per xdist worker); each test works in its own subdirectory."""
+    with two_hosts(tmp_path_factory.mktemp("seaweedfs")) as mounts:
+        yield mounts
+
+
+@pytest.fixture
+def shared_dirs(hosts: tuple[Path, Path], request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """One directory on the network filesystem, as seen from host1 and from host2."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    a, b = hosts[0] / name, hosts[1] / name
+    a.mkdir()
+    wait_visible(b)
+    return a, b

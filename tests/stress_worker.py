@@ -42,6 +42,8 @@ def intact(data: bytes) -> bool:
 def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
     rng = random.Random(wid)
     saved = []
+    errors: list[str] = []
+    nbytes = 0
     i = 0
     while time.monotonic() < deadline:
         model = rng.choice(MODELS)
@@ -53,43 +55,62 @@ def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, obje
             (src / path).parent.mkdir(parents=True, exist_ok=True)
             (src / path).write_bytes(data)
             files[path] = blake3.blake3(data).hexdigest()
-        store.save(src, key(model), lock_timeout=0)
-        saved.append({"model": model, "files": files})
+            nbytes += len(data)
+        try:
+            store.save(src, key(model), lock_timeout=0)
+            saved.append({"model": model, "files": files})
+        except Exception as e:  # counted, and the load test fails on any
+            errors.append(f"save: {type(e).__name__}: {e}")
         shutil.rmtree(src)
         i += 1
-    return {"saves": saved}
+    return {"saves": saved, "saved_bytes": nbytes, "errors": errors}
 
 
 def loader(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
     rng = random.Random(wid)
-    loads = misses = bad = files = 0
+    loads = misses = bad = files = nbytes = 0
+    errors: list[str] = []
     i = 0
     while time.monotonic() < deadline:
         dest = work / f"dst-{wid}-{i}"
+        i += 1
         try:
             report = store.load(key(rng.choice(MODELS)), dest)
         except NotFound:
             continue
-        finally:
-            i += 1
+        except Exception as e:
+            errors.append(f"load: {type(e).__name__}: {e}")
+            continue
         loads += 1
         misses += len(report.missing)
+        nbytes += report.bytes_written
         for p in dest.rglob("*.bin"):
             files += 1
             if not intact(p.read_bytes()):
                 bad += 1
         shutil.rmtree(dest, ignore_errors=True)
-    return {"loads": loads, "misses": misses, "bad": bad, "files": files}
+    return {
+        "loads": loads,
+        "misses": misses,
+        "bad": bad,
+        "files": files,
+        "loaded_bytes": nbytes,
+        "errors": errors,
+    }
 
 
 def collector(store: Store, deadline: float, grace: float) -> dict[str, object]:
     runs = deleted = 0
+    errors: list[str] = []
     while time.monotonic() < deadline:
-        p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
-        deleted += gc_mod.execute(store, p, threads=4).chunks_deleted
+        try:
+            p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
+            deleted += gc_mod.execute(store, p, threads=4).chunks_deleted
+        except Exception as e:
+            errors.append(f"gc: {type(e).__name__}: {e}")
         runs += 1
         time.sleep(0.05)
-    return {"gc_runs": runs, "chunks_deleted": deleted}
+    return {"gc_runs": runs, "chunks_deleted": deleted, "errors": errors}
 
 
 def main() -> None:

@@ -17,60 +17,31 @@ import pytest
 from casstore import CacheKey, Store, audit
 from casstore import gc as gc_mod
 from tests.helpers import read_tree, write_tree
+from tests.load_mix import MixResult, run_mix
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_mix(root: Path, work: Path, seconds: float, grace: float) -> list[dict[str, object]]:
-    work.mkdir(parents=True, exist_ok=True)
-    Store(root)  # create the store before the processes race to
-    roles = ["saver"] * 3 + ["loader"] * 3 + ["gc"]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.stress_worker",
-                role,
-                str(root),
-                str(work),
-                str(seconds),
-                f"{role}{i}",
-                str(grace),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, role in enumerate(roles)
-    ]
-    results = []
-    for p in procs:
-        out, errs = p.communicate(timeout=seconds + 120)
-        assert p.returncode == 0, errs[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grace", [0.0, 3600.0])
 def test_savers_loaders_and_gc_together(tmp_path: Path, grace: float) -> None:
     root = tmp_path / "store"
-    results = run_mix(root, tmp_path / "work", 8.0, grace)
-    loads = [r for r in results if "loads" in r]
-    gcs = [r for r in results if "gc_runs" in r]
-    assert sum(int(r["loads"]) for r in loads) > 0 and int(gcs[0]["gc_runs"]) > 0  # type: ignore[call-overload]
+    Store(root)  # create the store before the processes race to
+    mix = run_mix([root], tmp_path / "work", 8.0, savers=3, loaders=3, gc_grace=grace)
+    assert mix.total("loads") > 0 and mix.total("gc_runs") > 0
+    assert mix.errors == []
     # Never a wrong byte, whatever the grace.
-    assert sum(int(r["bad"]) for r in loads) == 0  # type: ignore[call-overload]
+    assert mix.total("bad") == 0
     if grace == 0.0:
         return  # aggressive gc may turn files into misses; that is allowed
     # With the normal grace, no completed save loses a file.
-    store = Store(root)
+    assert_every_save_loads(Store(root), mix, tmp_path)
+
+
+def assert_every_save_loads(store: Store, mix: MixResult, tmp_path: Path) -> None:
     saved: dict[str, dict[str, str]] = {}
-    for r in results:
-        for s in r.get("saves", []):  # type: ignore[attr-defined]
-            saved.setdefault(s["model"], {}).update(s["files"])
+    for s in mix.saves:
+        saved.setdefault(s["model"], {}).update(s["files"])
     assert saved
     for model, files in saved.items():
         key = CacheKey(torch="t", arch="a", model=model, extra={"tree": "inductor"})

@@ -1,0 +1,365 @@
+"""Fault suite, on local disk and on the SeaweedFS FUSE mount: savers killed with SIGKILL,
+damaged objects, full disks, read-only stores, a store removed mid-load, permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+
+from casstore import CacheKey, OperationStatus, Store, audit, load_compile_cache
+from casstore import gc as gc_mod
+from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = CacheKey(torch="t", arch="a", model="faults")
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A directory for the store: local disk, or the network filesystem."""
+    if request.param == "local":
+        return tmp_path / "local"
+    shared: tuple[Path, Path] = request.getfixturevalue("shared_dirs")
+    return shared[0]
+
+
+def sealed(rng: random.Random, size: int) -> bytes:
+    """Self-checking content: 32-byte BLAKE3 of the payload, then the payload."""
+    payload = rng.randbytes(size)
+    return blake3.blake3(payload).digest() + payload
+
+
+def intact(data: bytes) -> bool:
+    return len(data) >= 32 and blake3.blake3(data[32:]).digest() == data[:32]
+
+
+_SAVER = """
+import json, os, random, sys
+from pathlib import Path
+import blake3
+from casstore import Store, CacheKey
+store = Store(sys.argv[1], threads=4)
+src = Path(sys.argv[2])
+key = CacheKey(torch="t", arch="a", model="faults")
+rng = random.Random()
+while True:  # until killed: every save rewrites every file, so each one uploads
+    digests = {}
+    for name, size in [(f"g{i}.bin", rng.randrange(1, 150_000)) for i in range(20)] + [
+            ("big.so", 2**20)]:
+        payload = rng.randbytes(size)
+        data = blake3.blake3(payload).digest() + payload
+        tmp = src / (name + ".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, src / name)
+        digests[name] = blake3.blake3(data).hexdigest()
+    store.save(src, key, lock_timeout=0)
+    print(json.dumps(digests), flush=True)
+"""
+
+
+def test_saver_killed_at_random_moments(where: Path, tmp_path: Path) -> None:
+    """25 SIGKILLs per filesystem, each in the middle of a save: a load gives the last
+    completed save (or the one whose manifest was published just before the kill), never a
+    partial or wrong file; cleanup then removes the temp files left behind."""
+    rng = random.Random(str(where))
+    root = where / "store"
+    Store(root)
+    src = tmp_path / "src"
+    src.mkdir()
+    kills = 0
+    for round_ in range(25):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(root), str(src)], stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        kills += proc.returncode == -signal.SIGKILL
+        completed = [json.loads(line) for line in out.splitlines() if line.strip()]
+        dest = tmp_path / f"dst{round_}"
+        try:
+            report = Store(root).load(KEY, dest)
+        except LookupError:
+            assert round_ == 0 and not completed  # nothing was ever saved yet
+            continue
+        assert report.missing == []
+        restored = {p: d for p, (d, _) in read_tree(dest).items()}
+        assert all(intact(d) for d in restored.values()), "a restored file has wrong bytes"
+        got = {p: blake3.blake3(d).hexdigest() for p, d in restored.items()}
+        if completed:
+            last = completed[-1]
+            # The last completed save, or entirely the next one (manifests are atomic).
+            assert got == last or not set(got.items()) & set(last.items())
+        shutil.rmtree(dest)
+    assert kills == 25
+    store = Store(root)
+    p = gc_mod.plan(store, gc_mod.Policy(temp_timeout=0, lock_timeout=0))
+    assert p.temps, "killed savers leave temp files for cleanup to find"
+    gc_mod.execute(store, p)
+    assert temp_files(root) == []
+    assert audit.verify(store).ok
+
+
+def test_damage_is_reported_and_never_restored(where: Path, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    root = where / "store"
+    store = Store(root, threads=4)
+    tree = {f"f{i}": sealed(rng, rng.randrange(1, 400_000)) for i in range(30)}
+    write_tree(tmp_path / "src", tree)
+    store.save(tmp_path / "src", KEY)
+    write_tree(tmp_path / "src2", {"later": sealed(rng, 1000)})
+    store.save(tmp_path / "src2", KEY)
+    chunks = rng.sample(chunk_files(root), 9)
+    corrupt, deleted = set(), set()
+    for i, c in enumerate(chunks):
+        blob = c.read_bytes()
+        if i % 3 == 0:
+            c.write_bytes(blob[: len(blob) // 2])  # truncated
+            corrupt.add(c.name)
+        elif i % 3 == 1:
+            j = rng.randrange(len(blob))
+            c.write_bytes(blob[:j] + bytes([blob[j] ^ 0x80]) + blob[j + 1 :])  # flipped
+            corrupt.add(c.name)
+        else:
+            c.unlink()
+            deleted.add(c.name[:-4])
+    manifest = manifest_files(root)[-1]
+    blob = manifest.read_bytes()
+    manifest.write_bytes(blob[:40] + bytes([blob[40] ^ 1]) + blob[41:])
+    report = audit.verify(store)
+    assert {k.rsplit("/", 1)[-1] for k, _ in report.corrupt} == corrupt
+    assert {d for _, d in report.missing_chunks} >= deleted
+    assert [k for k, _ in report.invalid_manifests] == [str(manifest.relative_to(root))]
+    loaded = store.load(KEY, tmp_path / "dst")
+    restored = read_tree(tmp_path / "dst")
+    assert loaded.missing and all(intact(d) for d, _ in restored.values())
+    assert "later" not in restored  # its manifest is damaged: ignored, not trusted
+    cli = subprocess.run(
+        [sys.executable, "-m", "casstore", "--root", str(root), "verify"],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 4
+    for name in corrupt:
+        assert name in cli.stdout
+
+
+def cli(root: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "casstore", "--root", str(root), *args]
+    if user is not None:
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert text in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> object:
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+KEY_FLAGS = ["--torch", "t", "--arch", "a", "--model", "faults", "--tree", "x"]
+
+
+def test_full_disk_store_and_destination(tmp_path: Path, tmpfs: Path) -> None:
+    rng = random.Random(1)
+    write_tree(tmp_path / "src", {f"f{i}": rng.randbytes(500_000) for i in range(8)})
+    one_line_error(
+        cli(tmpfs / "store", "save", str(tmp_path / "src"), *KEY_FLAGS),
+        1,
+        "No space left on device",
+    )
+    assert manifest_files(tmpfs / "store") == []
+    assert cli(tmp_path / "store", "save", str(tmp_path / "src"), *KEY_FLAGS).returncode == 0
+    one_line_error(
+        cli(tmp_path / "store", "load", str(tmpfs / "dst"), *KEY_FLAGS),
+        1,
+        "No space left on device",
+    )
+    assert temp_files(tmpfs) == []
+    source = read_tree(tmp_path / "src")
+    assert all(source[p] == v for p, v in read_tree(tmpfs / "dst").items())
+
+
+def test_read_only_store(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", {"a": b"1"})
+    assert cli(tmp_path / "store", "save", str(tmp_path / "src"), *KEY_FLAGS).returncode == 0
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "store"), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        assert cli(ro, "load", str(tmp_path / "dst"), *KEY_FLAGS).returncode == 0
+        assert (tmp_path / "dst" / "a").read_bytes() == b"1"
+        write_tree(tmp_path / "src", {"b": b"2"})
+        one_line_error(
+            cli(ro, "save", str(tmp_path / "src"), *KEY_FLAGS), 1, "Read-only file system"
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_permission_denied(tmp_path: Path) -> None:
+    base = Path(f"/tmp/casstore-perm-{os.getpid()}")  # pytest's tmp dirs are 0700
+    try:
+        base.mkdir(mode=0o755)
+        write_tree(base / "src", {"a": b"1"})
+        os.chmod(base / "src", 0o755)
+        os.chmod(base / "src" / "a", 0o644)
+        assert cli(base / "store", "save", str(base / "src"), *KEY_FLAGS).returncode == 0
+        for d in (base / "store").rglob("*"):
+            os.chmod(d, 0o755 if d.is_dir() else 0o644)
+        os.chmod(base / "store", 0o755)
+        one_line_error(
+            cli(
+                base / "store",
+                "save",
+                str(base / "src"),
+                "--model",
+                "other",
+                "--torch",
+                "t",
+                "--arch",
+                "a",
+                user="nobody",
+            ),
+            1,
+            "Permission denied",
+        )
+        one_line_error(
+            cli(base / "store", "load", str(base / "dst"), *KEY_FLAGS, user="nobody"),
+            1,
+            "Permission denied",
+        )
+        code = (
+            "import sys; from casstore import save_compile_cache as s; "
+            "print(s(cache_dir=sys.argv[1], root=sys.argv[2]).name)"
+        )
+        api = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+                str(base / "src"),
+                str(base / "store"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert api.stdout.strip() == "ERROR", api.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_store_removed_mid_load(where: Path, tmp_path: Path) -> None:
+    rng = random.Random(8)
+    root = where / "store"
+    tree = {f"d{i % 7}/f{i}": sealed(rng, rng.randrange(1, 300_000)) for i in range(300)}
+    write_tree(tmp_path / "src", tree)
+    assert cli(root, "save", str(tmp_path / "src"), *KEY_FLAGS).returncode == 0
+    dest = tmp_path / "dst"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "casstore",
+            "--root",
+            str(root),
+            "--threads",
+            "2",
+            "load",
+            str(dest),
+            *KEY_FLAGS,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 30
+    while not dest.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    shutil.rmtree(root, ignore_errors=True)
+    out, errs = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 1, 3, 4), errs
+    assert "Traceback" not in errs
+    if proc.returncode == 4:
+        assert json.loads(out)["missing"]
+    assert temp_files(dest) == [] if dest.exists() else True
+    for path, (data, _) in (read_tree(dest) if dest.exists() else {}).items():
+        assert data == tree[path]
+
+
+def test_huge_declared_sizes_and_chunk_counts(tmp_path: Path) -> None:
+    """A manifest that declares a 1 TiB file of 2M chunks: refused quickly, no huge file."""
+    import msgspec
+
+    from casstore import constants
+    from casstore import manifest as mf
+
+    store = Store(tmp_path / "store")
+    n = 2_000_000
+    doc = msgspec.to_builtins(mf.new_manifest(KEY, []))
+    doc["files"] = [
+        {
+            "path": "huge",
+            "size": n * constants.CHUNK_MAX_SIZE,
+            "mode": 0o644,
+            "digest": b"\1" * 32,
+            "chunks": [[b"\2" * 32, constants.CHUNK_MAX_SIZE]] * n,
+        }
+    ]
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(doc['created_at'])}"
+    store.backend.put_if_absent(name, mf.seal(msgspec.msgpack.encode(doc)))
+    started = time.monotonic()
+    report = store.load(KEY, tmp_path / "dst")
+    assert report.missing == ["huge"]
+    assert time.monotonic() - started < 60
+    assert list((tmp_path / "dst").iterdir()) == []
+
+
+def test_non_utf8_path_in_manifest_is_refused(tmp_path: Path) -> None:
+    import msgspec
+
+    from casstore import InvalidManifest, constants
+    from casstore import manifest as mf
+
+    store = Store(tmp_path / "store")
+    body = msgspec.msgpack.encode(msgspec.to_builtins(mf.new_manifest(KEY, [])))
+    # Splice a raw, invalid UTF-8 string into the files array.
+    entry = msgspec.msgpack.encode(
+        {"path": "PLACEHOLDER", "size": 0, "mode": 420, "digest": b"\0" * 32, "chunks": []}
+    )
+    entry = entry.replace(b"\xabPLACEHOLDER", b"\xab" + b"bad\xff\xfename\x00\x00"[:11])
+    body = body.replace(b"\xa5files\x90", b"\xa5files\x91" + entry)
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(time.time())}"
+    store.backend.put_if_absent(name, mf.seal(body))
+    with pytest.raises(InvalidManifest):
+        store.load(KEY, tmp_path / "dst")
+    assert load_compile_cache(
+        cache_dir=tmp_path / "d2", root=tmp_path / "store", model="faults"
+    ) in (OperationStatus.DOES_NOT_EXIST, OperationStatus.ERROR)
