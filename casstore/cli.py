@@ -572,6 +572,112 @@ def _print_plan(plan: gc_mod.Plan) -> None:
     out.print(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")
 
 
+vllm_app = typer.Typer(
+    help="Sidecar for vLLM: restore its compile cache, save it once compiled (docs/vllm.md).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(vllm_app, name="vllm")
+
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="vLLM cache root (default: $VLLM_CACHE_ROOT or ~/.cache/vllm)."
+    ),
+]
+UrlOpt = Annotated[str, typer.Option(help="Readiness URL: saving waits for HTTP 200 here.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for readiness.")]
+QuietOpt = Annotated[float, typer.Option(help="Seconds without a cache change before saving.")]
+PollOpt = Annotated[float, typer.Option(help="Seconds between checks.")]
+PidOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Exit (after a final save) when this process "
+        "exits, e.g. the shell pid that execs vllm."
+    ),
+]
+VllmModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model fingerprint (default: $CASSTORE_MODEL or 'default')."),
+]
+
+
+def _sidecar(
+    cache_dir: Path | None,
+    url: str,
+    timeout: float,
+    quiet: float,
+    poll: float,
+    pid: int | None,
+    model: str | None,
+) -> Any:
+    import signal
+
+    from casstore import vllm
+
+    sidecar = vllm.Sidecar(
+        vllm.SidecarOptions(
+            cache_root=cache_dir or vllm.default_cache_root(),
+            url=url,
+            timeout=timeout,
+            quiet=quiet,
+            poll=poll,
+            pid=pid,
+            model=model,
+            root=_state.root,
+        )
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sidecar.stop())
+    return sidecar
+
+
+@vllm_app.callback()
+def vllm_main(
+    ctx: typer.Context,
+    cache_dir: CacheDirOpt = None,
+    url: UrlOpt = "http://127.0.0.1:8000/v1/models",
+    timeout: TimeoutOpt = 1800.0,
+    quiet: QuietOpt = 30.0,
+    poll: PollOpt = 2.0,
+    pid: PidOpt = None,
+    model: VllmModelOpt = None,
+) -> None:
+    """Restore, then watch and save (the background form: `casstore vllm & vllm serve`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _ensure_logging()
+    raise typer.Exit(_sidecar(cache_dir, url, timeout, quiet, poll, pid, model).run())
+
+
+@vllm_app.command("restore")
+def vllm_restore(cache_dir: CacheDirOpt = None, model: VllmModelOpt = None) -> None:
+    """Restore only, then exit 0 whatever happened, so `&& vllm serve` always starts."""
+    _ensure_logging()
+    status = _sidecar(cache_dir, "", 0, 0, 0, None, model).restore()
+    err.print(f"casstore vllm restore: {status.name}", highlight=False)
+
+
+@vllm_app.command("watch")
+def vllm_watch(
+    cache_dir: CacheDirOpt = None,
+    url: UrlOpt = "http://127.0.0.1:8000/v1/models",
+    timeout: TimeoutOpt = 1800.0,
+    quiet: QuietOpt = 30.0,
+    poll: PollOpt = 2.0,
+    pid: PidOpt = None,
+    model: VllmModelOpt = None,
+) -> None:
+    """Watch and save only (after a blocking `casstore vllm restore`)."""
+    _ensure_logging()
+    raise typer.Exit(_sidecar(cache_dir, url, timeout, quiet, poll, pid, model).watch())
+
+
+def _ensure_logging() -> None:
+    # The sidecar runs unattended: its progress belongs in the server's log at INFO.
+    logging.getLogger("casstore").setLevel(logging.INFO)
+
+
 def main() -> None:
     app()
 

@@ -149,29 +149,59 @@ def gpu_visible() -> bool:
 
 
 def detect_arch(*, import_torch: bool = False) -> tuple[str, dict[str, str]]:
-    """The accelerator arch and extra factors of this process.
+    """The accelerator arch and extra factors (the device name) of this host.
 
-    A GPU is queried only when torch is already imported (or ``import_torch`` asks for the
-    import, as the CLI does) and CUDA is initialisable, so a model server that has not paid
-    for ``import torch`` never does here.
+    In a process that has imported torch (a model server), torch answers. Elsewhere (the
+    CLI, the vLLM sidecar) ``nvidia-smi`` answers, so no CUDA context is created on a GPU
+    that the server needs; ``import_torch`` allows importing torch when nvidia-smi is
+    missing. The CUDA version is not a separate factor: torch's build tag (``+cu128``)
+    in the torch factor already carries it.
     """
     torch = sys.modules.get("torch")
-    if torch is None and import_torch and gpu_visible() and installed_version("torch"):
-        try:
-            import torch
-        except Exception:  # a broken torch install keys as CPU
-            torch = None
     if torch is not None:
         try:
             if torch.cuda.is_available():
                 major, minor = torch.cuda.get_device_capability()
-                extra = {"device": str(torch.cuda.get_device_name())}
-                if torch.version.cuda:
-                    extra["cuda"] = str(torch.version.cuda)
-                return f"sm_{major}{minor}", extra
+                return f"sm_{major}{minor}", {"device": str(torch.cuda.get_device_name())}
         except Exception:  # a broken CUDA setup falls back to the CPU key
             pass
+        return detect_cpu_isa(), {}
+    if gpu_visible():
+        found = _nvidia_smi_arch()
+        if found is not None:
+            return found
+        if import_torch and installed_version("torch"):
+            try:
+                import torch as imported
+
+                sys.modules["torch"] = imported
+                return detect_arch()
+            except Exception:  # a broken torch install keys as CPU
+                pass
     return detect_cpu_isa(), {}
+
+
+def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
+    """(``sm_XY``, {"device": name}) of GPU 0 from nvidia-smi, or None."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=compute_cap,name", "--format=csv,noheader", "--id=0"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+        cap, name = (part.strip() for part in out.strip().splitlines()[0].split(",", 1))
+        major, minor = cap.split(".")
+        return f"sm_{int(major)}{int(minor)}", {"device": name}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def detect_key(

@@ -1,0 +1,262 @@
+"""The sidecar for vLLM (and any server that compiles inside its own process).
+
+vLLM compiles while it starts, so model.py calls do not fit. The sidecar:
+
+1. **restores** the store's copy of vLLM's compile cache into ``$VLLM_CACHE_ROOT``
+   (default ``~/.cache/vllm``) before vLLM needs it;
+2. **waits** until the server answers its readiness URL with HTTP 200 *and* the cache has
+   been quiet (no file added or changed) for a while, then **saves**;
+3. **keeps watching** while the server lives: new artifacts (shapes compiled later) are
+   saved again, incrementally (only new chunks and a small manifest);
+4. exits when the watched server process exits (``pid``) or on SIGTERM, after a final save
+   of anything new.
+
+It never delays or breaks the server: every error is logged and the sidecar carries on or
+exits cleanly. See docs/vllm.md for start commands and exit codes.
+
+What is shared: ``torch_compile_cache/`` under the cache root. vLLM names a subdirectory of
+it by a hash of everything that shapes compilation (configs, torch settings, the model's
+code), so two vLLM configurations of one model live side by side in one key and never
+overwrite each other; restoring brings all of them and vLLM picks its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from casstore.compile_cache import OperationStatus, _is_transient
+
+if TYPE_CHECKING:
+    from casstore.config import Settings
+    from casstore.keys import CacheKey
+
+log = logging.getLogger("casstore")
+
+SHARED_SUBDIRS = ("torch_compile_cache",)
+DEFAULT_URL = "http://127.0.0.1:8000/v1/models"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NEVER_READY = 3
+
+Snapshot = dict[str, tuple[int, int]]
+
+
+def default_cache_root() -> Path:
+    """vLLM's cache root: ``$VLLM_CACHE_ROOT``, else ``$XDG_CACHE_HOME/vllm``, else
+    ``~/.cache/vllm`` (vLLM's own rule)."""
+    env = os.environ.get("VLLM_CACHE_ROOT")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vllm"
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    cache_root: Path
+    url: str = DEFAULT_URL
+    timeout: float = 1800.0  # how long to wait for the server to become ready
+    quiet: float = 30.0  # seconds without a change before a save
+    poll: float = 2.0
+    pid: int | None = None  # exit when this process exits
+    model: str | None = None
+    root: Path | None = None  # store root (default: as the model.py calls)
+    scope: str | None = None
+
+
+def _shared(rel: str) -> bool:
+    return any(rel == s or rel.startswith(s + "/") for s in SHARED_SUBDIRS)
+
+
+def _excluded(rel: str) -> bool:
+    """What a save leaves out: everything outside the shared subtrees, and transient
+    files (torch's ``.tmp``, lock files)."""
+    return not _shared(rel) or _is_transient(rel)
+
+
+def snapshot(cache_root: Path) -> Snapshot:
+    """(size, mtime) of every file a save would take: cheap change detection."""
+    found: Snapshot = {}
+    for sub in SHARED_SUBDIRS:
+        base = cache_root / sub
+        for dirpath, _dirs, names in os.walk(base):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, cache_root).replace(os.sep, "/")
+                if _excluded(rel):
+                    continue
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                found[rel] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+class Sidecar:
+    """Restore, then watch and save. ``stop()`` (SIGTERM) ends the watch after a final save."""
+
+    def __init__(self, options: SidecarOptions) -> None:
+        self.options = options
+        self._stop = threading.Event()
+        self.saves = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- store access, through the same settings as the model.py calls ----------------
+
+    def _tree(self) -> tuple[Settings, CacheKey]:
+        from casstore.config import model_fingerprint, read_settings
+        from casstore.keys import detect_key
+
+        settings = read_settings(root=self.options.root, scope=self.options.scope)
+        key = detect_key(model_fingerprint(self.options.model), {"tree": "vllm"})
+        return settings, key
+
+    def restore(self) -> OperationStatus:
+        """Load the saved vLLM cache into the cache root. Never raises."""
+        try:
+            from casstore.errors import NotFound, StoreUnavailable
+            from casstore.store import Store
+
+            settings, key = self._tree()
+            log.info("vllm: restoring %s into %s", key, self.options.cache_root)
+            try:
+                store = Store(settings.root, create=False)
+                report = store.load(key, self.options.cache_root)
+            except (NotFound, StoreUnavailable) as e:
+                log.info("vllm: nothing to restore (%s)", e)
+                return OperationStatus.DOES_NOT_EXIST
+            log.info(
+                "vllm: restored %d files (%d already present, %d missing) in %.2fs",
+                report.written,
+                report.skipped,
+                len(report.missing),
+                report.seconds,
+            )
+            if report.written:
+                return OperationStatus.SUCCESS
+            return OperationStatus.ERROR if report.missing else OperationStatus.SKIPPED
+        except Exception as e:
+            log.error("vllm: restore failed: %s: %s", type(e).__name__, e)
+            return OperationStatus.ERROR
+
+    def save(self) -> OperationStatus:
+        """Save what is new under the shared subtrees. Never raises."""
+        try:
+            from casstore.errors import CacheTooLarge
+            from casstore.store import Store
+
+            settings, key = self._tree()
+            if not self.options.cache_root.is_dir():
+                return OperationStatus.SKIPPED
+            store = Store(settings.root)
+            try:
+                report = store.save(
+                    self.options.cache_root,
+                    key,
+                    max_bytes=settings.max_cache_size_mb * 2**20,
+                    exclude=_excluded,
+                    lock_timeout=settings.lock_timeout_seconds,
+                )
+            except CacheTooLarge as e:
+                log.error("vllm: not saved: %s (raise MAX_CACHE_SIZE_MB)", e)
+                return OperationStatus.ERROR
+            self.saves += report.manifest is not None
+            log.info(
+                "vllm: saved %d new or changed files, %d new chunks (%.1f MiB)%s",
+                report.changed_files,
+                report.new_chunks,
+                report.new_bytes / 2**20,
+                f"; skipped {len(report.skipped)} still being written" if report.skipped else "",
+            )
+            return OperationStatus.SUCCESS if report.manifest else OperationStatus.SKIPPED
+        except Exception as e:
+            log.error("vllm: save failed: %s: %s", type(e).__name__, e)
+            return OperationStatus.ERROR
+
+    # -- the watch loop -----------------------------------------------------------------
+
+    def _server_alive(self) -> bool:
+        pid = self.options.pid
+        if pid is None:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by someone else
+        # A zombie child has exited too.
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.options.url, timeout=5) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self) -> bool:
+        """Poll the readiness URL until HTTP 200; False on timeout, stop or server exit."""
+        deadline = time.monotonic() + self.options.timeout
+        while not self._stop.is_set() and self._server_alive():
+            if self._ready():
+                log.info("vllm: server ready at %s", self.options.url)
+                return True
+            if time.monotonic() > deadline:
+                log.warning(
+                    "vllm: %s not ready after %.0fs; not saving",
+                    self.options.url,
+                    self.options.timeout,
+                )
+                return False
+            self._stop.wait(self.options.poll)
+        return False
+
+    def watch(self, *, clock: Callable[[], float] = time.monotonic) -> int:
+        """Wait for readiness, then save each time the cache settles. Returns an exit code."""
+        baseline = snapshot(self.options.cache_root)  # what restore put there
+        if not self.wait_ready():
+            if self._stop.is_set() or not self._server_alive():
+                return self._final(baseline)
+            return EXIT_NEVER_READY
+        saved = baseline
+        seen = snapshot(self.options.cache_root)
+        changed_at = clock()
+        while not self._stop.is_set() and self._server_alive():
+            self._stop.wait(self.options.poll)
+            now_snap = snapshot(self.options.cache_root)
+            if now_snap != seen:
+                seen, changed_at = now_snap, clock()
+            elif seen != saved and clock() - changed_at >= self.options.quiet:
+                self.save()
+                saved = seen
+        return self._final(saved)
+
+    def _final(self, saved: Snapshot) -> int:
+        """On exit: save anything new since the last save (the server has stopped writing)."""
+        if snapshot(self.options.cache_root) != saved:
+            log.info("vllm: final save before exit")
+            self.save()
+        return EXIT_OK
+
+    def run(self) -> int:
+        """Restore, then watch: what ``casstore vllm`` does."""
+        self.restore()
+        return self.watch()
