@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from casstore.config import Settings
     from casstore.keys import CacheKey
-    from casstore.store import Store
+    from casstore.store import LoadReport, Store
 
 log = logging.getLogger("casstore")
 
@@ -89,6 +89,14 @@ def _open_store(settings: Settings, *, create: bool) -> Store:
     from casstore.store import Store
 
     return Store(settings.root, create=create, threads=threads())
+
+
+def load_status(report: LoadReport) -> OperationStatus:
+    """SUCCESS when files were restored (torch recompiles any that were missing), SKIPPED
+    when all were already present, ERROR when none could be restored."""
+    if report.written:
+        return OperationStatus.SUCCESS
+    return OperationStatus.ERROR if report.missing else OperationStatus.SKIPPED
 
 
 def _opportunistic_cleanup(store: Store, settings: Settings) -> None:
@@ -166,11 +174,7 @@ def load_compile_cache(
                 len(report.missing),
                 ", ".join(report.missing[:5]),
             )
-        if report.written:
-            return OperationStatus.SUCCESS
-        if report.missing:
-            return OperationStatus.ERROR
-        return OperationStatus.SKIPPED
+        return load_status(report)
     except Exception as e:
         log.error("load_compile_cache failed: %s: %s", type(e).__name__, e)
         log.debug("load_compile_cache traceback", exc_info=True)

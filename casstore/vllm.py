@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from casstore.compile_cache import OperationStatus, _is_transient
+from casstore.compile_cache import OperationStatus, _is_transient, load_status
 
 if TYPE_CHECKING:
     from casstore.config import Settings
@@ -145,9 +145,7 @@ class Sidecar:
                 len(report.missing),
                 report.seconds,
             )
-            if report.written:
-                return OperationStatus.SUCCESS
-            return OperationStatus.ERROR if report.missing else OperationStatus.SKIPPED
+            return load_status(report)
         except Exception as e:
             log.error("vllm: restore failed: %s: %s", type(e).__name__, e)
             return OperationStatus.ERROR

@@ -45,9 +45,27 @@ def events(proc: subprocess.Popen[str]) -> dict[str, float]:
     return {e["event"]: e["t"] for e in map(json.loads, proc.stdout.read().splitlines())}
 
 
-def sidecar(store: Path, *args: str) -> subprocess.Popen[str]:
+def watch(store: Path, cache: Path, port: int, *args: str) -> subprocess.Popen[str]:
+    """``casstore vllm watch`` as its own process, polling every 0.1 s."""
     return subprocess.Popen(
-        [sys.executable, "-m", "casstore", "--root", str(store), "vllm", *args],
+        [
+            sys.executable,
+            "-m",
+            "casstore",
+            "--root",
+            str(store),
+            "vllm",
+            "watch",
+            "--cache-dir",
+            str(cache),
+            "--url",
+            f"http://127.0.0.1:{port}/v1/models",
+            "--poll",
+            "0.1",
+            "--model",
+            "vmodel",
+            *args,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -66,22 +84,7 @@ def shared_tree(root: Path) -> dict[str, Any]:
 def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path: Path) -> None:
     cache, store_root = tmp_path / "vllm", tmp_path / "store"
     fake, port = start_fake(cache, ready_after=1.5, late_after=4.0)
-    car = sidecar(
-        store_root,
-        "watch",
-        "--cache-dir",
-        str(cache),
-        "--url",
-        f"http://127.0.0.1:{port}/v1/models",
-        "--quiet",
-        "1",
-        "--poll",
-        "0.1",
-        "--pid",
-        str(fake.pid),
-        "--model",
-        "vmodel",
-    )
+    car = watch(store_root, cache, port, "--quiet", "1", "--pid", str(fake.pid))
     time.sleep(1.5 + 4.0 + 3.5)  # past the late files and another quiet period
     fake.send_signal(signal.SIGTERM)
     fake.wait(timeout=10)
@@ -132,20 +135,7 @@ def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path
 def test_sigterm_makes_a_final_save(tmp_path: Path) -> None:
     cache, store_root = tmp_path / "vllm", tmp_path / "store"
     fake, port = start_fake(cache, ready_after=0.5, late_after=1.0)
-    car = sidecar(
-        store_root,
-        "watch",
-        "--cache-dir",
-        str(cache),
-        "--url",
-        f"http://127.0.0.1:{port}/v1/models",
-        "--quiet",
-        "600",
-        "--poll",
-        "0.1",
-        "--model",
-        "vmodel",
-    )
+    car = watch(store_root, cache, port, "--quiet", "600")
     try:
         time.sleep(4.0)  # everything written; the long quiet period never elapses
         assert car.poll() is None
@@ -163,20 +153,7 @@ def test_server_never_ready_exits_3_without_saving(tmp_path: Path) -> None:
     cache, store_root = tmp_path / "vllm", tmp_path / "store"
     fake, port = start_fake(cache, 0.0, 0.0, "--never-ready")
     try:
-        car = sidecar(
-            store_root,
-            "watch",
-            "--cache-dir",
-            str(cache),
-            "--url",
-            f"http://127.0.0.1:{port}/v1/models",
-            "--timeout",
-            "1.5",
-            "--poll",
-            "0.1",
-            "--model",
-            "vmodel",
-        )
+        car = watch(store_root, cache, port, "--timeout", "1.5")
         _, errs = car.communicate(timeout=60)
     finally:
         fake.kill()
