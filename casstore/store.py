@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from casstore import chunking, constants, objects
+from casstore import chunking, constants, localfs, objects
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
@@ -83,14 +83,6 @@ class KeyInfo:
     files: int
     bytes: int
     last_saved: float
-
-
-@dataclass
-class _LocalFile:
-    rel: str
-    path: Path
-    size: int
-    mode: int
 
 
 class _Counter:
@@ -301,7 +293,7 @@ class Store:
         if not src.is_dir():
             raise NotFound(f"{src} is not a directory")
         report = SaveReport(key=key)
-        local = list(_scan_tree(src, report.skipped, exclude))
+        local = list(localfs.scan_tree(src, report.skipped, exclude))
         report.files = len(local)
         report.bytes = sum(f.size for f in local)
         if max_bytes is not None and report.bytes > max_bytes:
@@ -362,7 +354,7 @@ class Store:
 
     def _upload(
         self,
-        local: list[_LocalFile],
+        local: list[localfs.LocalFile],
         current: dict[str, FileEntry],
         report: SaveReport,
         progress: ProgressCallback | None,
@@ -390,8 +382,8 @@ class Store:
             ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
         ):
 
-            def save_file(f: _LocalFile) -> FileEntry | None:
-                data = _read_stable(f)
+            def save_file(f: localfs.LocalFile) -> FileEntry | None:
+                data = localfs.read_stable(f)
                 if data is None:
                     with stats_lock:
                         report.skipped.append((f.rel, "changed while being read"))
@@ -424,7 +416,7 @@ class Store:
                 counter.advance(f.size)
                 return entry
 
-            def save_batch(batch: list[_LocalFile]) -> list[FileEntry | None]:
+            def save_batch(batch: list[localfs.LocalFile]) -> list[FileEntry | None]:
                 return [save_file(f) for f in batch]
 
             batches = _batches(local, lambda f: f.size)
@@ -507,7 +499,7 @@ class Store:
     def _restore_file(
         self, dest: str, entry: FileEntry, chunk_pool: ThreadPoolExecutor, made_dirs: set[str]
     ) -> tuple[str, int]:
-        parent = _safe_parent(dest, entry.path, made_dirs)
+        parent = localfs.safe_parent(dest, entry.path, made_dirs)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
         try:
@@ -520,7 +512,7 @@ class Store:
             st is not None
             and stat.S_ISREG(st.st_mode)
             and st.st_size == entry.size
-            and _file_digest(target, entry.size) == entry.digest
+            and localfs.file_digest(target, entry.size) == entry.digest
         ):
             if stat.S_IMODE(st.st_mode) != mode:
                 os.chmod(target, mode)
@@ -620,106 +612,3 @@ def _batches(
 
 def _with_mode(entry: FileEntry, mode: int) -> FileEntry:
     return FileEntry(entry.path, entry.size, mode, entry.digest, entry.chunks)
-
-
-def _scan_tree(
-    root: Path, skipped: list[tuple[str, str]], exclude: Callable[[str], bool] | None
-) -> Iterator[_LocalFile]:
-    """Regular files under ``root``, never following a symlink; others are logged."""
-    stack = [(root, "")]
-    while stack:
-        directory, rel_dir = stack.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as e:
-            skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
-            log.warning("skipping unreadable directory %s: %s", directory, e)
-            continue
-        for entry in entries:
-            rel = f"{rel_dir}{entry.name}"
-            if entry.name.startswith(constants.TEMP_PREFIX):
-                continue
-            if exclude is not None and exclude(rel):
-                continue
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
-                skipped.append((rel, "name is not valid UTF-8"))
-                log.warning("skipping %r: file name is not valid UTF-8", rel)
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                skipped.append((rel, f"cannot stat: {e.strerror}"))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((Path(entry.path), f"{rel}/"))
-            elif stat.S_ISREG(st.st_mode):
-                yield _LocalFile(rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode))
-            else:
-                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
-                skipped.append((rel, kind))
-                log.info("skipping %s %s", kind, rel)
-
-
-def _read_stable(f: _LocalFile) -> bytes | None:
-    """The file's bytes, or None if it changed size/mtime while being read (still being
-    written by a compiler, say) or vanished."""
-    try:
-        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, OSError):
-        return None
-    try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
-            data = fh.read()
-        after = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if (
-        len(data) != before.st_size
-        or after.st_size != before.st_size
-        or after.st_mtime_ns != before.st_mtime_ns
-    ):
-        return None
-    f.size = len(data)
-    return data
-
-
-def _file_digest(path: str, size: int) -> bytes | None:
-    """BLAKE3 of a local file, read through mmap in native code (no copy, GIL released)."""
-    try:
-        return chunking.file_digest(path, size)
-    except (OSError, ValueError):
-        return None
-
-
-def _safe_parent(dest: str, rel: str, made_dirs: set[str]) -> str:
-    """The directory that will hold ``rel`` inside ``dest``, created as needed.
-
-    Every existing component must be a real directory: a symlink (even one pointing back
-    inside) is refused, so no write can be redirected outside ``dest``. ``made_dirs``
-    remembers directories already checked by this load, so each is checked once.
-    """
-    mf.check_path(rel)
-    current = dest
-    for part in rel.split("/")[:-1]:
-        current = os.path.join(current, part)
-        if current in made_dirs:
-            continue
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            try:
-                os.mkdir(current, 0o755)
-                made_dirs.add(current)
-                continue
-            except FileExistsError:
-                st = os.lstat(current)
-        if not stat.S_ISDIR(st.st_mode):
-            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise UnsafePath(f"{rel}: {current} is {what}")
-        made_dirs.add(current)
-    return current

@@ -1,0 +1,130 @@
+"""The local side of a save or a load: walking the tree to save (regular files only, never
+through a symlink), reading a file that may still be written, hashing a local file, and
+finding a safe directory to restore into. Nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from casstore import chunking, constants
+from casstore import manifest as mf
+from casstore.errors import UnsafePath
+
+log = logging.getLogger("casstore")
+
+
+@dataclass
+class LocalFile:
+    rel: str
+    path: Path
+    size: int
+    mode: int
+
+
+def scan_tree(
+    root: Path, skipped: list[tuple[str, str]], exclude: Callable[[str], bool] | None
+) -> Iterator[LocalFile]:
+    """Regular files under ``root``, never following a symlink; others are logged."""
+    stack = [(root, "")]
+    while stack:
+        directory, rel_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel_dir or ".", f"unreadable directory: {e.strerror}"))
+            log.warning("skipping unreadable directory %s: %s", directory, e)
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}{entry.name}"
+            if entry.name.startswith(constants.TEMP_PREFIX):
+                continue
+            if exclude is not None and exclude(rel):
+                continue
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.append((rel, "name is not valid UTF-8"))
+                log.warning("skipping %r: file name is not valid UTF-8", rel)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                skipped.append((rel, f"cannot stat: {e.strerror}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((Path(entry.path), f"{rel}/"))
+            elif stat.S_ISREG(st.st_mode):
+                yield LocalFile(rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode))
+            else:
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
+                skipped.append((rel, kind))
+                log.info("skipping %s %s", kind, rel)
+
+
+def read_stable(f: LocalFile) -> bytes | None:
+    """The file's bytes, or None if it changed size/mtime while being read (still being
+    written by a compiler, say) or vanished."""
+    try:
+        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, OSError):
+        return None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
+            data = fh.read()
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (
+        len(data) != before.st_size
+        or after.st_size != before.st_size
+        or after.st_mtime_ns != before.st_mtime_ns
+    ):
+        return None
+    f.size = len(data)
+    return data
+
+
+def file_digest(path: str, size: int) -> bytes | None:
+    """BLAKE3 of a local file, read through mmap in native code (no copy, GIL released)."""
+    try:
+        return chunking.file_digest(path, size)
+    except (OSError, ValueError):
+        return None
+
+
+def safe_parent(dest: str, rel: str, made_dirs: set[str]) -> str:
+    """The directory that will hold ``rel`` inside ``dest``, created as needed.
+
+    Every existing component must be a real directory: a symlink (even one pointing back
+    inside) is refused, so no write can be redirected outside ``dest``. ``made_dirs``
+    remembers directories already checked by this load, so each is checked once.
+    """
+    mf.check_path(rel)
+    current = dest
+    for part in rel.split("/")[:-1]:
+        current = os.path.join(current, part)
+        if current in made_dirs:
+            continue
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, 0o755)
+                made_dirs.add(current)
+                continue
+            except FileExistsError:
+                st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise UnsafePath(f"{rel}: {current} is {what}")
+        made_dirs.add(current)
+    return current
