@@ -141,7 +141,11 @@ def load_compile_cache(
         try:
             store = _open_store(settings, create=False)
         except StoreUnavailable:
-            if settings.root.exists():
+            # No store yet (not even an empty directory made ready for one): nothing saved.
+            fresh = not settings.root.exists() or (
+                settings.root.is_dir() and not any(settings.root.iterdir())
+            )
+            if not fresh:
                 raise
             log.info("no store at %s yet", settings.root)
             return OperationStatus.DOES_NOT_EXIST

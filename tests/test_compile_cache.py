@@ -54,6 +54,8 @@ def test_status_matrix_roundtrip(tmp_path: Path) -> None:
     root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
     assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.DOES_NOT_EXIST
     assert not root.exists()  # a load never creates the store
+    root.mkdir()  # an empty volume directory, made ready by an admin
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.DOES_NOT_EXIST
     assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SKIPPED  # no dir
     a.mkdir()
     assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SKIPPED  # empty
