@@ -66,11 +66,17 @@ def _is_transient(rel: str) -> bool:
 
 
 def _trees(settings: Settings, model: str) -> list[_Tree]:
+    import msgspec
+
     from casstore.config import default_inductor_cache_dir
     from casstore.keys import detect_key
 
+    # Detect the environment once (on a GPU host without torch imported this runs
+    # nvidia-smi); the trees' keys differ only in the tree factor and the model.
+    base = detect_key(model)
+
     def key(tree: str, model_name: str = model) -> CacheKey:
-        return detect_key(model_name, {"tree": tree})
+        return msgspec.structs.replace(base, model=model_name, extra={**base.extra, "tree": tree})
 
     trees = [_Tree("inductor", settings.cache_dir, key("inductor"))]
     if settings.triton_cache_dir is not None:

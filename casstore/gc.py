@@ -30,7 +30,7 @@ from pathlib import Path
 from casstore import constants, objects
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CasstoreError, NotFound
+from casstore.errors import CasstoreError
 from casstore.keys import CacheKey
 from casstore.locks import _release, _try_lock, best_effort_lock
 from casstore.store import Store
@@ -347,7 +347,7 @@ def _chunks_of_new_manifests(store: Store, seen: frozenset[str]) -> set[str]:
             continue
         try:
             m = mf.decode(store.backend.get(info.key), source=info.key)
-        except (NotFound, CasstoreError):
+        except CasstoreError:  # NotFound included: deleted since the listing
             continue
         protected.update(c.digest.hex() for f in m.files for c in f.chunks)
     return protected

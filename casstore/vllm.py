@@ -110,6 +110,7 @@ class Sidecar:
         self.options = options
         self._stop = threading.Event()
         self.saves = 0
+        self._settings_and_key: tuple[Settings, CacheKey] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -117,12 +118,16 @@ class Sidecar:
     # -- store access, through the same settings as the model.py calls ----------------
 
     def _tree(self) -> tuple[Settings, CacheKey]:
-        from casstore.config import model_fingerprint, read_settings
-        from casstore.keys import detect_key
+        """Settings and key, worked out once: the sidecar saves many times over its life,
+        and detecting the key can run nvidia-smi."""
+        if self._settings_and_key is None:
+            from casstore.config import model_fingerprint, read_settings
+            from casstore.keys import detect_key
 
-        settings = read_settings(root=self.options.root, scope=self.options.scope)
-        key = detect_key(model_fingerprint(self.options.model), {"tree": "vllm"})
-        return settings, key
+            settings = read_settings(root=self.options.root, scope=self.options.scope)
+            key = detect_key(model_fingerprint(self.options.model), {"tree": "vllm"})
+            self._settings_and_key = (settings, key)
+        return self._settings_and_key
 
     def restore(self) -> OperationStatus:
         """Load the saved vLLM cache into the cache root. Never raises."""
