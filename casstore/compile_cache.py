@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from casstore.config import Settings
     from casstore.keys import CacheKey
-    from casstore.store import LoadReport, Store
+    from casstore.store import LoadReport, SaveReport, Store
 
 log = logging.getLogger("casstore")
 
@@ -95,6 +96,23 @@ def _open_store(settings: Settings, *, create: bool) -> Store:
     from casstore.store import Store
 
     return Store(settings.root, create=create, threads=threads())
+
+
+def save_tree(
+    store: Store,
+    settings: Settings,
+    path: Path,
+    key: CacheKey,
+    exclude: Callable[[str], bool] = _is_transient,
+) -> SaveReport:
+    """``store.save`` under the configured size cap and lock timeout."""
+    return store.save(
+        path,
+        key,
+        max_bytes=settings.max_cache_size_mb * 2**20,
+        exclude=exclude,
+        lock_timeout=settings.lock_timeout_seconds,
+    )
 
 
 def load_status(report: LoadReport) -> OperationStatus:
@@ -218,7 +236,6 @@ def save_compile_cache(
             return OperationStatus.SKIPPED
         store = _open_store(settings, create=True)
         lock_dir = settings.root / "locks"
-        max_bytes = settings.max_cache_size_mb * 2**20
         with save_slot(
             lock_dir, settings.max_concurrent_saves, settings.lock_timeout_seconds
         ) as held:
@@ -230,13 +247,7 @@ def save_compile_cache(
                 )
                 return OperationStatus.SKIPPED
             try:
-                report = store.save(
-                    main.path,
-                    main.key,
-                    max_bytes=max_bytes,
-                    exclude=_is_transient,
-                    lock_timeout=settings.lock_timeout_seconds,
-                )
+                report = save_tree(store, settings, main.path, main.key)
             except CacheTooLarge as e:
                 log.error("not saved: %s (raise MAX_CACHE_SIZE_MB)", e)
                 return OperationStatus.ERROR
@@ -244,13 +255,7 @@ def save_compile_cache(
                 if not extra.path.is_dir():
                     continue
                 try:
-                    r = store.save(
-                        extra.path,
-                        extra.key,
-                        max_bytes=max_bytes,
-                        exclude=_is_transient,
-                        lock_timeout=settings.lock_timeout_seconds,
-                    )
+                    r = save_tree(store, settings, extra.path, extra.key)
                     log.info("%s: %d new chunks", extra.name, r.new_chunks)
                 except Exception as e:  # a side tree never fails the main save
                     log.warning("could not save %s: %s", extra.name, e)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from casstore.compile_cache import OperationStatus, _is_transient, load_status
+from casstore.compile_cache import OperationStatus, _is_transient, load_status, save_tree
 
 if TYPE_CHECKING:
     from casstore.config import Settings
@@ -166,13 +166,7 @@ class Sidecar:
                 return OperationStatus.SKIPPED
             store = Store(settings.root)
             try:
-                report = store.save(
-                    self.options.cache_root,
-                    key,
-                    max_bytes=settings.max_cache_size_mb * 2**20,
-                    exclude=_excluded,
-                    lock_timeout=settings.lock_timeout_seconds,
-                )
+                report = save_tree(store, settings, self.options.cache_root, key, _excluded)
             except CacheTooLarge as e:
                 log.error("vllm: not saved: %s (raise MAX_CACHE_SIZE_MB)", e)
                 return OperationStatus.ERROR
