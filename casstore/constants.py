@@ -57,6 +57,7 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
 MAX_PATH_BYTES = 4096
 MAX_FILES_PER_MANIFEST = 10_000_000
+MAX_MANIFEST_TIME = 4_102_444_800.0  # 2100-01-01: a later created_at is a broken clock
 
 # --- DEFAULTS -----------------------------------------------------------------------------
 ORG_CACHE_MOUNT = "/cache/org"

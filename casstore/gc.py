@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from casstore import constants, objects
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CasstoreError
+from casstore.errors import CasstoreError, NotFound
 from casstore.keys import CacheKey
 from casstore.locks import _release, _try_lock, best_effort_lock
 from casstore.store import Store
@@ -59,6 +60,7 @@ class KeyState:
     key: CacheKey
     manifests: tuple[str, ...]  # object keys, oldest first
     last_used: float  # newest of: last save, last load
+    marker_mtime: float | None  # the access marker's mtime when planned (None: no marker)
     chunks: frozenset[bytes]  # digests referenced by the merged view
     logical_bytes: int
 
@@ -120,6 +122,7 @@ class Plan:
 class GcReport:
     manifests_deleted: int = 0
     keys_dropped: int = 0
+    keys_spared: int = 0  # planned drops kept: the key was loaded or saved after planning
     keys_compacted: int = 0
     chunks_deleted: int = 0
     bytes_freed: int = 0
@@ -161,6 +164,7 @@ def _key_states(store: Store, now: float) -> tuple[list[KeyState], set[str]]:
                 key=loaded[-1][1].key,
                 manifests=tuple(n for n, _ in loaded),
                 last_used=min(last_used, now),
+                marker_mtime=marker.mtime if marker else None,
                 chunks=frozenset(c.digest for f in view.values() for c in f.chunks),
                 logical_bytes=sum(f.size for f in view.values()),
             )
@@ -279,25 +283,31 @@ def execute(
     report = GcReport()
     fs = _fs(store)
     # 1. Manifests of dropped keys go first: from here on their chunks are unreferenced.
+    #    A key loaded or saved since planning is kept, and its chunks with it.
+    spared: set[str] = set()
+    dropped: set[str] = set()
     for d in p.drop:
-        for name in d.state.manifests:
-            if store.backend.delete(name):
-                report.manifests_deleted += 1
-        store.backend.delete(Store.access_key(d.state.key_id))
-        report.keys_dropped += 1
+        if _drop_key(store, d.state, report):
+            report.keys_dropped += 1
+            dropped.add(d.state.key_id)
+        else:
+            report.keys_spared += 1
+            spared.update(c.hex() for c in d.state.chunks)
     # 2. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
     for s in p.compact:
         try:
             if compact_key(store, s.key_id, s.manifests):
                 report.keys_compacted += 1
-        except CasstoreError as e:
-            report.errors.append(f"compaction of {s.key_id}: {e}")
+        except Exception as e:  # one key's trouble never stops the rest of gc
+            report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
     # 3. Protect the chunks of every manifest published since planning.
-    protected = _chunks_of_new_manifests(store, p.seen_manifests)
+    protected = _chunks_of_new_manifests(store, p.seen_manifests) | spared
     # 4. Sweep, through trash/.
-    run_trash = f"{constants.TRASH_DIR}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    report.trash_restored += _recover_trash(store, p.cutoff)
+    run_trash = f"{constants.TRASH_DIR}/{trash_run_name(p.cutoff)}"
+    # Chunks that a live manifest lists: trash left by a crashed run gives them back.
+    live = protected | {c.hex() for s in p.keys if s.key_id not in dropped for c in s.chunks}
+    report.trash_restored += _recover_trash(store, p.cutoff, live)
     todo = [(k, size) for k, size in p.chunks if objects.digest_from_key(k) not in protected]
     report.chunks_kept_late += len(p.chunks) - len(todo)
     lock = threading.Lock()
@@ -340,6 +350,49 @@ def execute(
     return report
 
 
+def _used_since_plan(store: Store, state: KeyState) -> bool:
+    """Whether a replica saved (a manifest gc did not plan with) or loaded (the access
+    marker changed) ``state``'s key since planning. Compares against what the plan saw,
+    never against a clock, so clock skew between hosts cannot hide a use."""
+    planned = set(state.manifests)
+    prefix = f"{constants.MANIFESTS_DIR}/{state.key_id}/"
+    if any(
+        info.key not in planned and info.key.endswith(constants.MANIFEST_SUFFIX)
+        for info in store.backend.list(prefix)
+    ):
+        return True
+    marker = store.backend.stat(Store.access_key(state.key_id))
+    return (marker.mtime if marker else None) != state.marker_mtime
+
+
+def _drop_key(store: Store, state: KeyState, report: GcReport) -> bool:
+    """Delete the manifests of a key the plan dropped, unless it was used since planning.
+
+    The key is checked before the deletion and again after it: a replica that loaded and
+    saved while gc deleted (its save read the manifests gc was removing, so it listed only
+    its new files) changed the access marker or published a manifest, and gc then puts
+    back the manifests it deleted. True when the key is gone.
+    """
+    if _used_since_plan(store, state):
+        return False
+    removed: dict[str, bytes] = {}
+    for name in state.manifests:
+        try:
+            blob = store.backend.get(name)
+        except NotFound:
+            continue
+        if store.backend.delete(name):
+            removed[name] = blob
+    if _used_since_plan(store, state):
+        for name, blob in removed.items():
+            store.backend.put_if_absent(name, blob)
+        log.info("gc: kept %s: it was used while gc ran", state.key_id)
+        return False
+    report.manifests_deleted += len(removed)
+    store.backend.delete(Store.access_key(state.key_id))
+    return True
+
+
 def _chunks_of_new_manifests(store: Store, seen: frozenset[str]) -> set[str]:
     protected: set[str] = set()
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
@@ -371,8 +424,19 @@ def _sweep_chunk(fs: FileSystemBackend, key: str, trash_key: str, cutoff: float)
     return "deleted"
 
 
-def _recover_trash(store: Store, cutoff: float) -> int:
-    """Finish the sweeps of gc runs that crashed: restore refreshed chunks, delete the rest."""
+_RUN_CUTOFF_RE = re.compile(r"-c(\d+)-")
+
+
+def trash_run_name(cutoff: float) -> str:
+    """``trash/`` subdirectory of one sweep. It records the run's cutoff, so that a later
+    run finishing this one's sweep after a crash judges each chunk as this run would."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-c{int(cutoff)}-{uuid.uuid4().hex[:8]}"
+
+
+def _recover_trash(store: Store, cutoff: float, live: set[str]) -> int:
+    """Finish the sweeps of gc runs that crashed. A trashed chunk goes back to chunks/
+    when a live manifest lists it (``live``: hex digests) or when it was refreshed after
+    the crashed run's cutoff (or this run's, whichever is earlier); the rest is deleted."""
     fs = _fs(store)
     restored = 0
     trash = fs.root / constants.TRASH_DIR
@@ -384,14 +448,20 @@ def _recover_trash(store: Store, cutoff: float) -> int:
         # Another gc may be mid-sweep in its own run directory: leave recent ones alone.
         if not run.is_dir() or run.stat().st_mtime >= time.time() - 600:
             continue
+        recorded = _RUN_CUTOFF_RE.search(run.name)
+        run_cutoff = min(cutoff, float(recorded.group(1))) if recorded else cutoff
         for entry in list(os.scandir(run.path)):
             trash_key = f"{constants.TRASH_DIR}/{run.name}/{entry.name}"
             hexd = objects.digest_from_key(entry.name)
             info = fs.stat(trash_key)
-            refreshed = hexd is not None and info is not None and info.mtime >= cutoff
-            if refreshed and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
-                restored += 1
-                continue
+            keep = hexd is not None and (
+                hexd in live or (info is not None and info.mtime >= run_cutoff)
+            )
+            if keep and hexd is not None:
+                if fs.move(trash_key, objects.chunk_key(hexd)):
+                    restored += 1
+                    continue
+                # Present in chunks/ already (re-uploaded): the trash copy is redundant.
             fs.delete(trash_key)
         _remove_empty_dir(Path(run.path))
     return restored

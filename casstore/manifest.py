@@ -7,6 +7,7 @@ format version, an unknown field or an unsafe path rejects the whole document.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -158,6 +159,11 @@ def check_path(path: str) -> None:
 
 
 def validate(m: Manifest, *, source: str = "manifest") -> None:
+    # created_at orders manifests ("newest wins") and names compacted ones: NaN would make
+    # that order meaningless and infinity cannot become a name, so both are refused here,
+    # where a bad document is one invalid manifest and not a crash of every reader and gc.
+    if not (math.isfinite(m.created_at) and 0 <= m.created_at <= constants.MAX_MANIFEST_TIME):
+        raise InvalidManifest(f"{source}: impossible created_at {m.created_at!r}")
     if len(m.files) > constants.MAX_FILES_PER_MANIFEST:
         raise InvalidManifest(f"{source}: too many files ({len(m.files)})")
     seen: set[str] = set()
@@ -200,12 +206,17 @@ def validate(m: Manifest, *, source: str = "manifest") -> None:
 def merge(manifests: Iterable[Manifest]) -> dict[str, FileEntry]:
     """Union of the manifests' files; for a path in several, the newest manifest wins.
 
-    A path that clashes with a newer one (a file where the newer has a directory, or the
-    reverse) is dropped, so the merged view can always be written out.
+    Pass the manifests oldest first, as :meth:`casstore.Store.read_manifests` returns them
+    (ordered by time, then name): between manifests of the same time, the later one in
+    that order (the greater name) wins. A path that clashes with a newer one (a file where
+    the newer has a directory, or the reverse) is dropped, so the merged view can always
+    be written out.
     """
     view: dict[str, FileEntry] = {}
     dirs: set[str] = set()
-    for m in sorted(manifests, key=lambda m: m.created_at, reverse=True):
+    # A stable sort keeps the caller's order among equal times; walking it backwards
+    # visits the winner of each tie first.
+    for m in reversed(sorted(manifests, key=lambda m: m.created_at)):
         for f in m.files:
             parts = f.path.split("/")
             parents = ["/".join(parts[:i]) for i in range(1, len(parts))]

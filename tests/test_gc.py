@@ -7,9 +7,11 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from casstore import CacheKey, NotFound, Store, audit, constants, objects
+from casstore import manifest as mf
 from casstore import gc as gc_mod
 from casstore.locks import best_effort_lock
 from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
@@ -186,6 +188,7 @@ def test_crashed_sweep_trash_is_recovered(store: Store, tmp_path: Path) -> None:
     run = f"{constants.TRASH_DIR}/crashed-run"
     assert store.backend.move(keep_key, f"{run}/{keep_key.rsplit('/', 1)[-1]}")
     assert store.backend.move(drop_key, f"{run}/{drop_key.rsplit('/', 1)[-1]}")
+    gc_mod.remove_key(store, key("m"))  # unreferenced now: only the mtime decides
     trash = tmp_path / "store" / run
     now = time.time()
     age(trash / drop_key.rsplit("/", 1)[-1], 3 * HOUR, now)  # garbage: old
@@ -255,3 +258,133 @@ def test_only_one_gc_at_a_time(store: Store) -> None:
         assert first
         with gc_mod.gc_lock(store) as second:
             assert not second
+
+
+# --- regressions: a stale plan, crashed trash, bad manifests --------------------------------
+
+
+def expired_plan(store: Store, tmp_path: Path, k: CacheKey) -> gc_mod.Plan:
+    """A plan that drops ``k``: planned "40 days later", its chunks aged to match."""
+    now = time.time() + 40 * DAY
+    age_all_chunks(tmp_path / "store", 40 * DAY, now)
+    p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY, grace=HOUR), now=now)
+    assert [d.state.key_id for d in p.drop] == [k.id]
+    assert p.chunks  # its chunks are sweep candidates
+    return p
+
+
+def test_execute_keeps_a_key_loaded_and_extended_after_planning(
+    store: Store, tmp_path: Path
+) -> None:
+    """Between plan and execute (gc waiting at its prompt) a replica loads the key and
+    saves one more file: execute must keep every file of the key."""
+    k = key("m")
+    files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
+    save(store, tmp_path, k, files)
+    p = expired_plan(store, tmp_path, k)
+    replica = tmp_path / "replica"
+    store.load(k, replica)
+    (replica / "c.py").write_bytes(b"compiled later")
+    store.save(replica, k)
+    report = gc_mod.execute(store, p)
+    assert report.keys_dropped == 0 and report.chunks_deleted == 0
+    assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
+    assert audit.verify(store).ok
+
+
+def test_execute_keeps_a_key_loaded_and_resaved_unchanged_after_planning(
+    store: Store, tmp_path: Path
+) -> None:
+    k = key("m")
+    files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
+    save(store, tmp_path, k, files)
+    p = expired_plan(store, tmp_path, k)
+    replica = tmp_path / "replica"
+    store.load(k, replica)
+    assert store.save(replica, k).manifest is None  # nothing new
+    report = gc_mod.execute(store, p)
+    assert report.keys_dropped == 0
+    assert loads_intact(store, k, tmp_path / "d", files)
+
+
+def test_a_save_landing_while_gc_deletes_the_key_loses_nothing(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica loads and saves after execute re-checked the key, just before gc
+    deletes its first manifest: gc must notice and put the manifests back."""
+    k = key("m")
+    files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
+    save(store, tmp_path, k, files)
+    p = expired_plan(store, tmp_path, k)
+    replica = tmp_path / "replica"
+    real_delete = store.backend.delete
+    raced = []
+
+    def delete(name: str) -> bool:
+        if name.startswith(constants.MANIFESTS_DIR) and not raced:
+            raced.append(name)
+            store.load(k, replica)
+            (replica / "c.py").write_bytes(b"compiled later")
+            store.save(replica, k)
+        return real_delete(name)
+
+    monkeypatch.setattr(store.backend, "delete", delete)
+    report = gc_mod.execute(store, p)
+    monkeypatch.undo()
+    assert raced and report.keys_dropped == 0 and report.chunks_deleted == 0
+    assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
+    assert audit.verify(store).ok
+
+
+def test_crashed_trash_gives_back_chunks_that_live_manifests_list(
+    store: Store, tmp_path: Path
+) -> None:
+    """A crashed gc left a chunk in trash that a live manifest lists: old or not, it goes
+    back to chunks/."""
+    files = {"live": os.urandom(1000)}
+    save(store, tmp_path, key("m"), files)
+    (live,) = chunk_files(tmp_path / "store")
+    now = time.time()
+    age(live, 3 * HOUR, now)
+    run = f"{constants.TRASH_DIR}/crashed-run"  # any name: runs of older versions too
+    live_key = f"{constants.CHUNKS_DIR}/{live.parent.name}/{live.name}"
+    assert store.backend.move(live_key, f"{run}/{live.name}")
+    age(tmp_path / "store" / run, 2 * HOUR, now)  # the crashed run is long gone
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert report.trash_restored == 1 and live.exists()
+    assert loads_intact(store, key("m"), tmp_path / "d", files)
+
+
+def test_crashed_trash_restores_what_its_own_run_would_have(store: Store, tmp_path: Path) -> None:
+    """A chunk refreshed after the crashed run's cutoff (but before this run's) was kept
+    by a saver for that run: recovery judges it by the crashed run's cutoff."""
+    save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
+    gc_mod.remove_key(store, key("m"))
+    (chunk,) = chunk_files(tmp_path / "store")
+    now = time.time()
+    crashed_cutoff = now - 5 * HOUR
+    age(chunk, 4 * HOUR, now)  # refreshed after the crashed run's cutoff
+    run = f"{constants.TRASH_DIR}/{gc_mod.trash_run_name(crashed_cutoff)}"
+    ckey = f"{constants.CHUNKS_DIR}/{chunk.parent.name}/{chunk.name}"
+    assert store.backend.move(ckey, f"{run}/{chunk.name}")
+    age(tmp_path / "store" / run, 2 * HOUR, now)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now))
+    assert report.trash_restored == 1 and chunk.exists()
+
+
+def test_a_manifest_with_an_impossible_time_never_stops_gc(store: Store, tmp_path: Path) -> None:
+    k = key("m")
+    save(store, tmp_path, k, {"a": b"first"})
+    save(store, tmp_path, k, {"b": b"second"})
+    for bad_time in (float("nan"), float("inf"), -1.0, 1e300):
+        m = mf.new_manifest(k, [])
+        bad = msgspec.structs.replace(m, created_at=bad_time)
+        store.backend.put_if_absent(
+            f"{constants.MANIFESTS_DIR}/{k.id}/{mf.new_manifest_name(time.time())}", mf.encode(bad)
+        )
+    save(store, tmp_path, key("gone"), {"g": os.urandom(5000)})
+    gc_mod.remove_key(store, key("gone"))
+    p = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    report = gc_mod.execute(store, p)
+    assert report.keys_compacted == 1 and report.chunks_deleted == 1
+    assert loads_intact(store, k, tmp_path / "d", {"a": b"first", "b": b"second"})

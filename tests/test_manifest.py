@@ -139,3 +139,10 @@ def test_manifest_names_sort_by_time() -> None:
     a = mf.new_manifest_name(1000.0)
     b = mf.new_manifest_name(1000.5)
     assert a < b and a.endswith(constants.MANIFEST_SUFFIX)
+
+
+@pytest.mark.parametrize("when", [float("nan"), float("inf"), float("-inf"), -1.0, 1e300])
+def test_impossible_creation_times_are_rejected(when: float) -> None:
+    bad = msgspec.structs.replace(mf.new_manifest(KEY, [entry("a")]), created_at=when)
+    with pytest.raises(InvalidManifest, match="created_at"):
+        mf.decode(mf.encode(bad))

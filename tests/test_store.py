@@ -436,3 +436,23 @@ def test_two_processes_saving_concurrently_both_load_intact(tmp_path: Path) -> N
         assert report.missing == []
         assert {p: d for p, (d, _) in read_tree(dst).items()} == tree
     assert temp_files(store_root) == []
+
+
+def test_merge_tie_goes_to_the_newest_name(store: Store, tmp_path: Path) -> None:
+    """Two manifests with the same time name one path: the later name wins
+    (docs/format.md), whatever order the listing returns them in."""
+    when = 1_800_000_000.0
+    for tag, data in (("aaaa", b"from the first name"), ("ffff", b"from the last name")):
+        src = tmp_path / f"src-{tag}"
+        write_tree(src, {"graph.py": data})
+        store.save(src, KEY)
+        (name,) = [p for p in manifest_files(tmp_path / "store") if not p.stem.endswith("aaaa")]
+        m = mf.decode(name.read_bytes())
+        name.unlink()
+        tied = msgspec.structs.replace(m, created_at=when)
+        store.backend.put_if_absent(
+            f"{constants.MANIFESTS_DIR}/{KEY.id}/{int(when * 1e9):020d}-{tag}.manifest",
+            mf.encode(tied),
+        )
+    store.load(KEY, tmp_path / "dst")
+    assert (tmp_path / "dst" / "graph.py").read_bytes() == b"from the last name"
