@@ -457,11 +457,10 @@ def _recover_trash(store: Store, cutoff: float, live: set[str]) -> int:
             keep = hexd is not None and (
                 hexd in live or (info is not None and info.mtime >= run_cutoff)
             )
-            if keep and hexd is not None:
-                if fs.move(trash_key, objects.chunk_key(hexd)):
-                    restored += 1
-                    continue
-                # Present in chunks/ already (re-uploaded): the trash copy is redundant.
+            if keep and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
+                restored += 1
+                continue
+            # Garbage, or present in chunks/ already (re-uploaded): the copy is redundant.
             fs.delete(trash_key)
         _remove_empty_dir(Path(run.path))
     return restored

@@ -214,9 +214,11 @@ def merge(manifests: Iterable[Manifest]) -> dict[str, FileEntry]:
     """
     view: dict[str, FileEntry] = {}
     dirs: set[str] = set()
-    # A stable sort keeps the caller's order among equal times; walking it backwards
-    # visits the winner of each tie first.
-    for m in reversed(sorted(manifests, key=lambda m: m.created_at)):
+    # A stable sort keeps the caller's order among equal times; reversing it afterwards
+    # (not sort(reverse=True), which keeps ties in input order) puts each tie's winner first.
+    newest_first = sorted(manifests, key=lambda m: m.created_at)
+    newest_first.reverse()
+    for m in newest_first:
         for f in m.files:
             parts = f.path.split("/")
             parents = ["/".join(parts[:i]) for i in range(1, len(parts))]

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from casstore import CacheKey, NotFound, Store, audit, constants, objects
-from casstore import manifest as mf
 from casstore import gc as gc_mod
+from casstore import manifest as mf
 from casstore.locks import best_effort_lock
 from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
 
