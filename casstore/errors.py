@@ -46,3 +46,20 @@ class LockTimeout(CasstoreError, TimeoutError):
 
 class StoreUnavailable(CasstoreError, OSError):
     """The store root cannot be used (missing, not a directory, not writable)."""
+
+
+class UnsupportedRoot(StoreUnavailable):
+    """The store root is a URL (``s3://…``): casstore stores only on a mounted filesystem."""
+
+
+class KeyUndetermined(CasstoreError, RuntimeError):
+    """A GPU is visible but its arch cannot be determined, so no key would be honest."""
+
+
+class CannotRenew(CasstoreError, PermissionError):
+    """An object exists but this user cannot renew its age (another user's object on a
+    store whose files are not group-writable, or a read-only store)."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key

@@ -27,8 +27,10 @@ from casstore import chunking, constants, localfs, objects
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
+from casstore.config import check_root
 from casstore.errors import (
     CacheTooLarge,
+    CannotRenew,
     CasstoreError,
     CorruptObject,
     FormatMismatch,
@@ -131,6 +133,7 @@ class Store:
         if backend is None:
             if root is None:
                 raise TypeError("Store() needs a root path or a backend")
+            check_root(root)  # before Path() turns "s3://b/x" into a local "s3:/b/x"
             fs = FileSystemBackend(root, fsync=fsync)
             if create:
                 fs.ensure_root()
@@ -342,10 +345,26 @@ class Store:
         still loads."""
         marker = self.access_key(key.id)
         try:
-            if not self.backend.refresh(marker):
+            try:
+                found = self.backend.refresh(marker)
+            except CannotRenew:
+                self.backend.republish(marker, b"")
+                found = True
+            if not found:
                 self.backend.put_if_absent(marker, b"")
-        except OSError as e:
+        except (OSError, NotImplementedError) as e:
             log.debug("could not record use of %s: %s", key, e)
+
+    def _republish(self, key: str, blob: bytes) -> None:
+        try:
+            self.backend.republish(key, blob)
+        except (OSError, NotImplementedError) as e:
+            raise CannotRenew(
+                f"cannot renew {key}, written by another user, nor write a fresh copy "
+                f"({getattr(e, 'strerror', None) or e}); give every writer of the store "
+                "one group, setgid directories and umask 002 (docs/deploy.md)",
+                key=key,
+            ) from e
 
     def _lock_path(self, key: CacheKey) -> Path | None:
         if isinstance(self.backend, FileSystemBackend):
@@ -368,7 +387,15 @@ class Store:
                 return
             key = objects.chunk_key(ref.digest)
             # refresh() both checks presence and renews the chunk's age for gc's grace.
-            if not self.backend.refresh(key):
+            try:
+                found = self.backend.refresh(key)
+            except CannotRenew:
+                # Another user's object this user cannot touch: a fresh copy of the same
+                # bytes gets a new age. If even that is refused, the save fails here,
+                # before any manifest lists a chunk that gc could sweep.
+                self._republish(key, objects.encode_chunk(data))
+                found = True
+            if not found:
                 blob = objects.encode_chunk(data)
                 if self.backend.put_if_absent(key, blob):
                     with stats_lock:

@@ -8,6 +8,7 @@ import pytest
 
 from casstore import constants
 from casstore.backends.fs import FileSystemBackend
+from casstore.errors import CannotRenew
 from tests.backend_conformance import BackendConformance
 from tests.helpers import temp_files
 
@@ -61,3 +62,76 @@ def test_failed_write_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyP
         b.put_if_absent("x/y", b"data")
     assert temp_files(tmp_path) == []
     assert b.stat("x/y") is None
+
+
+def without_renameat2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Act as a filesystem without RENAME_NOREPLACE (NFS, some FUSE mounts)."""
+
+    def unsupported(src: str, dst: str) -> bool:
+        raise NotImplementedError("no renameat2 here")
+
+    monkeypatch.setattr("casstore.backends.fs.rename_noreplace", unsupported)
+
+
+def test_link_mode_move_never_deletes_a_fresh_reupload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gcs sweep one chunk: the other gc removes it and a saver re-uploads it while this
+    move is between its two steps. The re-upload must survive."""
+    without_renameat2(monkeypatch)
+    b = FileSystemBackend(tmp_path)
+    b.put_if_absent("chunks/ab/c.zst", b"old copy")
+    src = tmp_path / "chunks" / "ab" / "c.zst"
+    real_link = os.link
+    raced: list[bool] = []
+
+    def link(a: str, z: str) -> None:
+        real_link(a, z)
+        if not raced and z.endswith("trash/run/c.zst"):
+            raced.append(True)
+            src.unlink()  # the other gc's sweep
+            assert b.put_if_absent("chunks/ab/c.zst", b"fresh upload")  # a saver's
+
+    monkeypatch.setattr(os, "link", link)
+    assert b.move("chunks/ab/c.zst", "trash/run/c.zst")
+    assert raced
+    assert src.read_bytes() == b"fresh upload"
+    assert (tmp_path / "trash" / "run" / "c.zst").read_bytes() == b"old copy"
+    assert temp_files(tmp_path) == []
+
+
+def test_objects_and_directories_honour_the_umask(tmp_path: Path) -> None:
+    """On a team volume (umask 002) every writer must be able to renew every object."""
+    old = os.umask(0o002)
+    try:
+        b = FileSystemBackend(tmp_path / "root")
+        b.put_if_absent("chunks/ab/x.zst", b"data")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "root" / "chunks" / "ab" / "x.zst").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "root" / "chunks" / "ab").stat().st_mode & 0o777 == 0o775
+
+
+def test_a_refresh_that_cannot_renew_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = FileSystemBackend(tmp_path)
+    b.put_if_absent("chunks/ab/x.zst", b"data")
+
+    def denied(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+    monkeypatch.setattr(os, "utime", denied)
+    with pytest.raises(CannotRenew, match=r"cannot renew chunks/ab/x\.zst"):
+        b.refresh("chunks/ab/x.zst")
+    assert b.refresh("chunks/ab/absent.zst") is False
+
+
+def test_republish_gives_an_identical_object_a_new_age(tmp_path: Path) -> None:
+    b = FileSystemBackend(tmp_path)
+    b.put_if_absent("chunks/ab/x.zst", b"data")
+    path = tmp_path / "chunks" / "ab" / "x.zst"
+    os.utime(path, (1000, 1000))
+    b.republish("chunks/ab/x.zst", b"data")
+    assert path.read_bytes() == b"data" and path.stat().st_mtime > 1000
+    assert temp_files(tmp_path) == []

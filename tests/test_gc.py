@@ -318,7 +318,7 @@ def test_a_save_landing_while_gc_deletes_the_key_loses_nothing(
     p = expired_plan(store, tmp_path, k)
     replica = tmp_path / "replica"
     real_delete = store.backend.delete
-    raced = []
+    raced: list[str] = []
 
     def delete(name: str) -> bool:
         if name.startswith(constants.MANIFESTS_DIR) and not raced:

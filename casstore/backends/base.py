@@ -8,6 +8,8 @@ checks them for every backend:
   prefix, whatever crashes; an existing object is never replaced by a different one.
 * ``refresh`` answers "is it there?" and, when it is, renews its age, so a saver that reuses
   a chunk keeps gc's grace period from expiring under it (the REAPI FindMissingBlobs rule).
+  It never answers "there" without renewing: an object it cannot renew raises
+  :class:`casstore.errors.CannotRenew`, and the saver then republishes it.
 * No method needs a lock for correctness.
 """
 
@@ -38,7 +40,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def refresh(self, key: str) -> bool:
-        """True if ``key`` exists, renewing its age; False if it does not."""
+        """True if ``key`` exists, renewing its age; False if it does not. Raises
+        :class:`casstore.errors.CannotRenew` when it exists but its age cannot be renewed."""
+
+    def republish(self, key: str, data: bytes) -> None:
+        """Store ``data`` (the bytes ``key`` already holds) again so that its age starts
+        now: the way to renew an object that ``refresh`` cannot renew."""
+        raise NotImplementedError(f"{type(self).__name__} cannot republish objects")
 
     @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:

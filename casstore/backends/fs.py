@@ -19,7 +19,7 @@ from pathlib import Path
 from casstore import constants
 from casstore.backends._posix import rename_noreplace
 from casstore.backends.base import Backend, ObjectInfo
-from casstore.errors import NotFound, StoreUnavailable
+from casstore.errors import CannotRenew, NotFound, StoreUnavailable
 
 # link() is not supported on every mount (some FUSE and SMB filesystems).
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -27,6 +27,13 @@ _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, er
 
 def temp_name() -> str:
     return f"{constants.TEMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except FileNotFoundError:
+        return False
 
 
 class FileSystemBackend(Backend):
@@ -78,8 +85,29 @@ class FileSystemBackend(Backend):
         except FileNotFoundError:
             return False
         if moved and os.path.lexists(src_path):
-            os.unlink(src_path)  # published by link(): drop the old name
+            self._drop_linked_source(src_path, dst_path)
         return moved
+
+    def _drop_linked_source(self, src_path: str, dst_path: str) -> None:
+        """After ``link(src, dst)``, remove the name ``src`` only if it still names the
+        object that was linked. Between the link and now another process may have removed
+        ``src`` and published a fresh object there (a second gc's sweep, then a saver's
+        re-upload); unlinking by name would delete that upload. So the name is first taken
+        atomically (a rename to a temp name in the same directory), compared by inode, and
+        a different object is put back."""
+        taken = os.path.join(os.path.dirname(src_path), temp_name())
+        try:
+            os.rename(src_path, taken)
+        except FileNotFoundError:
+            return
+        try:
+            if not _same_file(taken, dst_path):
+                self._publish(taken, src_path)  # False: re-published meanwhile, also fine
+        finally:
+            try:
+                os.unlink(taken)
+            except FileNotFoundError:
+                pass
 
     def _publish(self, src: str, dst: str) -> bool:
         """Give ``src``'s file the name ``dst`` without replacing an existing ``dst``.
@@ -108,7 +136,9 @@ class FileSystemBackend(Backend):
 
     def _write_temp(self, directory: str, data: bytes) -> str:
         tmp = os.path.join(directory, temp_name())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # 0o666 less the umask, as any tool creates files: on a team volume (umask 002,
+        # a shared group) every writer can then renew every object's age.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             view = memoryview(data)
             while view:
@@ -127,14 +157,38 @@ class FileSystemBackend(Backend):
         return tmp
 
     def refresh(self, key: str) -> bool:
+        path = self._path(key)
         try:
-            os.utime(self._path(key))
+            os.utime(path)
             return True
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        except PermissionError:
-            # A read-only store still answers presence; it cannot renew the age.
-            return os.path.isfile(self._path(key))
+        except PermissionError as e:
+            # Present but not renewable by this user (another user's 0644 object, a
+            # read-only store). Saying "present" would let gc sweep a chunk that the
+            # manifest about to be published lists.
+            if not os.path.lexists(path):
+                return False
+            raise CannotRenew(
+                f"cannot renew {key}: {e.strerror} (objects written by another user "
+                "must be group-writable; see docs/deploy.md)",
+                key=key,
+            ) from e
+
+    def republish(self, key: str, data: bytes) -> None:
+        """Replace ``key`` by a fresh copy of the same bytes owned by this user, so its age
+        starts now. Safe because names are content digests: only identical bytes replace
+        identical bytes, atomically (a reader sees the old copy or the new one)."""
+        path = self._path(key)
+        tmp = self._write_temp(os.path.dirname(path), data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
