@@ -51,10 +51,11 @@ def _all_manifests(store: Store) -> tuple[list[tuple[str, mf.Manifest]], list[tu
     bad: list[tuple[str, str]] = []
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
         try:
-            m = mf.decode(store.backend.get(info.key), source=info.key)
+            blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
+            m = mf.decode(blob, source=info.key)
         except NotFound:
             continue
-        except InvalidManifest as e:
+        except (InvalidManifest, CorruptObject) as e:
             bad.append((info.key, str(e)))
             continue
         if info.key.split("/")[1] != m.key.id:
@@ -87,7 +88,8 @@ def verify(
             reason = "not a chunk name"
         else:
             try:
-                objects.decode_chunk(store.backend.get(key), bytes.fromhex(hexd))
+                blob = store.backend.get(key, max_bytes=constants.MAX_CHUNK_OBJECT_BYTES)
+                objects.decode_chunk(blob, bytes.fromhex(hexd))
             except CorruptObject as e:
                 reason = str(e)
             except NotFound:

@@ -7,7 +7,9 @@ layout file: two writers that cut differently would never share a chunk.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import blake3
 from pyfastcdc import FastCDC
@@ -17,17 +19,21 @@ from casstore import constants
 _local = threading.local()
 
 
+def _new_chunker() -> FastCDC:
+    return FastCDC(
+        constants.CHUNK_AVG_SIZE,
+        min_size=constants.CHUNK_MIN_SIZE,
+        max_size=constants.CHUNK_MAX_SIZE,
+        normalized_chunking=constants.CHUNK_NORMALIZED,
+        seed=constants.CHUNK_SEED,
+    )
+
+
 def _chunker() -> FastCDC:
     # A FastCDC instance is not safe to share between threads; one per thread is cheap.
     cdc: FastCDC | None = getattr(_local, "cdc", None)
     if cdc is None:
-        cdc = FastCDC(
-            constants.CHUNK_AVG_SIZE,
-            min_size=constants.CHUNK_MIN_SIZE,
-            max_size=constants.CHUNK_MAX_SIZE,
-            normalized_chunking=constants.CHUNK_NORMALIZED,
-            seed=constants.CHUNK_SEED,
-        )
+        cdc = _new_chunker()
         _local.cdc = cdc
     return cdc
 
@@ -62,6 +68,20 @@ class Cut:
     digest: bytes
     offset: int
     length: int
+
+
+def cut_stream(stream: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    """(digest, bytes) of each chunk of ``stream``, with the same cut points as
+    :func:`cut` on its whole content; memory stays within a few chunks."""
+    # A chunker of its own: a caller may interleave this generator with cut() calls.
+    for c in _new_chunker().cut_stream(stream):
+        data = bytes(c.data)  # c.data is only valid until the next chunk is cut
+        yield digest(data), data
+
+
+def hasher() -> blake3.blake3:
+    """An incremental BLAKE3, for a file's digest computed while it streams."""
+    return blake3.blake3(max_threads=1)
 
 
 def cut(data: bytes | memoryview) -> list[Cut]:

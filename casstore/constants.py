@@ -57,6 +57,11 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
 MAX_PATH_BYTES = 4096
 MAX_FILES_PER_MANIFEST = 10_000_000
+# A stored chunk object: zstd never grows input by more than ~1/256 plus a small header.
+MAX_CHUNK_OBJECT_BYTES = CHUNK_MAX_SIZE + CHUNK_MAX_SIZE // 128 + 4096
+# Files at least this large are cut from a stream instead of being read whole: memory per
+# saving thread stays bounded whatever the size of the tree's largest file.
+STREAM_MIN_FILE_SIZE = 4 * 2**20
 MAX_MANIFEST_TIME = 4_102_444_800.0  # 2100-01-01: a later created_at is a broken clock
 
 # --- DEFAULTS -----------------------------------------------------------------------------

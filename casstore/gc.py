@@ -31,7 +31,7 @@ from pathlib import Path
 from casstore import constants, objects
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CasstoreError, NotFound
+from casstore.errors import CasstoreError, CorruptObject, NotFound
 from casstore.keys import CacheKey
 from casstore.locks import _release, _try_lock, best_effort_lock
 from casstore.store import Store
@@ -378,8 +378,8 @@ def _drop_key(store: Store, state: KeyState, report: GcReport) -> bool:
     removed: dict[str, bytes] = {}
     for name in state.manifests:
         try:
-            blob = store.backend.get(name)
-        except NotFound:
+            blob = store.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
+        except (NotFound, CorruptObject):
             continue
         if store.backend.delete(name):
             removed[name] = blob
@@ -399,7 +399,8 @@ def _chunks_of_new_manifests(store: Store, seen: frozenset[str]) -> set[str]:
         if info.key in seen or not info.key.endswith(constants.MANIFEST_SUFFIX):
             continue
         try:
-            m = mf.decode(store.backend.get(info.key), source=info.key)
+            blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
+            m = mf.decode(blob, source=info.key)
         except CasstoreError:  # NotFound included: deleted since the listing
             continue
         protected.update(c.digest.hex() for f in m.files for c in f.chunks)

@@ -67,28 +67,45 @@ def scan_tree(
                 log.info("skipping %s %s", kind, rel)
 
 
+def open_stable(f: LocalFile) -> tuple[int, os.stat_result] | None:
+    """(fd, stat) of a regular file opened without following a symlink, or None if it
+    vanished or is something else now. The caller closes the fd."""
+    try:
+        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    before = os.fstat(fd)
+    if not stat.S_ISREG(before.st_mode):
+        os.close(fd)
+        return None
+    return fd, before
+
+
+def still_unchanged(fd: int, before: os.stat_result, bytes_read: int) -> bool:
+    """Whether the file behind ``fd`` kept its size and mtime while ``bytes_read`` bytes
+    (all of it) were read: otherwise a compiler is still writing it."""
+    after = os.fstat(fd)
+    return (
+        bytes_read == before.st_size
+        and after.st_size == before.st_size
+        and after.st_mtime_ns == before.st_mtime_ns
+    )
+
+
 def read_stable(f: LocalFile) -> bytes | None:
     """The file's bytes, or None if it changed size/mtime while being read (still being
     written by a compiler, say) or vanished."""
-    try:
-        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, OSError):
+    opened = open_stable(f)
+    if opened is None:
         return None
+    fd, before = opened
     try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            return None
         with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
             data = fh.read()
-        after = os.fstat(fd)
+        if not still_unchanged(fd, before, len(data)):
+            return None
     finally:
         os.close(fd)
-    if (
-        len(data) != before.st_size
-        or after.st_size != before.st_size
-        or after.st_mtime_ns != before.st_mtime_ns
-    ):
-        return None
     f.size = len(data)
     return data
 

@@ -218,11 +218,12 @@ class Store:
                 if not info.key.endswith(constants.MANIFEST_SUFFIX):
                     continue
                 try:
-                    m = mf.decode(self.backend.get(info.key), source=info.key)
+                    blob = self.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
+                    m = mf.decode(blob, source=info.key)
                 except NotFound:
                     vanished = True
                     continue
-                except InvalidManifest as e:
+                except (InvalidManifest, CorruptObject) as e:
                     log.warning("ignoring invalid manifest: %s", e)
                     errors.append(str(e))
                     continue
@@ -306,6 +307,10 @@ class Store:
             )
         lock_path = self._lock_path(key)
         with best_effort_lock(lock_path, lock_timeout) if lock_path else nullcontext(False):
+            # A save is a use of the key. Recorded before the current view is read, so a
+            # gc that deletes the key's manifests after that read sees the use when it
+            # re-checks the key, and puts them back (docs/gc.md).
+            self._record_use(key)
             # Read the current view under the lock: a replica that waited for another's
             # upload of the same key then finds nothing left to do.
             try:
@@ -317,12 +322,11 @@ class Store:
             report.changed_files = len(changed)
             report.chunks = sum(len(e.chunks) for e in changed)
             if changed:
-                m = mf.new_manifest(key, changed)
-                name = self._manifest_prefix(key.id) + mf.new_manifest_name(m.created_at)
                 # Every chunk of every listed file is present now: _upload returned only
-                # entries whose chunks were found or written.
-                self.backend.put_if_absent(name, mf.encode(m))
-                report.manifest = name
+                # entries whose chunks were found or written (or renewed).
+                report.manifest = self._publish_manifest(key, changed)
+            if current:
+                self._relist_lost(key, entries, report)
         report.seconds = time.monotonic() - started
         log.info(
             "saved %s: %d files, %d changed, %d new chunks (%.1f MiB) in %.2fs",
@@ -334,6 +338,33 @@ class Store:
             report.seconds,
         )
         return report
+
+    def _publish_manifest(self, key: CacheKey, files: list[FileEntry]) -> str:
+        m = mf.new_manifest(key, files)
+        name = self._manifest_prefix(key.id) + mf.new_manifest_name(m.created_at)
+        self.backend.put_if_absent(name, mf.encode(m))
+        return name
+
+    def _relist_lost(self, key: CacheKey, entries: list[FileEntry], report: SaveReport) -> None:
+        """Publish again the files of this save that the key no longer lists.
+
+        This save listed only what differed from the view it read; if the manifests of
+        that view vanished since (``casstore rm``, or a gc dropping the key), the unchanged
+        files would be lost although this replica holds them. Their chunks were renewed by
+        this save, so listing them again is safe."""
+        try:
+            view = self.files(key)
+        except (NotFound, InvalidManifest):
+            view = {}
+        lost = [e for e in entries if e.path not in view]
+        if lost:
+            log.warning(
+                "%s: %d files vanished from the key during the save; listing them again",
+                key,
+                len(lost),
+            )
+            report.manifest = self._publish_manifest(key, lost)
+            report.changed_files += len(lost)
 
     @staticmethod
     def access_key(key_id: str) -> str:
@@ -371,6 +402,44 @@ class Store:
             return self.backend.root / constants.LOCKS_DIR / f"{key.id}.lock"
         return None
 
+    def _save_streamed(
+        self,
+        f: localfs.LocalFile,
+        old: FileEntry | None,
+        ensure_chunk: Callable[[memoryview, ChunkRef, bool], None],
+        chunk_pool: ThreadPoolExecutor,
+    ) -> FileEntry | None:
+        """Cut, hash and upload a large file as it is read, a few chunks in memory at a
+        time; None if it changed while being read (what was uploaded is harmless:
+        content-addressed chunks that no manifest lists)."""
+        opened = localfs.open_stable(f)
+        if opened is None:
+            return None
+        fd, before = opened
+        whole = chunking.hasher()
+        refs: list[ChunkRef] = []
+        in_flight: collections.deque[Future[None]] = collections.deque()
+        try:
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as stream:
+                for digest, data in chunking.cut_stream(stream):
+                    whole.update(data)
+                    ref = ChunkRef(digest, len(data))
+                    refs.append(ref)
+                    if len(in_flight) >= 2 * self.threads:
+                        in_flight.popleft().result()
+                    in_flight.append(chunk_pool.submit(ensure_chunk, memoryview(data), ref, True))
+                while in_flight:
+                    in_flight.popleft().result()
+            unchanged = localfs.still_unchanged(fd, before, sum(r.size for r in refs))
+        finally:
+            for fut in in_flight:
+                fut.cancel()
+            os.close(fd)
+        if not unchanged:
+            return None
+        entry = FileEntry(f.rel, before.st_size, f.mode, whole.digest(), tuple(refs))
+        return old if old == entry else entry
+
     def _upload(
         self,
         local: list[localfs.LocalFile],
@@ -382,7 +451,10 @@ class Store:
         present: set[bytes] = set()  # chunks known to be in the store during this save
         stats_lock = threading.Lock()
 
-        def ensure_chunk(data: memoryview, ref: ChunkRef) -> None:
+        def ensure_chunk(data: memoryview, ref: ChunkRef, trusted: bool = True) -> None:
+            """Make sure ``ref`` is in the store, renewed. ``trusted=False``: ``ref`` comes
+            from a manifest, not from cutting ``data``; check the bytes before uploading
+            them under its digest."""
             if ref.digest in present:
                 return
             key = objects.chunk_key(ref.digest)
@@ -396,6 +468,8 @@ class Store:
                 self._republish(key, objects.encode_chunk(data))
                 found = True
             if not found:
+                if not trusted and chunking.digest(data) != ref.digest:
+                    raise _ChunkListMismatch(ref.digest.hex())
                 blob = objects.encode_chunk(data)
                 if self.backend.put_if_absent(key, blob):
                     with stats_lock:
@@ -409,12 +483,33 @@ class Store:
             ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
         ):
 
+            def ensure_all(
+                view: memoryview, refs: list[ChunkRef], offsets: list[int], trusted: bool
+            ) -> None:
+                if len(refs) == 1:  # most files: no hand-off to another thread
+                    ensure_chunk(view, refs[0], trusted)
+                elif refs:
+                    futures: list[Future[None]] = [
+                        chunk_pool.submit(ensure_chunk, view[o : o + r.size], r, trusted)
+                        for o, r in zip(offsets, refs, strict=False)
+                    ]
+                    for fut in futures:
+                        fut.result()
+
             def save_file(f: localfs.LocalFile) -> FileEntry | None:
-                data = localfs.read_stable(f)
-                if data is None:
+                if f.size >= constants.STREAM_MIN_FILE_SIZE:
+                    entry = self._save_streamed(f, current.get(f.rel), ensure_chunk, chunk_pool)
+                else:
+                    entry = save_small_file(f)
+                if entry is None:
                     with stats_lock:
                         report.skipped.append((f.rel, "changed while being read"))
-                    counter.advance(f.size)
+                counter.advance(f.size)
+                return entry
+
+            def save_small_file(f: localfs.LocalFile) -> FileEntry | None:
+                data = localfs.read_stable(f)
+                if data is None:
                     return None
                 whole = chunking.digest(data)
                 view = memoryview(data)
@@ -423,25 +518,22 @@ class Store:
                     # Unchanged: its chunks are still checked (and their age refreshed),
                     # so a chunk lost since (gc race, disk damage repaired by quarantine)
                     # is re-uploaded from these local bytes: saves heal the store.
-                    entry = old if old.mode == f.mode else _with_mode(old, f.mode)
                     refs = list(old.chunks)
                     offsets = list(itertools.accumulate((r.size for r in refs), initial=0))
-                else:
-                    cuts = chunking.cut(view)
-                    refs = [ChunkRef(c.digest, c.length) for c in cuts]
-                    offsets = [c.offset for c in cuts]
-                    entry = FileEntry(f.rel, len(data), f.mode, whole, tuple(refs))
-                if len(refs) == 1:  # most files: no hand-off to another thread
-                    ensure_chunk(view, refs[0])
-                elif refs:
-                    futures: list[Future[None]] = [
-                        chunk_pool.submit(ensure_chunk, view[o : o + r.size], r)
-                        for o, r in zip(offsets, refs, strict=False)
-                    ]
-                    for fut in futures:
-                        fut.result()
-                counter.advance(f.size)
-                return entry
+                    try:
+                        ensure_all(view, refs, offsets, trusted=False)
+                        return old if old.mode == f.mode else _with_mode(old, f.mode)
+                    except _ChunkListMismatch as e:
+                        log.warning(
+                            "%s: the key lists chunk %s that these bytes do not hold; "
+                            "saving the file anew",
+                            f.rel,
+                            e,
+                        )
+                cuts = chunking.cut(view)
+                refs = [ChunkRef(c.digest, c.length) for c in cuts]
+                ensure_all(view, refs, [c.offset for c in cuts], trusted=True)
+                return FileEntry(f.rel, len(data), f.mode, whole, tuple(refs))
 
             def save_batch(batch: list[localfs.LocalFile]) -> list[FileEntry | None]:
                 return [save_file(f) for f in batch]
@@ -457,17 +549,35 @@ class Store:
         key: CacheKey,
         dest_dir: str | os.PathLike[str],
         *,
+        max_bytes: int | None = None,
+        group: Callable[[str], str | None] | None = None,
         progress: ProgressCallback | None = None,
     ) -> LoadReport:
         """Restore ``key`` into ``dest_dir``. Raises :class:`NotFound` for an unknown key.
 
         Files already present with identical bytes are left alone. A file whose chunks are
         missing or corrupt is reported in ``missing`` and never written.
+
+        ``max_bytes``: when the key's files add up to more, raise :class:`CacheTooLarge`
+        before writing anything (``dest_dir`` is not even created).
+
+        ``group(path)``: files whose group is the same string are restored all-or-nothing.
+        Each is fetched and verified into a temp file beside its target; the temps are
+        renamed into place only once every file of the group was fetched (a file already
+        present and identical counts as fetched). Otherwise every temp of the group is
+        discarded, none of its files is written, and all of them are reported in
+        ``missing``. Files whose group is None are restored one by one.
         """
         started = time.monotonic()
         loaded = self.manifests(key)
-        self._record_use(key)
         view = mf.merge(m for _, m in loaded)
+        total = sum(f.size for f in view.values())
+        if max_bytes is not None and total > max_bytes:
+            raise CacheTooLarge(
+                f"{key} holds {total / 2**20:.1f} MiB in {len(view)} files, over the "
+                f"{max_bytes / 2**20:.1f} MiB cap; nothing was restored"
+            )
+        self._record_use(key)
         report = LoadReport(key=key, files=len(view), manifests=len(loaded))
         dest = Path(dest_dir)
         try:
@@ -476,41 +586,119 @@ class Store:
             raise StoreUnavailable(f"destination {dest} is not a directory") from None
         if dest.is_symlink() or not dest.is_dir():
             raise StoreUnavailable(f"destination {dest} is not a directory")
-        counter = _Counter(sum(f.size for f in view.values()), progress)
+        counter = _Counter(total, progress)
         stats_lock = threading.Lock()
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
+        groups: dict[str, _Group] = {}
+        group_of: dict[str, _Group] = {}
+        if group is not None:
+            for entry in view.values():
+                name = group(entry.path)
+                if name is not None:
+                    g = groups.setdefault(name, _Group(name))
+                    g.entries.append(entry)
+                    g.pending += 1
+                    group_of[entry.path] = g
+
+        def tally(entry: FileEntry, outcome: str) -> None:
+            # Called with stats_lock held.
+            if outcome == "written":
+                report.written += 1
+                report.bytes_written += entry.size
+            elif outcome == "skipped":
+                report.skipped += 1
+            else:
+                report.missing.append(entry.path)
+
+        def finish_group(g: _Group) -> None:
+            """Publish a group whose files were all staged, or discard it."""
+            if g.failed:
+                for _, staged in g.staged:
+                    staged.discard()
+                log.warning(
+                    "%s not restored: %d of its files could not be fetched or verified",
+                    g.name,
+                    g.unfetched,
+                )
+                with stats_lock:
+                    for entry in g.entries:
+                        tally(entry, "missing")
+                return
+            outcomes: list[tuple[FileEntry, str]] = []
+            try:
+                for entry, staged in g.staged:
+                    outcomes.append((entry, staged.publish()))
+            except OSError as e:  # renaming failed: the rest of the group is discarded
+                if e.errno in _FATAL_ERRNOS:
+                    raise
+                log.warning("%s only partly restored: %s", g.name, e)
+            finally:
+                for entry, staged in g.staged[len(outcomes) :]:
+                    staged.discard()
+                    outcomes.append((entry, "missing"))
+                with stats_lock:
+                    for entry, outcome in outcomes:
+                        tally(entry, outcome)
 
         with (
             ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as files_pool,
             ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
         ):
 
-            def load_file(entry: FileEntry) -> None:
+            def stage(entry: FileEntry, publish: bool) -> tuple[_Staged | None, str, int]:
+                """(staged file, outcome, bytes fetched); ``publish``: rename it at once."""
                 try:
-                    outcome, fetched = self._restore_file(dest_str, entry, chunk_pool, made_dirs)
+                    staged, fetched = self._stage_file(dest_str, entry, chunk_pool, made_dirs)
+                    if staged is None:
+                        return None, "missing", fetched
+                    return staged, staged.publish() if publish else "staged", fetched
                 except (CasstoreError, OSError) as e:
                     if isinstance(e, OSError) and e.errno in _FATAL_ERRNOS:
                         raise
                     log.warning("could not restore %s: %s", entry.path, e)
-                    outcome, fetched = "missing", 0
-                with stats_lock:
-                    report.bytes_fetched += fetched
-                    if outcome == "written":
-                        report.written += 1
-                        report.bytes_written += entry.size
-                    elif outcome == "skipped":
-                        report.skipped += 1
-                    else:
-                        report.missing.append(entry.path)
+                    return None, "missing", 0
+
+            def load_file(entry: FileEntry) -> None:
+                g = group_of.get(entry.path)
+                if g is None:
+                    _, outcome, fetched = stage(entry, publish=True)
+                    with stats_lock:
+                        report.bytes_fetched += fetched
+                        tally(entry, outcome)
+                else:
+                    with stats_lock:
+                        skip = g.failed  # a file of the group already failed
+                    staged, _, fetched = (None, "missing", 0) if skip else stage(entry, False)
+                    with stats_lock:
+                        report.bytes_fetched += fetched
+                        if staged is None:
+                            g.failed = True
+                            if not skip:
+                                g.unfetched += 1
+                        else:
+                            g.staged.append((entry, staged))
+                        g.pending -= 1
+                        last = g.pending == 0
+                    if last:
+                        finish_group(g)
                 counter.advance(entry.size)
 
             def load_batch(batch: list[FileEntry]) -> None:
                 for e in batch:
                     load_file(e)
 
-            for _ in files_pool.map(load_batch, _batches(list(view.values()), lambda e: e.size)):
-                pass
+            try:
+                for _ in files_pool.map(
+                    load_batch, _batches(list(view.values()), lambda e: e.size)
+                ):
+                    pass
+            finally:
+                files_pool.shutdown(wait=True, cancel_futures=True)
+                for g in groups.values():
+                    if g.pending:  # the load stopped (full disk…) before the group was done
+                        for _, staged in g.staged:
+                            staged.discard()
         report.missing.sort()
         report.seconds = time.monotonic() - started
         log.info(
@@ -521,11 +709,25 @@ class Store:
             len(report.missing),
             report.seconds,
         )
+        if report.missing:
+            log.warning(
+                "partial restore of %s: restored %d of %d files, %d missing; "
+                "could not be restored: %s%s",
+                key,
+                report.written + report.skipped,
+                report.files,
+                len(report.missing),
+                ", ".join(report.missing[:5]),
+                ", …" if len(report.missing) > 5 else "",
+            )
         return report
 
-    def _restore_file(
+    def _stage_file(
         self, dest: str, entry: FileEntry, chunk_pool: ThreadPoolExecutor, made_dirs: set[str]
-    ) -> tuple[str, int]:
+    ) -> tuple[_Staged | None, int]:
+        """Fetch and verify ``entry`` into a temp file beside its target, or find the target
+        already in place with identical bytes. ``(None, bytes fetched)`` when a chunk is
+        missing or corrupt; the temp file is then removed."""
         parent = localfs.safe_parent(dest, entry.path, made_dirs)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
@@ -541,12 +743,11 @@ class Store:
             and st.st_size == entry.size
             and localfs.file_digest(target, entry.size) == entry.digest
         ):
-            if stat.S_IMODE(st.st_mode) != mode:
-                os.chmod(target, mode)
-            return "skipped", 0
+            chmod = stat.S_IMODE(st.st_mode) != mode
+            return _Staged(target, None, mode if chmod else None), 0
 
         tmp = os.path.join(parent, temp_name())
-        published = False
+        complete = False
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fetched = 0
         try:
@@ -554,7 +755,9 @@ class Store:
                 os.ftruncate(fd, entry.size)
 
             def fetch(ref: ChunkRef, offset: int) -> int:
-                blob = self.backend.get(objects.chunk_key(ref.digest))
+                blob = self.backend.get(
+                    objects.chunk_key(ref.digest), max_bytes=constants.MAX_CHUNK_OBJECT_BYTES
+                )
                 data = objects.decode_chunk(blob, ref.digest, ref.size)
                 view = memoryview(data)
                 while view:
@@ -569,20 +772,67 @@ class Store:
             os.fchmod(fd, mode)
             os.close(fd)
             fd = -1
-            os.replace(tmp, target)
-            published = True
+            complete = True
         except (NotFound, CorruptObject) as e:
             log.warning("%s not restored: %s", entry.path, e)
-            return "missing", fetched
+            return None, fetched
         finally:
             if fd >= 0:
                 os.close(fd)
-            if not published:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-        return "written", fetched
+            if not complete:
+                _unlink_quietly(tmp)
+        return _Staged(target, tmp, mode), fetched
+
+
+@dataclass
+class _Staged:
+    """A file ready to appear: its complete, verified temp file (``tmp``), or None when the
+    target already holds identical bytes (``chmod``: the mode to fix, if any)."""
+
+    target: str
+    tmp: str | None
+    chmod: int | None
+
+    def publish(self) -> str:
+        if self.tmp is None:
+            if self.chmod is not None:
+                os.chmod(self.target, self.chmod)
+            return "skipped"
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            self.discard()
+            raise
+        self.tmp = None
+        return "written"
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            _unlink_quietly(self.tmp)
+            self.tmp = None
+
+
+@dataclass
+class _Group:
+    """Files restored all-or-nothing (``Store.load(group=...)``)."""
+
+    name: str
+    entries: list[FileEntry] = field(default_factory=list)
+    staged: list[tuple[FileEntry, _Staged]] = field(default_factory=list)
+    pending: int = 0  # files not yet staged (or given up)
+    failed: bool = False
+    unfetched: int = 0  # files that could not be fetched or verified
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _ChunkListMismatch(Exception):
+    """A manifest's chunk list for a file does not match the file's bytes."""
 
 
 # Errors that no other file would escape either: stop the whole load at once.

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from casstore.backends.base import Backend
-from casstore.errors import NotFound
+from casstore.errors import CorruptObject, NotFound
 
 
 class BackendConformance:
@@ -115,3 +115,9 @@ class BackendConformance:
         assert backend.move("a/x", "c/z") is True
         assert backend.stat("a/x") is None and backend.get("c/z") == b"x"
         assert backend.move("a/x", "c/w") is False  # source gone
+
+    def test_get_refuses_an_object_over_the_limit_before_reading_it(self, backend: Backend) -> None:
+        backend.put_if_absent("c/big", os.urandom(10_000))
+        with pytest.raises(CorruptObject, match="over the limit"):
+            backend.get("c/big", max_bytes=9_999)
+        assert len(backend.get("c/big", max_bytes=10_000)) == 10_000

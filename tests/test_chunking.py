@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import random
 
@@ -53,3 +54,10 @@ def test_average_chunk_size_is_near_configured() -> None:
     mean = len(data) / len(cuts)
     # FastCDC's effective mean is about avg + min.
     assert constants.CHUNK_AVG_SIZE * 0.8 < mean < (constants.CHUNK_AVG_SIZE * 2)
+
+
+def test_streamed_cuts_equal_buffer_cuts() -> None:
+    """Large files are cut from a stream: the cut points must be the format's, exactly."""
+    data = random.Random(5).randbytes(6 * 2**20) + bytes(2**20)
+    streamed = [(d, len(b)) for d, b in chunking.cut_stream(io.BytesIO(data))]
+    assert streamed == [(c.digest, c.length) for c in chunking.cut(data)]

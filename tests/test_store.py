@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import msgspec
@@ -23,6 +24,8 @@ from casstore import (
     InvalidManifest,
     NotFound,
     Store,
+    audit,
+    chunking,
     constants,
 )
 from casstore import manifest as mf
@@ -456,3 +459,58 @@ def test_merge_tie_goes_to_the_newest_name(store: Store, tmp_path: Path) -> None
         )
     store.load(KEY, tmp_path / "dst")
     assert (tmp_path / "dst" / "graph.py").read_bytes() == b"from the last name"
+
+
+def test_an_unchanged_file_never_uploads_bytes_under_a_digest_they_do_not_have(
+    store: Store, tmp_path: Path
+) -> None:
+    """A manifest whose file digest matches the local file but whose chunk list lies (a
+    hostile or buggy writer): the saver must not store the local bytes under the listed
+    chunk digest, and the key must load correct bytes afterwards."""
+    data = os.urandom(50_000)
+    write_tree(tmp_path / "src", {"f.so": data})
+    lie = mf.ChunkRef(chunking.digest(b"other bytes"), len(data))
+    m = mf.new_manifest(
+        KEY, [mf.FileEntry("f.so", len(data), 0o644, chunking.digest(data), (lie,))]
+    )
+    store.backend.put_if_absent(
+        f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at)}", mf.encode(m)
+    )
+    store.save(tmp_path / "src", KEY)
+    assert audit.verify(store).corrupt == []
+    assert store.load(KEY, tmp_path / "dst").missing == []
+    assert (tmp_path / "dst" / "f.so").read_bytes() == data
+
+
+def test_large_files_are_streamed_not_read_whole(store: Store, tmp_path: Path) -> None:
+    size = 48 * 2**20
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big.bin", "wb") as fh:
+        for _ in range(size // 2**20):
+            fh.write(os.urandom(2**20))
+    tracemalloc.start()
+    try:
+        report = store.save(src, KEY)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.new_bytes == size
+    assert peak < size // 3, f"peak {peak / 2**20:.1f} MiB while saving a 48 MiB file"
+    view = store.files(KEY)["big.bin"]
+    assert [(c.digest, c.size) for c in view.chunks] == [
+        (c.digest, c.length) for c in chunking.cut((src / "big.bin").read_bytes())
+    ]
+    store.load(KEY, tmp_path / "dst")
+    assert (tmp_path / "dst" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+def test_a_save_records_use_of_its_key(store: Store, tmp_path: Path) -> None:
+    """gc ages keys by last use: a replica that saves (even nothing new) uses the key."""
+    write_tree(tmp_path / "src", {"a": b"1"})
+    store.save(tmp_path / "src", KEY)
+    marker = tmp_path / "store" / Store.access_key(KEY.id)
+    assert marker.exists()
+    os.utime(marker, (1000, 1000))
+    assert store.save(tmp_path / "src", KEY).manifest is None
+    assert marker.stat().st_mtime > 1000

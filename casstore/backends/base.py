@@ -31,8 +31,10 @@ class Backend(abc.ABC):
     """An object store for casstore. Implementations must be thread-safe."""
 
     @abc.abstractmethod
-    def get(self, key: str) -> bytes:
-        """The object's bytes. Raises :class:`casstore.NotFound` when absent."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes. Raises :class:`casstore.NotFound` when absent, and
+        :class:`casstore.CorruptObject` when it holds more than ``max_bytes`` (checked
+        before reading it, so a hostile object cannot exhaust memory)."""
 
     @abc.abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from casstore import constants
 from casstore.backends._posix import rename_noreplace
 from casstore.backends.base import Backend, ObjectInfo
-from casstore.errors import CannotRenew, NotFound, StoreUnavailable
+from casstore.errors import CannotRenew, CorruptObject, NotFound, StoreUnavailable
 
 # link() is not supported on every mount (some FUSE and SMB filesystems).
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -52,10 +52,20 @@ class FileSystemBackend(Backend):
             raise ValueError(f"invalid object key {key!r}")
         return os.path.join(self._root, key)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         try:
             with open(self._path(key), "rb", buffering=0) as f:
-                return f.readall()
+                if max_bytes is None:
+                    return f.readall()
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(max_bytes + 1) if size <= max_bytes else b""
+                if size > max_bytes or len(data) > max_bytes:
+                    raise CorruptObject(
+                        f"object {key} holds {max(size, len(data))} bytes, over the limit "
+                        f"of {max_bytes}",
+                        path=key,
+                    )
+                return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {key}") from None
 
