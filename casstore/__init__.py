@@ -31,10 +31,12 @@ if TYPE_CHECKING:
         CorruptObject,
         FormatMismatch,
         InvalidManifest,
+        KeyUndetermined,
         LockTimeout,
         NotFound,
         StoreUnavailable,
         UnsafePath,
+        UnsupportedRoot,
     )
     from casstore.keys import CacheKey, detect_key
     from casstore.store import KeyInfo, LoadReport, SaveReport, Store
@@ -47,6 +49,7 @@ __all__ = [
     "FormatMismatch",
     "InvalidManifest",
     "KeyInfo",
+    "KeyUndetermined",
     "LoadReport",
     "LockTimeout",
     "NotFound",
@@ -55,6 +58,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "UnsafePath",
+    "UnsupportedRoot",
     "__version__",
     "detect_key",
     "load_compile_cache",
@@ -67,10 +71,12 @@ _ERRORS = (
     "CorruptObject",
     "FormatMismatch",
     "InvalidManifest",
+    "KeyUndetermined",
     "LockTimeout",
     "NotFound",
     "StoreUnavailable",
     "UnsafePath",
+    "UnsupportedRoot",
 )
 _LAZY = {
     "OperationStatus": "casstore.compile_cache",

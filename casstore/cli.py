@@ -1,7 +1,8 @@
 """The ``casstore`` command line. The only module that imports typer and rich.
 
-Exit codes: 0 success; 1 error (one line on stderr); 2 usage error; 3 key not found;
-4 incomplete (a load with missing files, a verify that found damage).
+Exit codes: 0 success; 1 error (one line on stderr); 2 usage error (a store root that is a
+URL among them); 3 key not found; 4 incomplete (a load with missing files, a verify that
+found damage).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from rich.table import Table
 
 from casstore import audit, config
 from casstore import gc as gc_mod
-from casstore.errors import CasstoreError, NotFound
+from casstore.errors import CasstoreError, NotFound, UnsupportedRoot
 from casstore.keys import CacheKey, detect_key
 from casstore.store import Store
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_INCOMPLETE = 4
 
@@ -59,8 +61,9 @@ class _State:
 
 _state = _State()
 
+# A string, not a Path: a URL root must be rejected before Path() collapses its "//".
 RootOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--root",
         envvar="CASSTORE_ROOT",
@@ -102,7 +105,10 @@ def _main(
         format="casstore: %(message)s",
         stream=sys.stderr,
     )
-    _state.root = root
+    try:
+        _state.root = config.root_path(root) if root is not None else None
+    except UnsupportedRoot as e:
+        _fail(str(e), EXIT_USAGE)
     _state.threads = threads
 
 
@@ -118,6 +124,8 @@ def _errors() -> Iterator[None]:
         yield
     except NotFound as e:
         _fail(str(e), EXIT_NOT_FOUND)
+    except UnsupportedRoot as e:  # $B10FS_CACHE_DIR: a usage error like --root
+        _fail(str(e), EXIT_USAGE)
     except CasstoreError as e:
         _fail(str(e))
     except OSError as e:
@@ -199,8 +207,8 @@ def save(
 ) -> None:
     """Save DIRECTORY under a key; only chunks the store lacks are uploaded."""
     with _errors():
+        key = _key(torch, arch, model, tree, extra)  # first: a key error creates no store
         store = _open_store()
-        key = _key(torch, arch, model, tree, extra)
         with _progress("saving", not as_json) as progress:
             report = store.save(
                 directory,
@@ -236,14 +244,25 @@ def load(
     key_id: Annotated[
         str | None, typer.Option("--key", help="Key id (or prefix) instead of the key fields.")
     ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Refuse keys larger than this (e.g. 10G), before writing anything. "
+            "Default: no cap."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a saved key into DIRECTORY, fetching only files not already present."""
+    try:
+        max_bytes = config.parse_size(max_size) if max_size is not None else None
+    except ValueError as e:
+        _fail(f"--max-size: {e}", EXIT_USAGE)
     with _errors():
         store = _open_store(create=False)
         key = store.resolve(key_id) if key_id else _key(torch, arch, model, tree, extra)
         with _progress("loading", not as_json) as progress:
-            report = store.load(key, directory, progress=progress)
+            report = store.load(key, directory, max_bytes=max_bytes, progress=progress)
     if as_json:
         _emit_json({**dataclasses.asdict(report), "key": report.key, "key_id": report.key.id})
     else:
@@ -253,13 +272,7 @@ def load(
             f"{len(report.missing)} missing; fetched {_mib(report.bytes_fetched)} "
             f"in {report.seconds:.2f}s"
         )
-    if report.missing:
-        if not as_json:
-            err.print(
-                f"[yellow]{len(report.missing)} files could not be restored:[/yellow] "
-                + ", ".join(report.missing[:5]),
-                highlight=False,
-            )
+    if report.missing:  # the load logged a warning naming them
         raise typer.Exit(EXIT_INCOMPLETE)
 
 

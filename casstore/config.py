@@ -2,7 +2,9 @@
 
 The variables and defaults of b10-transfer are accepted with the same meaning, so a
 deployment configured for it works unchanged. An invalid value never fails: it is logged
-once, naming the variable and the fallback used. See docs/compile-cache.md.
+once, naming the variable and the fallback used. The one exception is a store root that is
+a URL (``s3://…``): no fallback would store where the operator meant, so it is an error
+(:class:`UnsupportedRoot`). See docs/compile-cache.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casstore import constants
+from casstore.errors import UnsupportedRoot
 
 log = logging.getLogger("casstore")
 
@@ -29,6 +32,30 @@ STRICT_CACHE_DIR_PREFIXES = ("/tmp/", "/cache/", "~/.cache")
 STRICT_WORK_DIR_PREFIXES = ("/app/", "/tmp/", "/cache/")
 
 
+# A URL scheme (s3://, gs://, file://…). Path() collapses "//", so "s3://bucket/x" would
+# silently become a local directory "s3:" under the working directory.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_root(raw: str | os.PathLike[str], variable: str | None = None) -> None:
+    """Raise :class:`UnsupportedRoot` when ``raw`` (read from ``variable``, if named) is a
+    URL: casstore stores only on a mounted filesystem. Call it on the raw value, before it
+    becomes a Path."""
+    text = os.fspath(raw)
+    if isinstance(text, str) and _URL_RE.match(text):
+        source = f" (from ${variable})" if variable else ""
+        raise UnsupportedRoot(
+            f"store root {text}{source} is a URL; casstore stores only on a mounted "
+            "filesystem (mount the bucket and give its path)"
+        )
+
+
+def root_path(raw: str | os.PathLike[str], variable: str | None = None) -> Path:
+    """``raw`` as a store root path (``~`` expanded); a URL is an error."""
+    check_root(raw, variable)
+    return Path(raw).expanduser()
+
+
 def default_root(scope: str = ORG_SCOPE) -> Path:
     """The store root: ``$CASSTORE_ROOT`` (or ``$B10FS_CACHE_DIR``), else the scope's
     volume, else a per-user cache.
@@ -40,7 +67,7 @@ def default_root(scope: str = ORG_SCOPE) -> Path:
     for var in ("CASSTORE_ROOT", "B10FS_CACHE_DIR"):
         env = os.environ.get(var)
         if env:
-            return Path(env).expanduser()
+            return root_path(env, var)
     mount = SCOPE_MOUNTS.get(scope, SCOPE_MOUNTS[ORG_SCOPE])
     if Path(mount).is_dir():
         return Path(mount) / "cas"
@@ -161,7 +188,7 @@ def read_settings(
         work = Path("/app")
 
     return Settings(
-        root=Path(root).expanduser() if root is not None else default_root(scope),
+        root=root_path(root) if root is not None else default_root(scope),
         cache_dir=cache,
         triton_cache_dir=triton,
         local_work_dir=work,

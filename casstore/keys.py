@@ -5,23 +5,27 @@ Kernels compiled for one key must never be served to another: CPU kernels are bu
 ``-march=native`` (an AVX-512 kernel crashes an AVX2-only host) and torch keys GPU caches by
 device *name*, so both belong in the key.
 
-Detection never imports torch: it reads installed package metadata and ``/proc/cpuinfo``.
-Only when torch is *already* imported (a model server) is the GPU queried.
+Detection never imports torch: it reads torch's own version file, installed package
+metadata and ``/proc/cpuinfo``. Only when torch is *already* imported (a model server) is
+the GPU queried through torch. Detection fails closed: where a GPU is visible but its arch
+cannot be determined, it raises :class:`KeyUndetermined` rather than fall back to the CPU key.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import platform
 import re
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import blake3
 import msgspec
 
-from casstore.errors import InvalidManifest
+from casstore.errors import InvalidManifest, KeyUndetermined
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9._+\-:/= ]{1,200}$")
 
@@ -88,11 +92,48 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
+# ``__version__ = '2.11.0+cu130'`` in torch/version.py (torch's build writes it).
+_TORCH_VERSION_RE = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*['"]([^'"]+)['"]""", re.M)
+
+
 def detect_torch_version() -> str:
-    """torch's version with its build tag (``2.13.0+cpu``), or ``none`` without torch."""
-    mod = sys.modules.get("torch")
-    version = getattr(mod, "__version__", None) if mod is not None else None
-    return str(version) if version else (installed_version("torch") or "none")
+    """torch's version with its build tag (``2.13.0+cpu``), or ``none`` without torch.
+
+    Read from ``torch/version.py``, the file ``torch.__version__`` comes from, never from
+    the imported module nor first from package metadata: a PyPI CUDA wheel's metadata says
+    ``2.11.0`` where ``torch.__version__`` says ``2.11.0+cu130``, and the key must be the
+    same in model.py (torch imported) as in the CLI and the sidecar (torch not imported).
+    """
+    path = _torch_version_file()
+    if path is not None:
+        try:
+            found = _TORCH_VERSION_RE.search(path.read_text(errors="replace"))
+        except OSError:
+            found = None
+        if found:
+            return found.group(1)
+    return installed_version("torch") or "none"
+
+
+def _torch_version_file() -> Path | None:
+    """torch/version.py of the torch that ``import torch`` loads (or has loaded), found
+    without importing it; else the one the installed distribution lists."""
+    try:
+        spec = importlib.util.find_spec("torch")  # a top-level name: imports nothing
+    except (ImportError, ValueError):  # ValueError: a torch in sys.modules without a spec
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / "version.py"
+        if candidate.is_file():
+            return candidate
+    try:
+        dist = importlib.metadata.distribution("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or []:
+        if file.as_posix() == "torch/version.py":
+            return Path(str(dist.locate_file(file)))
+    return None
 
 
 # CPU flags that change what ``-march=native`` may emit. Hypervisor/bookkeeping flags are
@@ -143,46 +184,82 @@ def detect_cpu_isa() -> str:
     return cpu_isa_label(flags, platform.machine())
 
 
+# What reveals a GPU without loading any GPU library: the NVIDIA driver's proc entry and
+# device node, AMD's compute node. Module-level so tests can point it at files of their own.
+GPU_DEVICE_PATHS: tuple[str, ...] = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd")
+
+
+def visible_gpu_path() -> str | None:
+    """The first of :data:`GPU_DEVICE_PATHS` that exists, or None."""
+    return next((p for p in GPU_DEVICE_PATHS if Path(p).exists()), None)
+
+
 def gpu_visible() -> bool:
     """Whether this host exposes an NVIDIA or AMD GPU, without loading any GPU library."""
-    return any(Path(p).exists() for p in ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd"))
+    return visible_gpu_path() is not None
+
+
+def _gpu_arch(arch: str, device: str) -> tuple[str, dict[str, str]]:
+    # The CPU ISA too: inductor builds the CPU-side code of a GPU graph (its C++ wrapper,
+    # ops on CPU tensors) with -march=native, so such a .so can crash (SIGILL) on an older
+    # CPU. A crash is worse than a miss, and the GPU nodes of one type share CPUs.
+    return arch, {"device": device, "cpu": detect_cpu_isa()}
 
 
 def detect_arch(*, import_torch: bool = False) -> tuple[str, dict[str, str]]:
-    """The accelerator arch and extra factors (the device name) of this host.
+    """The accelerator arch and extra factors (GPU: device name and CPU ISA) of this host.
 
     In a process that has imported torch (a model server), torch answers. Elsewhere (the
     CLI, the vLLM sidecar) ``nvidia-smi`` answers, so no CUDA context is created on a GPU
     that the server needs; ``import_torch`` allows importing torch when nvidia-smi is
     missing. The CUDA version is not a separate factor: torch's build tag (``+cu128``)
     in the torch factor already carries it.
+
+    Raises :class:`KeyUndetermined` when a GPU is visible but neither answers: the CPU key
+    would let hosts with different GPUs (same CPU) share kernels.
     """
     torch = sys.modules.get("torch")
     if torch is not None:
-        try:
-            if torch.cuda.is_available():
-                major, minor = torch.cuda.get_device_capability()
-                return f"sm_{major}{minor}", {"device": str(torch.cuda.get_device_name())}
-        except Exception:  # a broken CUDA setup falls back to the CPU key
-            pass
+        return _torch_arch(torch)
+    where = visible_gpu_path()
+    if where is None:
         return detect_cpu_isa(), {}
-    if gpu_visible():
-        found = _nvidia_smi_arch()
-        if found is not None:
-            return found
-        if import_torch and installed_version("torch"):
-            try:
-                import torch as imported
+    found = _nvidia_smi_arch()
+    if found is not None:
+        return found
+    if import_torch:
+        try:
+            import torch as imported
+        except Exception as e:
+            raise KeyUndetermined(
+                f"a GPU is visible ({where}) but its arch cannot be determined: nvidia-smi "
+                f"is missing or failed and torch cannot be imported ({type(e).__name__}: {e})"
+            ) from e
+        return _torch_arch(imported)
+    raise KeyUndetermined(
+        f"a GPU is visible ({where}) but its arch cannot be determined: nvidia-smi is "
+        "missing or failed and torch is not imported; put nvidia-smi on PATH"
+    )
 
-                sys.modules["torch"] = imported
-                return detect_arch()
-            except Exception:  # a broken torch install keys as CPU
-                pass
-    return detect_cpu_isa(), {}
+
+def _torch_arch(torch: object) -> tuple[str, dict[str, str]]:
+    """The arch as the imported torch sees it. CUDA unavailable (a CPU build of torch, or
+    no usable GPU) is the CPU key, honestly: torch compiles CPU kernels then."""
+    cuda: Any = getattr(torch, "cuda", None)
+    try:
+        if not cuda.is_available():
+            return detect_cpu_isa(), {}
+        major, minor = cuda.get_device_capability()
+        device = str(cuda.get_device_name())
+    except Exception as e:
+        raise KeyUndetermined(
+            f"the GPU arch cannot be determined: torch.cuda raised {type(e).__name__}: {e}"
+        ) from e
+    return _gpu_arch(f"sm_{major}{minor}", device)
 
 
 def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
-    """(``sm_XY``, {"device": name}) of GPU 0 from nvidia-smi, or None."""
+    """(``sm_XY``, {"device": name, "cpu": ISA}) of GPU 0 from nvidia-smi, or None."""
     import shutil
     import subprocess
 
@@ -199,7 +276,7 @@ def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
         ).stdout
         cap, name = (part.strip() for part in out.strip().splitlines()[0].split(",", 1))
         major, minor = cap.split(".")
-        return f"sm_{int(major)}{int(minor)}", {"device": name}
+        return _gpu_arch(f"sm_{int(major)}{int(minor)}", name)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 
@@ -207,7 +284,9 @@ def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
 def detect_key(
     model: str = "default", extra: dict[str, str] | None = None, *, import_torch: bool = False
 ) -> CacheKey:
-    """The key of this process's environment for ``model``."""
+    """The key of this process's environment for ``model``: the same in every process of a
+    host, whether it has imported torch or not. Raises :class:`KeyUndetermined` where a GPU
+    is visible but its arch cannot be determined (:func:`detect_arch`)."""
     arch, arch_extra = detect_arch(import_torch=import_torch)
     merged = {**arch_extra, **(extra or {})}
     triton = installed_version("triton")

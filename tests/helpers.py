@@ -43,3 +43,32 @@ def manifest_files(store_root: Path) -> list[Path]:
 
 def temp_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob(f"{constants.TEMP_PREFIX}*"))
+
+
+def stand_in_torch(
+    site: Path, *, metadata_version: str, file_version: str, cuda_error: str | None = None
+) -> Path:
+    """A fake torch package with its dist-info under ``site`` (put it on PYTHONPATH).
+
+    Its metadata says ``metadata_version`` and its ``torch/version.py`` says
+    ``file_version``, as a PyPI CUDA wheel's do (``2.11.0`` vs ``2.11.0+cu130``).
+    ``torch.cuda.is_available()`` returns False, or raises RuntimeError(cuda_error).
+    """
+    pkg = site / "torch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from torch import cuda\nfrom torch.version import __version__\n"
+    )
+    (pkg / "version.py").write_text(f"__version__ = {file_version!r}\ncuda = '13.0'\n")
+    body = f"raise RuntimeError({cuda_error!r})" if cuda_error else "return False"
+    (pkg / "cuda.py").write_text(f"def is_available():\n    {body}\n")
+    info = site / f"torch-{metadata_version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torch\nVersion: {metadata_version}\n"
+    )
+    (info / "RECORD").write_text(
+        "".join(f"torch/{n},,\n" for n in ("__init__.py", "version.py", "cuda.py"))
+        + f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n"
+    )
+    return site

@@ -178,3 +178,84 @@ def test_verify_repair_and_du(tmp_path: Path, saved: tuple[Path, dict[str, objec
     usage = json.loads(run(root, "du", "--json").stdout)
     assert [u["model"] for u in usage] == ["cli"] and usage[0]["keys"] == 1
     assert usage[0]["own_bytes"] == sum(c.stat().st_size for c in chunk_files(root))
+
+
+# The CLI on a host whose GPU node is visible: the node's path is patched in, then the real
+# entry point runs. PATH holds no nvidia-smi, so the CLI falls back to importing torch.
+_CLI_ON_GPU_HOST = (
+    "import sys; from casstore import keys; keys.GPU_DEVICE_PATHS = (sys.argv.pop(1),); "
+    "from casstore.cli import main; sys.argv[0] = 'casstore'; main()"
+)
+
+
+@pytest.mark.parametrize("cuda_error", ["CUDA driver initialization failed", None])
+def test_undeterminable_gpu_arch_is_a_one_line_error(
+    tmp_path: Path, cuda_error: str | None
+) -> None:
+    """nvidia-smi missing and torch raising: exit 1 with one line, no store created. A CPU
+    build of torch (CUDA unavailable, no error) keys as CPU: it compiles CPU kernels."""
+    from tests.helpers import stand_in_torch
+
+    site = stand_in_torch(
+        tmp_path / "site", metadata_version="2.11.0", file_version="2.11.0", cuda_error=cuda_error
+    )
+    node = tmp_path / "nvidia0"
+    node.touch()
+    (tmp_path / "bin").mkdir()
+    write_tree(tmp_path / "src", {"a": b"1"})
+    env = {
+        **os.environ,
+        "PATH": str(tmp_path / "bin"),
+        "PYTHONPATH": str(site),
+        "CASSTORE_ROOT": str(tmp_path / "store"),
+    }
+    args = ["save", str(tmp_path / "src"), "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_ON_GPU_HOST, str(node), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if cuda_error is None:
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["key"]["arch"] == detect_cpu_isa()
+        return
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert "GPU" in proc.stderr and cuda_error in proc.stderr
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("via", ["--root", "CASSTORE_ROOT", "B10FS_CACHE_DIR"])
+def test_url_root_is_a_usage_error(tmp_path: Path, via: str) -> None:
+    url = "s3://bucket/cas"
+    env = {k: v for k, v in os.environ.items() if k not in ("CASSTORE_ROOT", "B10FS_CACHE_DIR")}
+    args = ["--root", url] if via == "--root" else []
+    if via != "--root":
+        env[via] = url
+    for command in (["ls"], ["save", str(tmp_path), *KEY_ARGS]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "casstore", *args, *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error:") and url in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_load_max_size_refuses_an_oversized_key_before_writing(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    store, _ = saved
+    dest = tmp_path / "dst"
+    proc = run(store, "load", str(dest), *KEY_ARGS, "--max-size", "500K", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error:") and "cap" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not dest.exists()
+    assert run(store, "load", str(dest), *KEY_ARGS, "--max-size", "1M").returncode == 0
+    assert read_tree(dest) == read_tree(tmp_path / "src")

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
 import msgspec
 import pytest
 
 from casstore import CacheKey
 from casstore import keys as k
-from casstore.errors import InvalidManifest
+from casstore.errors import InvalidManifest, KeyUndetermined
+from tests.helpers import stand_in_torch, write_tree
 
 
 def test_id_is_stable_and_extra_order_free() -> None:
@@ -81,3 +90,146 @@ def test_format_document_states_the_real_key_id() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     assert key.canonical().decode() in doc
     assert f"-> id {key.id}" in doc
+
+
+# --- one key in every process (the torch version) -----------------------------------------
+
+_MODEL_PY_KEY = """
+import importlib.metadata, sys
+import torch  # the stand-in: model.py has imported torch before it calls casstore
+from casstore.compile_cache import _trees
+from casstore.config import read_settings
+assert (torch.__version__, importlib.metadata.version("torch")) == ("2.11.0+cu130", "2.11.0")
+key = _trees(read_settings(cache_dir=sys.argv[1], root=sys.argv[2]), "m")[0].key
+print(key.id, key.torch)
+"""
+
+_SIDECAR_KEY = """
+import sys
+from pathlib import Path
+from casstore.vllm import Sidecar, SidecarOptions
+options = SidecarOptions(cache_root=Path(sys.argv[1]), root=Path(sys.argv[2]), model="m")
+key = Sidecar(options)._tree()[1]
+assert "torch" not in sys.modules, "the sidecar imported torch"
+print(key.id, key.torch)
+"""
+
+
+def test_every_process_keys_a_cuda_wheel_alike(tmp_path: Path) -> None:
+    """A PyPI CUDA wheel's metadata says 2.11.0 where torch.__version__ says 2.11.0+cu130:
+    model.py (torch imported), the CLI and the sidecar (torch not imported) must still
+    compute one key, or what one saves the others never find."""
+    site = stand_in_torch(tmp_path / "site", metadata_version="2.11.0", file_version="2.11.0+cu130")
+    env = {k: v for k, v in os.environ.items() if k != "CASSTORE_MODEL"}
+    env["PYTHONPATH"] = str(site)
+    cache, root = tmp_path / "cache", tmp_path / "store"
+    write_tree(cache, {"fxgraph/x": b"graph"})
+
+    def python(*args: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    def cli_key(tree: str) -> tuple[str, str]:
+        args = ["-m", "casstore", "--root", str(root), "save", str(cache), "--json"]
+        out = json.loads(" ".join(python(*args, "--model", "m", "--tree", tree)))
+        return out["key_id"], out["key"]["torch"]
+
+    model_py = tuple(python("-c", _MODEL_PY_KEY, str(cache), str(root)))
+    sidecar = tuple(python("-c", _SIDECAR_KEY, str(cache), str(root)))
+    assert model_py == cli_key("inductor")
+    assert sidecar == cli_key("vllm")
+    assert model_py[1] == sidecar[1] == "2.11.0+cu130"
+
+
+def test_torch_version_is_read_from_torchs_own_file_without_importing_it(
+    tmp_path: Path,
+) -> None:
+    site = stand_in_torch(tmp_path, metadata_version="2.11.0", file_version="2.11.0+cu130")
+    code = (
+        "import sys; from casstore.keys import detect_torch_version; "
+        "print(detect_torch_version(), 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["2.11.0+cu130", "False"]
+
+
+# --- fail closed on GPU hosts -------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host with a visible GPU device node, no nvidia-smi on PATH and torch not imported.
+    Returns the (empty) PATH directory, where a test may put an nvidia-smi."""
+    node = tmp_path / "nvidia0"
+    node.touch()
+    monkeypatch.setattr(k, "GPU_DEVICE_PATHS", (str(node),))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    return bin_dir
+
+
+def _fake_torch(**cuda: Any) -> types.ModuleType:
+    torch = types.ModuleType("torch")
+    torch.cuda = types.SimpleNamespace(**cuda)  # type: ignore[attr-defined]
+    return torch
+
+
+def test_undeterminable_gpu_arch_is_an_error_not_the_cpu_key(gpu_node: Path) -> None:
+    with pytest.raises(KeyUndetermined, match="GPU"):
+        k.detect_key("m")
+
+
+def test_torch_raising_on_a_gpu_host_is_an_error(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> bool:
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch(is_available=broken))
+    with pytest.raises(KeyUndetermined, match="CUDA driver initialization failed"):
+        k.detect_arch()
+
+
+def test_cpu_torch_on_a_gpu_host_keys_as_cpu(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU build of torch compiles CPU kernels even where a GPU is visible: honest."""
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch(is_available=lambda: False))
+    assert k.detect_arch() == (k.detect_cpu_isa(), {})
+
+
+def test_gpu_keys_carry_the_cpu_isa_from_torch_and_from_nvidia_smi(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor builds CPU-side code of a GPU graph with -march=native too."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '9.0, NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o755)
+    from_smi = k.detect_key("m")
+    monkeypatch.setitem(
+        sys.modules,
+        "torch",
+        _fake_torch(
+            is_available=lambda: True,
+            get_device_capability=lambda: (9, 0),
+            get_device_name=lambda: "NVIDIA H100 80GB HBM3",
+        ),
+    )
+    arch, extra = k.detect_arch()
+    assert (
+        (from_smi.arch, from_smi.extra["device"])
+        == (arch, extra["device"])
+        == (
+            "sm_90",
+            "NVIDIA H100 80GB HBM3",
+        )
+    )
+    assert from_smi.extra["cpu"] == extra["cpu"] == k.detect_cpu_isa()
