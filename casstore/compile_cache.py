@@ -116,8 +116,9 @@ def save_tree(
 
 
 def load_status(report: LoadReport) -> OperationStatus:
-    """SUCCESS when files were restored (torch recompiles any that were missing), SKIPPED
-    when all were already present, ERROR when none could be restored."""
+    """SUCCESS when files were restored (torch recompiles any that were missing: only a
+    save after warm-up puts them back in the store), SKIPPED when all were already present,
+    ERROR when none could be restored."""
     if report.written:
         return OperationStatus.SUCCESS
     return OperationStatus.ERROR if report.missing else OperationStatus.SKIPPED
@@ -149,14 +150,16 @@ def load_compile_cache(
 ) -> OperationStatus:
     """Restore this model's compile cache into the local cache dir.
 
-    SUCCESS: files were restored. SKIPPED: every file was already present.
-    DOES_NOT_EXIST: nothing was saved for this key yet. ERROR: anything else (logged).
-    Call it before the first ``torch.compile`` call runs.
+    SUCCESS: files were restored (maybe not all: a partial restore is logged as a
+    warning). SKIPPED: every file was already present. DOES_NOT_EXIST: nothing was saved
+    for this key yet. ERROR: anything else (logged), e.g. a key larger than
+    ``MAX_CACHE_SIZE_MB`` (nothing is written). Call it before the first ``torch.compile``
+    call runs, and call :func:`save_compile_cache` after warm-up whatever it returned.
     """
     started = time.monotonic()
     try:
         from casstore.config import model_fingerprint, read_settings
-        from casstore.errors import NotFound, StoreUnavailable
+        from casstore.errors import CacheTooLarge, NotFound, StoreUnavailable
 
         settings = read_settings(cache_dir=cache_dir, root=root, scope=scope)
         trees = _trees(settings, model_fingerprint(model))
@@ -173,14 +176,18 @@ def load_compile_cache(
                 raise
             log.info("no store at %s yet", settings.root)
             return OperationStatus.DOES_NOT_EXIST
+        cap = settings.max_cache_size_mb * 2**20
         try:
-            report = store.load(main.key, main.path)
+            report = store.load(main.key, main.path, max_bytes=cap)
         except NotFound:
             log.info("no compile cache saved for %s", main.key)
             return OperationStatus.DOES_NOT_EXIST
+        except CacheTooLarge as e:
+            log.error("compile cache not restored: %s (raise MAX_CACHE_SIZE_MB)", e)
+            return OperationStatus.ERROR
         for extra in trees[1:]:
             try:
-                r = store.load(extra.key, extra.path)
+                r = store.load(extra.key, extra.path, max_bytes=cap)
                 log.info("%s: %d files restored, %d present", extra.name, r.written, r.skipped)
             except NotFound:
                 pass
@@ -196,11 +203,11 @@ def load_compile_cache(
             report.bytes_fetched / 2**20,
             time.monotonic() - started,
         )
-        if report.missing:
-            log.warning(
-                "%d cached files could not be restored (torch will recompile them): %s",
+        if report.missing:  # the load logged a warning with the counts
+            log.info(
+                "torch recompiles the %d missing files; save_compile_cache() after warm-up "
+                "stores them again",
                 len(report.missing),
-                ", ".join(report.missing[:5]),
             )
         return load_status(report)
     except Exception as e:

@@ -14,10 +14,15 @@ vLLM compiles while it starts, so model.py calls do not fit. The sidecar:
 It never delays or breaks the server: every error is logged and the sidecar carries on or
 exits cleanly. See docs/vllm.md for start commands and exit codes.
 
-What is shared: ``torch_compile_cache/`` under the cache root. vLLM names a subdirectory of
-it by a hash of everything that shapes compilation (configs, torch settings, the model's
-code), so two vLLM configurations of one model live side by side in one key and never
-overwrite each other; restoring brings all of them and vLLM picks its own.
+What is shared: ``torch_compile_cache/`` under the cache root, and ``torch_aot_compile/``
+where an earlier vLLM writes its ahead-of-time artifacts at the root. vLLM names a
+subdirectory by a hash of everything that shapes compilation (configs, torch settings, the
+model's code), so two vLLM configurations of one model live side by side in one key and
+never overwrite each other; restoring brings all of them and vLLM picks its own.
+
+Each such hash directory is restored all-or-nothing (:func:`restore_unit`): vLLM's index
+(``vllm_compile_cache.py``) names artifacts beside it, and an index whose artifact is absent
+makes vLLM fail ("Inductor cache lookup failed") instead of compiling again.
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("casstore")
 
-SHARED_SUBDIRS = ("torch_compile_cache",)
+# torch_compile_cache/: vLLM's compile cache, with (current releases, torch >= 2.10) its
+# ahead-of-time artifacts in torch_compile_cache/torch_aot_compile/; torch_aot_compile/:
+# where earlier releases put those at the cache root.
+SHARED_SUBDIRS = ("torch_compile_cache", "torch_aot_compile")
+AOT_SUBDIR = "torch_aot_compile"
 DEFAULT_URL = "http://127.0.0.1:8000/v1/models"
 
 EXIT_OK = 0
@@ -72,6 +81,24 @@ class SidecarOptions:
     model: str | None = None
     root: Path | None = None  # store root (default: as the model.py calls)
     scope: str | None = None
+
+
+def restore_unit(rel: str) -> str | None:
+    """The directory restored all-or-nothing with ``rel``: the hash directory holding it.
+
+    ``torch_compile_cache/<hash>/`` (JIT: per-rank indexes and the artifacts they name),
+    ``torch_compile_cache/torch_aot_compile/<hash>/`` and ``torch_aot_compile/<hash>/``
+    (AOT: ``rank_<r>_<dp>/model`` and the inductor cache shared by the ranks). A file
+    outside any hash directory is restored on its own (None).
+    """
+    parts = rel.split("/")
+    if parts[0] == "torch_compile_cache" and len(parts) > 2:
+        if parts[1] == AOT_SUBDIR:
+            return "/".join(parts[:3]) if len(parts) > 3 else None
+        return "/".join(parts[:2])
+    if parts[0] == AOT_SUBDIR and len(parts) > 2:
+        return "/".join(parts[:2])
+    return None
 
 
 def _shared(rel: str) -> bool:
@@ -130,19 +157,28 @@ class Sidecar:
         return self._settings_and_key
 
     def restore(self) -> OperationStatus:
-        """Load the saved vLLM cache into the cache root. Never raises."""
+        """Load the saved vLLM cache into the cache root, each hash directory
+        all-or-nothing (:func:`restore_unit`), within ``MAX_CACHE_SIZE_MB``. Never raises."""
         try:
-            from casstore.errors import NotFound, StoreUnavailable
+            from casstore.errors import CacheTooLarge, NotFound, StoreUnavailable
             from casstore.store import Store
 
             settings, key = self._tree()
             log.info("vllm: restoring %s into %s", key, self.options.cache_root)
             try:
                 store = Store(settings.root, create=False)
-                report = store.load(key, self.options.cache_root)
+                report = store.load(
+                    key,
+                    self.options.cache_root,
+                    max_bytes=settings.max_cache_size_mb * 2**20,
+                    group=restore_unit,
+                )
             except (NotFound, StoreUnavailable) as e:
                 log.info("vllm: nothing to restore (%s)", e)
                 return OperationStatus.DOES_NOT_EXIST
+            except CacheTooLarge as e:
+                log.error("vllm: not restored: %s (raise MAX_CACHE_SIZE_MB)", e)
+                return OperationStatus.ERROR
             log.info(
                 "vllm: restored %d files (%d already present, %d missing) in %.2fs",
                 report.written,

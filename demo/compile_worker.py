@@ -3,6 +3,8 @@ compile a small model with torch.compile, time the first call, optionally save t
 
 Prints one JSON line: timings, torch's cache counters, statuses. Used by the tests, the
 demo (`make demo`) and the compile benchmark, so all three measure the same thing.
+``--load --save`` is model.py's pattern: load, compile and warm up, then save whatever the
+load returned (the save uploads only what is new and returns SKIPPED otherwise).
 
     python -m demo.compile_worker --model mlp [--load] [--save] [--root R]
 

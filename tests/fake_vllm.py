@@ -17,6 +17,9 @@ from pathlib import Path
 
 START = time.time()
 HASHED = "torch_compile_cache/1517964802/rank_0_0"
+# With torch >= 2.10, vLLM compiles ahead of time (VLLM_USE_AOT_COMPILE): one artifact per
+# rank, and an inductor cache shared by the ranks, under a hash of the compile factors.
+AOT = "torch_compile_cache/torch_aot_compile/" + "ab" * 32
 
 
 def event(name: str, **extra: object) -> None:
@@ -49,6 +52,10 @@ def main() -> None:
     for i in range(3):
         (base / "inductor_cache" / f"early{i}.py").write_bytes(f"kernel {i}\n".encode() * 500)
         time.sleep(0.2)
+    (root / AOT / "rank_0_0").mkdir(parents=True, exist_ok=True)
+    (root / AOT / "inductor_cache").mkdir(parents=True, exist_ok=True)
+    (root / AOT / "inductor_cache" / "aot_kernel.py").write_bytes(b"aot kernel\n" * 400)
+    (root / AOT / "rank_0_0" / "model").write_bytes(b"aot compiled model\n" * 2000)
     event("early_done")
     # A file still being written when readiness flips: in place, piece by piece.
     with open(base / "computation_graph.py", "wb") as fh:

@@ -9,6 +9,7 @@ so a loader can tell a wrong byte from a miss without knowing who saved what.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -29,10 +30,57 @@ def key(model: str) -> CacheKey:
 
 
 def make_file(rng: random.Random) -> bytes:
-    # A small pool of seeds for part of the content, so chunks are shared between saves.
+    # A small pool of seeds for part of the content, so chunks are shared between saves:
+    # a third of the files are whole "library" files that every writer produces alike
+    # (whole-chunk reuse), the rest share a prefix (reuse of the chunks inside it).
     shared = random.Random(rng.randrange(8)).randbytes(rng.choice([0, 40_000, 300_000]))
-    payload = shared + rng.randbytes(rng.randrange(1, 60_000))
+    if rng.randrange(3) == 0:
+        payload = random.Random(100 + rng.randrange(8)).randbytes(20_000)
+    else:
+        payload = shared + rng.randbytes(rng.randrange(1, 60_000))
     return MAGIC + blake3.blake3(payload).digest() + payload
+
+
+def seed_aged_garbage(
+    store: Store, work: Path, *, keys: int = 6, filler: int = 600, age: float = 7200.0
+) -> int:
+    """Fill the store as an hour-old deployment would: keys saved from the same file mix,
+    all removed since (``casstore rm``), every chunk's mtime set ``age`` seconds back. gc then has
+    real candidates, among them chunks the savers of the test are about to reuse.
+    Returns the number of chunks no remaining key lists."""
+    rng = random.Random("garbage")
+    for i in range(keys):
+        src = work / f"seed-{i}"
+        for j in range(12):
+            path = src / f"old-{i}/{j}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(make_file(rng))
+        # Small unique files: garbage enough that a sweep lasts long enough for savers
+        # to reuse candidates while it runs.
+        for j in range(filler):
+            path = src / f"filler-{i}/{j // 100}/{j}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rng.randbytes(200))
+        store.save(src, key(f"old{i}"))
+        shutil.rmtree(src)
+        gc_mod.remove_key(store, key(f"old{i}"))
+    then = time.time() - age
+    chunks = list(store.backend.list("chunks/"))
+    for info in chunks:
+        os.utime(Path(store.backend.describe().removeprefix("fs:")) / info.key, (then, then))
+    live = {c.digest for k in store.keys() for f in store.files(k.key).values() for c in f.chunks}
+    candidates = [
+        info.key[-68:-4] for info in chunks if bytes.fromhex(info.key[-68:-4]) not in live
+    ]
+    old_chunks_file(store).write_text("\n".join(candidates))
+    return len(candidates)
+
+
+def old_chunks_file(store: Store) -> Path:
+    """Beside the store: the sweep candidates seeded by seed_aged_garbage, so savers can
+    count how many of them they reused."""
+    root = Path(store.backend.describe().removeprefix("fs:"))
+    return root.parent / f"{root.name}.old-chunks"
 
 
 def intact(data: bytes) -> bool:
@@ -44,6 +92,11 @@ def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, obje
     saved = []
     errors: list[str] = []
     nbytes = 0
+    reused = 0
+    try:
+        old = set(old_chunks_file(store).read_text().split())
+    except FileNotFoundError:
+        old = set()
     i = 0
     while time.monotonic() < deadline:
         model = rng.choice(MODELS)
@@ -59,11 +112,13 @@ def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, obje
         try:
             store.save(src, key(model), lock_timeout=0)
             saved.append({"model": model, "files": files})
+            view = store.files(key(model))
+            reused += sum(c.digest.hex() in old for p in files if p in view for c in view[p].chunks)
         except Exception as e:  # counted, and the load test fails on any
             errors.append(f"save: {type(e).__name__}: {e}")
         shutil.rmtree(src)
         i += 1
-    return {"saves": saved, "saved_bytes": nbytes, "errors": errors}
+    return {"saves": saved, "saved_bytes": nbytes, "reused_old_chunks": reused, "errors": errors}
 
 
 def loader(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
@@ -105,7 +160,7 @@ def collector(store: Store, deadline: float, grace: float) -> dict[str, object]:
     while time.monotonic() < deadline:
         try:
             p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
-            deleted += gc_mod.execute(store, p, threads=4).chunks_deleted
+            deleted += gc_mod.execute(store, p, threads=1).chunks_deleted
         except Exception as e:
             errors.append(f"gc: {type(e).__name__}: {e}")
         runs += 1

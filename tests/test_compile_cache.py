@@ -317,8 +317,10 @@ def test_real_torch_compile_warm_start_from_the_store(
             "autograd_cache_miss": 1,
         }
     for m in ("mlp", "conv"):
-        warm = _replica(m, tmp_path / f"B-{m}", tmp_path / f"tmpB-{m}", root, "--load")
+        # model.py's pattern: load, compile and warm up, then save whatever load returned.
+        warm = _replica(m, tmp_path / f"B-{m}", tmp_path / f"tmpB-{m}", root, "--load", "--save")
         assert warm["load_status"] == "SUCCESS"
+        assert warm["save_status"] == "SKIPPED", "a warm start has nothing new to upload"
         counters = warm["counters"]
         assert isinstance(counters, dict)
         assert counters["fxgraph_cache_hit"] >= 1 and counters["autograd_cache_hit"] >= 1
@@ -339,3 +341,107 @@ def test_real_torch_compile_warm_start_from_the_store(
     assert {d.hex() for d in shared} <= stored
     pch_keys = [k for k in store.keys() if k.key.extra.get("tree") == "precompiled_headers"]
     assert len(pch_keys) == 1 and pch_keys[0].key.model == "_shared"
+
+
+# --- roots and keys that must fail closed --------------------------------------------------
+
+
+def test_undeterminable_gpu_arch_is_an_error_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU is visible, nvidia-smi is missing and torch is not imported: the CPU key would
+    let hosts with different GPUs share kernels, so every call returns ERROR instead."""
+    from casstore.vllm import Sidecar, SidecarOptions
+
+    root = tmp_path / "store"
+    fake_cache(tmp_path / "A")
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.SUCCESS
+    node = tmp_path / "nvidia0"
+    node.touch()
+    monkeypatch.setattr(keys_mod, "GPU_DEVICE_PATHS", (str(node),))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    assert not (tmp_path / "B").exists()
+    (tmp_path / "A" / "new").write_bytes(b"new graph")
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.ERROR
+    vllm_cache = tmp_path / "vllm"
+    write_tree(vllm_cache, {"torch_compile_cache/x/rank_0/model": b"graph"})
+    sidecar = Sidecar(SidecarOptions(cache_root=vllm_cache, root=root, model="m"))
+    assert sidecar.restore() is OperationStatus.ERROR
+    assert sidecar.save() is OperationStatus.ERROR
+    assert len(list(Store(root).keys())) == 1  # only the save made before the GPU appeared
+
+
+@pytest.mark.parametrize("via", ["argument", "CASSTORE_ROOT", "B10FS_CACHE_DIR"])
+def test_url_roots_are_errors_and_create_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    """``s3://bucket/x`` is not a path: Path() would make it the local directory ``s3:``."""
+    from casstore.errors import StoreUnavailable, UnsupportedRoot
+    from casstore.vllm import Sidecar, SidecarOptions
+
+    url = "s3://bucket/cas"
+    monkeypatch.chdir(tmp_path)
+    fake_cache(tmp_path / "A")
+    root: str | None = url if via == "argument" else None
+    if root is None:
+        monkeypatch.setenv(via, url)
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.ERROR
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    sidecar = Sidecar(SidecarOptions(cache_root=tmp_path / "A", root=None))
+    if root is None:
+        assert sidecar.restore() is OperationStatus.ERROR
+        assert sidecar.save() is OperationStatus.ERROR
+    with pytest.raises(UnsupportedRoot, match="s3://bucket/cas"):
+        cfg.read_settings(root=root)
+    with pytest.raises(StoreUnavailable, match="s3://bucket/cas"):
+        Store(url)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "tmpdir"]
+
+
+def test_load_over_the_size_cap_is_an_error_that_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_cache(tmp_path / "A", n=3, size=600_000)
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store") is (
+        OperationStatus.SUCCESS
+    )
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "1")
+    caplog.clear()
+    status = load_compile_cache(cache_dir=tmp_path / "B", root=tmp_path / "store")
+    assert status is OperationStatus.ERROR
+    assert not (tmp_path / "B").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "MAX_CACHE_SIZE_MB" in errors[0], errors
+
+
+def test_partial_restore_is_healed_by_an_unconditional_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented pattern: load, warm up, then always save. A load that restored only
+    some files logs a warning with counts; the save uploads what the replica compiled
+    again, so the next replica gets everything; a save with nothing new is SKIPPED."""
+    from casstore import objects
+
+    root, a, b, c = tmp_path / "store", tmp_path / "A", tmp_path / "B", tmp_path / "C"
+    tree = fake_cache(a, n=4)
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
+    store = Store(root)
+    (key,) = [k.key for k in store.keys()]
+    lost = "fxgraph/01/entry1"
+    (root / objects.chunk_key(store.files(key)[lost].chunks[0].digest)).unlink()
+    caplog.clear()
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SUCCESS
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("restored 4 of 5 files, 1 missing" in w for w in warnings), warnings
+    write_tree(b, {lost: tree[lost]})  # torch compiles the missing graph again
+    # Same bytes as the saved entry: SKIPPED (nothing new to list), but the lost chunk is
+    # uploaded again from them. Different bytes would be SUCCESS.
+    healing = save_compile_cache(cache_dir=b, root=root)
+    assert healing in (OperationStatus.SUCCESS, OperationStatus.SKIPPED)
+    assert save_compile_cache(cache_dir=b, root=root) is OperationStatus.SKIPPED  # nothing new
+    assert load_compile_cache(cache_dir=c, root=root) is OperationStatus.SUCCESS
+    assert {p: d for p, (d, _) in read_tree(c).items()} == tree

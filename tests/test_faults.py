@@ -154,10 +154,60 @@ def test_damage_is_reported_and_never_restored(where: Path, tmp_path: Path) -> N
         assert name in cli.stdout
 
 
+# A child that starts as root, imports everything it will need, then drops to ``nobody``
+# in-process and runs the CLI (``cli ARGS…``) or ``save_compile_cache`` (``api CACHE ROOT``).
+# Exec'ing the child as nobody would make the test depend on where the checkout and the
+# interpreter live: a clone in a 0700 directory, or a venv whose python links into a 0700
+# /root, cannot even be imported from as nobody. Once privileges are dropped, any further
+# import fails loudly, so a missing preload shows up on every machine, not just those.
+_AS_NOBODY = r"""
+import importlib, logging, os, pwd, sys
+PRELOAD = (
+    "casstore casstore.cli casstore.compile_cache typer._adapters typer._click.decorators "
+    "pydantic.plugin._loader rich._emoji_codes"
+)
+for name in PRELOAD.split():
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        pass  # laid out differently in this version of typer/pydantic/rich
+
+class _NoLateImports:
+    def find_spec(self, name, path=None, target=None):
+        raise ImportError(f"{name} imported after dropping privileges: add it to PRELOAD")
+
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+sys.meta_path.insert(0, _NoLateImports())
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "cli":
+    import casstore.cli
+    sys.argv = ["casstore", *args]
+    casstore.cli.main()
+else:
+    from casstore import save_compile_cache
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    print(save_compile_cache(cache_dir=args[0], root=args[1]).name)
+"""
+
+
+def as_nobody(mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _AS_NOBODY, mode, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
 def cli(root: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "casstore", "--root", str(root), *args]
     if user is not None:
-        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+        assert user == "nobody"
+        return as_nobody("cli", "--root", str(root), *args)
+    argv = [sys.executable, "-m", "casstore", "--root", str(root), *args]
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
@@ -249,27 +299,9 @@ def test_permission_denied(tmp_path: Path) -> None:
             1,
             "Permission denied",
         )
-        code = (
-            "import sys; from casstore import save_compile_cache as s; "
-            "print(s(cache_dir=sys.argv[1], root=sys.argv[2]).name)"
-        )
-        api = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                sys.executable,
-                "-c",
-                code,
-                str(base / "src"),
-                str(base / "store"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
+        api = as_nobody("api", str(base / "src"), str(base / "store"))
         assert api.stdout.strip() == "ERROR", api.stderr
+        assert "Permission denied" in api.stderr, api.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

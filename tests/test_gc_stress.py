@@ -18,24 +18,39 @@ from casstore import CacheKey, Store, audit
 from casstore import gc as gc_mod
 from tests.helpers import read_tree, write_tree
 from tests.load_mix import MixResult, run_mix
+from tests.stress_worker import seed_aged_garbage
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grace", [0.0, 3600.0])
-def test_savers_loaders_and_gc_together(tmp_path: Path, grace: float) -> None:
+def test_gc_sweeps_while_savers_reuse_the_chunks_it_sweeps(tmp_path: Path) -> None:
+    """An hour-old store with garbage; savers reuse old chunks (some of them sweep
+    candidates) while gc loops with a grace far longer than any save: gc must delete
+    garbage, and no completed save, no load, may miss a file."""
     root = tmp_path / "store"
-    Store(root)  # create the store before the processes race to
-    mix = run_mix([root], tmp_path / "work", 8.0, savers=3, loaders=3, gc_grace=grace)
-    assert mix.total("loads") > 0 and mix.total("gc_runs") > 0
+    garbage = seed_aged_garbage(Store(root), tmp_path / "seed")
+    assert garbage > 0
+    mix = run_mix([root], tmp_path / "work", 8.0, savers=3, loaders=3, gc_grace=20.0)
     assert mix.errors == []
-    # Never a wrong byte, whatever the grace.
-    assert mix.total("bad") == 0
-    if grace == 0.0:
-        return  # aggressive gc may turn files into misses; that is allowed
-    # With the normal grace, no completed save loses a file.
+    assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
+    assert mix.total("chunks_deleted") >= garbage // 2, "gc must really sweep"
+    assert mix.total("reused_old_chunks") > 0, "savers must reuse chunks gc saw as old"
+    assert mix.total("bad") == 0 and mix.total("misses") == 0
     assert_every_save_loads(Store(root), mix, tmp_path)
+
+
+@pytest.mark.slow
+def test_gc_with_no_grace_never_serves_a_wrong_byte(tmp_path: Path) -> None:
+    """With grace 0 gc may delete chunks a save is about to list (a miss, then healed by
+    the next save): allowed, but never a wrong byte and never an error."""
+    root = tmp_path / "store"
+    seed_aged_garbage(Store(root), tmp_path / "seed")
+    mix = run_mix([root], tmp_path / "work", 6.0, savers=3, loaders=3, gc_grace=0.0)
+    assert mix.errors == []
+    assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
+    assert mix.total("chunks_deleted") > 0
+    assert mix.total("bad") == 0
 
 
 def assert_every_save_loads(store: Store, mix: MixResult, tmp_path: Path) -> None:

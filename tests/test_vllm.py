@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -10,9 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from casstore import CacheKey, Store
+import pytest
+
+from casstore import CacheKey, OperationStatus, Store, objects
 from casstore.keys import detect_key
-from tests.helpers import read_tree
+from casstore.vllm import Sidecar, SidecarOptions
+from tests.fake_vllm import AOT
+from tests.helpers import read_tree, temp_files, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 KEY: CacheKey = detect_key("vmodel", {"tree": "vllm"})
@@ -77,7 +82,7 @@ def shared_tree(root: Path) -> dict[str, Any]:
     return {
         p: v
         for p, v in read_tree(root).items()
-        if p.startswith("torch_compile_cache/") and not p.endswith(".tmp")
+        if p.startswith(("torch_compile_cache/", "torch_aot_compile/")) and not p.endswith(".tmp")
     }
 
 
@@ -98,6 +103,7 @@ def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path
     assert first_time >= seen["slow_done"] + 1.0 - 0.2
     paths = {f.path for f in first.files}
     assert "torch_compile_cache/1517964802/rank_0_0/computation_graph.py" in paths
+    assert f"{AOT_NEW}/rank_0_0/model" in paths  # vLLM's ahead-of-time artifact
     assert not any("late_shape" in p for p in paths)
     # A later, incremental save holds only the late artifact.
     later = [m for _, m in manifests[1:]]
@@ -107,6 +113,7 @@ def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path
     }
     # Only the shared tree is stored, without torch's temp files.
     assert all(p.startswith("torch_compile_cache/") for p in store.files(KEY))
+    assert not any("modelinfos" in p for p in store.files(KEY))
     # A fresh replica's restore reproduces the tree byte for byte.
     fresh = tmp_path / "fresh"
     restore = subprocess.run(
@@ -182,3 +189,101 @@ def test_restore_with_nothing_saved_still_exits_0(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0 and "DOES_NOT_EXIST" in proc.stderr
+
+
+# --- restore units, ahead-of-time artifacts, size cap (in-process) --------------------------
+
+H1 = "torch_compile_cache/1517964802"
+H2 = "torch_compile_cache/2718281828"
+AOT_NEW = AOT  # current vLLM: inside torch_compile_cache/
+AOT_OLD = "torch_aot_compile/" + "cd" * 32  # earlier releases: at the cache root
+
+
+def vllm_tree(artifact_size: int = 300_000) -> dict[str, bytes]:
+    """A cache root as vLLM leaves it: per-hash JIT caches whose index
+    (``vllm_compile_cache.py``) names artifacts beside it, and AOT artifacts in both
+    layouts vLLM has used, each with its hash-level inductor cache."""
+    rng = random.Random(5)
+    tree: dict[str, bytes] = {}
+    for h in (H1, H2):
+        tree[f"{h}/rank_0_0/backbone/vllm_compile_cache.py"] = (
+            b"{(None, 0, 'inductor_standalone'): 'artifact_shape_None_subgraph_0'}"
+        )
+        tree[f"{h}/rank_0_0/backbone/artifact_shape_None_subgraph_0"] = rng.randbytes(artifact_size)
+        tree[f"{h}/rank_0_0/inductor_cache/fx/ab/entry"] = rng.randbytes(5_000)
+    for aot in (AOT_NEW, AOT_OLD):
+        tree[f"{aot}/rank_0_0/model"] = rng.randbytes(artifact_size)
+        tree[f"{aot}/inductor_cache/fx/cd/entry"] = rng.randbytes(5_000)
+    return tree
+
+
+@pytest.fixture
+def saved_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bytes]]:
+    monkeypatch.delenv("MAX_CACHE_SIZE_MB", raising=False)
+    monkeypatch.delenv("CASSTORE_MODEL", raising=False)
+    cache, store_root = tmp_path / "vllm", tmp_path / "store"
+    tree = vllm_tree()
+    write_tree(cache, {**tree, "modelinfos/m.json": b"{}"})
+    car = Sidecar(SidecarOptions(cache_root=cache, root=store_root, model="vmodel"))
+    assert car.save() is OperationStatus.SUCCESS
+    return store_root, tree
+
+
+def restore(store_root: Path, cache: Path) -> OperationStatus:
+    opts = SidecarOptions(cache_root=cache, root=store_root, model="vmodel")
+    return Sidecar(opts).restore()
+
+
+def test_aot_artifacts_are_saved_in_both_layouts(
+    tmp_path: Path, saved_vllm: tuple[Path, dict[str, bytes]]
+) -> None:
+    store_root, tree = saved_vllm
+    assert set(Store(store_root).files(KEY)) == set(tree)  # modelinfos/ stays local
+    assert restore(store_root, tmp_path / "fresh") is OperationStatus.SUCCESS
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "fresh").items()} == tree
+
+
+def test_restore_units() -> None:
+    from casstore.vllm import restore_unit
+
+    assert restore_unit(f"{H1}/rank_0_0/backbone/vllm_compile_cache.py") == H1
+    assert restore_unit(f"{AOT_NEW}/rank_1_0/model") == AOT_NEW
+    assert restore_unit(f"{AOT_NEW}/inductor_cache/fx/cd/entry") == AOT_NEW
+    assert restore_unit(f"{AOT_OLD}/rank_0_0/model") == AOT_OLD
+    assert restore_unit("torch_compile_cache/loose_file") is None
+    assert restore_unit("torch_compile_cache/torch_aot_compile/loose_file") is None
+
+
+def test_restore_never_leaves_an_index_without_its_artifacts(
+    tmp_path: Path, saved_vllm: tuple[Path, dict[str, bytes]]
+) -> None:
+    """vLLM asserts "Inductor cache lookup failed" when its index names an artifact that is
+    not on disk: a hash directory with a lost chunk is not restored at all."""
+    store_root, tree = saved_vllm
+    store = Store(store_root)
+    for path in (
+        f"{H1}/rank_0_0/backbone/artifact_shape_None_subgraph_0",
+        f"{AOT_NEW}/rank_0_0/model",
+    ):
+        (store_root / objects.chunk_key(store.files(KEY)[path].chunks[-1].digest)).unlink()
+    fresh = tmp_path / "fresh"
+    assert restore(store_root, fresh) is OperationStatus.SUCCESS
+    got = {p: d for p, (d, _) in read_tree(fresh).items()}
+    assert got == {p: d for p, d in tree.items() if not p.startswith((H1 + "/", AOT_NEW + "/"))}
+    assert temp_files(fresh) == []
+
+
+def test_restore_over_the_size_cap_is_an_error_that_writes_nothing(
+    tmp_path: Path,
+    saved_vllm: tuple[Path, dict[str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store_root, tree = saved_vllm
+    assert sum(map(len, tree.values())) > 2**20
+    monkeypatch.setenv("MAX_CACHE_SIZE_MB", "1")
+    fresh = tmp_path / "fresh"
+    assert restore(store_root, fresh) is OperationStatus.ERROR
+    assert not fresh.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "MAX_CACHE_SIZE_MB" in errors[0], errors

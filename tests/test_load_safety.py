@@ -1,0 +1,155 @@
+"""Loads that must not leave a half-restored unit behind, nor write more than a cap allows:
+``Store.load(..., group=...)`` restores each group all-or-nothing, ``max_bytes`` refuses an
+oversized (or hostile) key before anything is written, and partial restores are logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from casstore import CacheTooLarge, Store, constants, objects
+from casstore import manifest as mf
+from casstore.manifest import FileEntry
+from tests.helpers import KEY, read_tree, temp_files, write_tree
+
+
+def by_top_dir(path: str) -> str | None:
+    """Group files under ``g*/`` by that directory; everything else is on its own."""
+    top = path.split("/", 1)[0]
+    return top if top.startswith("g") and "/" in path else None
+
+
+def blob(rng: random.Random, size: int) -> bytes:
+    return rng.randbytes(size)
+
+
+@pytest.fixture
+def grouped(tmp_path: Path) -> tuple[Store, dict[str, bytes]]:
+    rng = random.Random(11)
+    tree = {
+        "g1/index.py": b"names g1/artifact.bin and g1/sub/more.bin",
+        "g1/artifact.bin": blob(rng, 700_000),  # several chunks
+        "g1/sub/more.bin": blob(rng, 3_000),
+        "g2/index.py": b"names g2/artifact.bin",
+        "g2/artifact.bin": blob(rng, 5_000),
+        "loose/one.bin": blob(rng, 4_000),
+        "loose/two.bin": blob(rng, 4_000),
+    }
+    write_tree(tmp_path / "src", tree)
+    store = Store(tmp_path / "store", threads=4)
+    store.save(tmp_path / "src", KEY)
+    return store, tree
+
+
+def drop_chunk(store: Store, path: str, index: int = 0) -> None:
+    """Delete one chunk that ``path`` (and only it) needs."""
+    entry = store.files(KEY)[path]
+    assert store.root is not None
+    (store.root / objects.chunk_key(entry.chunks[index].digest)).unlink()
+
+
+def restored(dest: Path) -> dict[str, bytes]:
+    return {p: d for p, (d, _) in read_tree(dest).items()}
+
+
+def test_a_group_with_a_missing_chunk_is_not_restored_at_all(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]]
+) -> None:
+    store, tree = grouped
+    drop_chunk(store, "g1/artifact.bin", index=1)
+    dest = tmp_path / "dst"
+    report = store.load(KEY, dest, group=by_top_dir)
+    g1 = sorted(p for p in tree if p.startswith("g1/"))
+    assert report.missing == g1
+    got = restored(dest)
+    assert not any(p.startswith("g1/") for p in got), "no file of a failed group is written"
+    assert got == {p: d for p, d in tree.items() if not p.startswith("g1/")}
+    assert report.written == len(tree) - len(g1) and report.skipped == 0
+    assert temp_files(dest) == []
+
+
+def test_ungrouped_files_are_still_restored_one_by_one(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]]
+) -> None:
+    store, _tree = grouped
+    drop_chunk(store, "g1/artifact.bin")
+    report = store.load(KEY, tmp_path / "dst")  # no group: only the damaged file is missing
+    assert report.missing == ["g1/artifact.bin"]
+    assert "g1/index.py" in restored(tmp_path / "dst")
+
+
+def test_identical_local_files_count_as_fetched(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]]
+) -> None:
+    store, tree = grouped
+    dest = tmp_path / "dst"
+    write_tree(dest, {"g2/index.py": tree["g2/index.py"]})
+    report = store.load(KEY, dest, group=by_top_dir)
+    assert report.missing == []
+    assert report.skipped == 1 and report.written == len(tree) - 1
+    assert restored(dest) == tree
+
+
+def test_a_failed_group_leaves_local_files_alone_and_reports_all_of_them(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]]
+) -> None:
+    store, tree = grouped
+    dest = tmp_path / "dst"
+    write_tree(dest, {"g2/index.py": tree["g2/index.py"]})
+    drop_chunk(store, "g2/artifact.bin")
+    report = store.load(KEY, dest, group=by_top_dir)
+    assert report.missing == ["g2/artifact.bin", "g2/index.py"]
+    got = restored(dest)
+    assert got["g2/index.py"] == tree["g2/index.py"]  # was there before: untouched
+    assert "g2/artifact.bin" not in got
+    assert temp_files(dest) == []
+
+
+def test_partial_restore_is_a_warning_with_counts(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, tree = grouped
+    drop_chunk(store, "loose/one.bin")
+    with caplog.at_level(logging.INFO, logger="casstore"):
+        store.load(KEY, tmp_path / "dst")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"restored {len(tree) - 1} of {len(tree)} files, 1 missing" in w for w in warnings
+    ), warnings
+
+
+# --- size cap ------------------------------------------------------------------------------
+
+
+def test_max_bytes_refuses_before_creating_the_destination(
+    tmp_path: Path, grouped: tuple[Store, dict[str, bytes]]
+) -> None:
+    store, tree = grouped
+    total = sum(len(d) for d in tree.values())
+    dest = tmp_path / "a" / "dst"
+    with pytest.raises(CacheTooLarge):
+        store.load(KEY, dest, max_bytes=total - 1)
+    assert not (tmp_path / "a").exists()
+    report = store.load(KEY, dest, max_bytes=total)  # at the cap: fine
+    assert report.missing == [] and restored(dest) == tree
+
+
+def test_hostile_manifest_repeating_one_chunk_writes_nothing(tmp_path: Path) -> None:
+    """One real 20 kB chunk listed 100,000 times: a 2 GB file from a 20 kB store."""
+    store = Store(tmp_path / "store", threads=4)
+    write_tree(tmp_path / "src", {"seed": os.urandom(20_000)})
+    store.save(tmp_path / "src", KEY)
+    (ref,) = store.files(KEY)["seed"].chunks
+    n = 100_000
+    hostile = [FileEntry(f"huge{i}", n * ref.size, 0o644, b"\1" * 32, (ref,) * n) for i in range(3)]
+    m = mf.new_manifest(KEY, hostile)
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at)}"
+    store.backend.put_if_absent(name, mf.encode(m))
+    dest = tmp_path / "dst"
+    with pytest.raises(CacheTooLarge, match="MiB"):
+        store.load(KEY, dest, max_bytes=64 * 2**20)
+    assert not dest.exists()
