@@ -560,7 +560,9 @@ def gc(
         _emit_json({"plan": summary, "executed": True, "report": dataclasses.asdict(report)})
         return
     out.print(
-        f"dropped {report.keys_dropped} keys ({report.manifests_deleted} manifests), compacted "
+        f"dropped {report.keys_dropped} keys ({report.manifests_deleted} manifests)"
+        + (f", kept {report.keys_spared} used since planning" if report.keys_spared else "")
+        + f", compacted "
         f"{report.keys_compacted}, deleted {report.chunks_deleted} chunks "
         f"({_mib(report.bytes_freed)}), spared {report.chunks_kept_late} in use, removed "
         f"{report.temps_removed} temp and {report.locks_removed} lock files in "
