@@ -34,19 +34,58 @@ def test_temp_files_are_invisible_to_list(tmp_path: Path) -> None:
     assert [i.key for i in b.list("m/")] == ["m/k/a"]
 
 
-def test_falls_back_to_rename_without_hard_links(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Some network mounts refuse link(); publishing must still work and never replace."""
+def without_renameat2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Act as a filesystem without RENAME_NOREPLACE (NFS, some FUSE mounts)."""
+
+    def unsupported(src: str, dst: str) -> bool:
+        raise NotImplementedError("no renameat2 here")
+
+    monkeypatch.setattr("casstore.backends.fs.rename_noreplace", unsupported)
+
+
+def without_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Act as a mount that refuses link() (some FUSE and SMB filesystems)."""
 
     def no_link(src: object, dst: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_link)
+
+
+class TestLinkFallback(BackendConformance):
+    """The whole conformance suite on the link()+unlink() publish path (no renameat2)."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FileSystemBackend:
+        without_renameat2(monkeypatch)
+        return FileSystemBackend(tmp_path / "root")
+
+
+class TestRenameFallback(BackendConformance):
+    """The whole conformance suite on the last resort: neither renameat2 nor link()."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FileSystemBackend:
+        without_renameat2(monkeypatch)
+        without_hard_links(monkeypatch)
+        return FileSystemBackend(tmp_path / "root")
+
+
+@pytest.mark.parametrize("mode", ["renameat2", "link", "rename"])
+def test_each_publish_primitive_is_used_and_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    if mode != "renameat2":
+        without_renameat2(monkeypatch)
+    if mode == "rename":
+        without_hard_links(monkeypatch)
     b = FileSystemBackend(tmp_path)
     assert b.put_if_absent("x/y", b"one") is True
+    assert b.primitive == mode
     assert b.put_if_absent("x/y", b"two") is False
     assert b.get("x/y") == b"one"
+    assert b.move("x/y", "z/y") is True and b.primitive == mode
+    assert b.get("z/y") == b"one" and b.stat("x/y") is None
     assert temp_files(tmp_path) == []
 
 
@@ -62,15 +101,6 @@ def test_failed_write_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyP
         b.put_if_absent("x/y", b"data")
     assert temp_files(tmp_path) == []
     assert b.stat("x/y") is None
-
-
-def without_renameat2(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Act as a filesystem without RENAME_NOREPLACE (NFS, some FUSE mounts)."""
-
-    def unsupported(src: str, dst: str) -> bool:
-        raise NotImplementedError("no renameat2 here")
-
-    monkeypatch.setattr("casstore.backends.fs.rename_noreplace", unsupported)
 
 
 def test_link_mode_move_never_deletes_a_fresh_reupload(

@@ -329,3 +329,12 @@ def test_cli_gc_waiting_at_its_prompt_keeps_a_key_another_host_used(
         loaded = casstore_cli(root, "load", str(dest), *CLI_KEY)
         assert loaded.returncode == 0, loaded.stderr
         assert {k: d for k, (d, _) in read_tree(dest).items()} == expected
+
+
+def test_the_fuse_mount_publishes_with_renameat2(shared_dirs: tuple[Path, Path]) -> None:
+    """docs/reliability.md: renameat2(RENAME_NOREPLACE) works through `weed mount`, so the
+    fast publish path runs there; this notices if a SeaweedFS upgrade changes that."""
+    b = FileSystemBackend(shared_dirs[0] / "root")
+    assert b.put_if_absent("x/y", b"one") is True
+    assert b.primitive == "renameat2"
+    assert b.put_if_absent("x/y", b"two") is False and b.primitive == "renameat2"

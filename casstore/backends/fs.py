@@ -42,6 +42,9 @@ class FileSystemBackend(Backend):
         self._root = os.fspath(self.root)
         self.fsync = fsync
         self._noreplace = True
+        # The primitive the last publish used: "renameat2", "link" or "rename" (so tests
+        # and `casstore doctor` can tell what this mount supports).
+        self.primitive = ""
 
     def describe(self) -> str:
         return f"fs:{self.root}"
@@ -126,10 +129,12 @@ class FileSystemBackend(Backend):
         caller removes it."""
         if self._noreplace:
             try:
+                self.primitive = "renameat2"
                 return rename_noreplace(src, dst)
             except NotImplementedError:
                 self._noreplace = False  # this mount cannot; use link() from now on
         try:
+            self.primitive = "link"
             os.link(src, dst)
             return True
         except FileExistsError:
@@ -139,6 +144,7 @@ class FileSystemBackend(Backend):
                 raise
         # Neither primitive exists here: a plain rename. Keys are content digests or
         # unique names, so the only thing it can replace is an identical object.
+        self.primitive = "rename"
         if os.path.lexists(dst):
             return False
         os.rename(src, dst)
