@@ -1,8 +1,10 @@
-"""A Hypothesis state machine: saves, loads and corruption against a dict model.
+"""A Hypothesis state machine: saves, loads, compaction and corruption against a dict model.
 
-The model holds, per key, the merged files a load must produce. The invariant checked after
-every load: each file is either restored byte-identical, or reported missing because one of
-its chunks was damaged — never a wrong byte, never a missing file without cause.
+The model holds, per key, the merged files a load must produce, and every version of every
+path ever saved. Checked after every load: each file is either restored byte-identical, or
+reported missing because one of its chunks was damaged, and then the destination holds
+exactly what it held before the load (nothing, or an earlier version that an earlier load
+restored) — never a wrong byte, never a torn file, never a missing file without cause.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from casstore import CacheKey, NotFound, Store, objects
+from casstore import gc as gc_mod
 from tests.helpers import read_tree, temp_files, write_tree
 
 KEYS = [CacheKey(torch="t", arch="a", model=m) for m in ("m1", "m2", "m3")]
@@ -30,6 +33,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp())
         self.store = Store(self.tmp / "store", threads=3)
         self.model: dict[str, dict[str, bytes]] = {}
+        self.history: dict[str, set[bytes]] = {}  # every version of each path ever saved
         self.damaged: set[bytes] = set()
         self.loads = 0
 
@@ -56,6 +60,15 @@ class StoreMachine(RuleBasedStateMachine):
         write_tree(src, tree)
         self.store.save(src, key)
         self.model.setdefault(key.id, {}).update(tree)
+        for p, data in tree.items():
+            self.history.setdefault(p, set()).add(data)
+
+    @precondition(lambda self: any(self.model.values()))
+    @rule()
+    def compact(self) -> None:
+        """gc with a long grace: merges each key's manifests, deletes no chunk."""
+        report = gc_mod.execute(self.store, gc_mod.plan(self.store, gc_mod.Policy()))
+        assert report.chunks_deleted == 0 and report.keys_dropped == 0
 
     @rule(key=st.sampled_from(KEYS), fresh=st.booleans())
     def load(self, key: CacheKey, fresh: bool) -> None:
@@ -69,19 +82,23 @@ class StoreMachine(RuleBasedStateMachine):
             except NotFound:
                 return
             raise AssertionError("load of a never-saved key succeeded")
+        before = {p: d for p, (d, _) in read_tree(dst).items()} if dst.exists() else {}
         report = self.store.load(key, dst)
         self.loads += 1
         restored = {p: d for p, (d, _) in read_tree(dst).items()}
         view = self.store.files(key)
+        assert set(view) == set(expected), "the merged view lost or invented a path"
         for path in report.missing:
             chunks = {c.digest for c in view[path].chunks}
             assert chunks & self.damaged, f"{path} missing without a damaged chunk"
         for path, data in expected.items():
             if path in report.missing:
-                # A stale copy from an earlier load may remain; it must not be the new bytes
-                # written wrongly, so it is either absent or from a previous complete save.
-                continue
-            assert restored.get(path) == data, f"{path} restored with wrong bytes"
+                # Not restored: the target is left exactly as it was, which is nothing or
+                # a version of this path that was saved at some point.
+                assert restored.get(path) == before.get(path), f"{path} touched on a miss"
+                assert path not in restored or restored[path] in self.history[path]
+            else:
+                assert restored.get(path) == data, f"{path} restored with wrong bytes"
         assert temp_files(dst) == []
 
     @precondition(lambda self: any(self.model.values()))
@@ -109,5 +126,5 @@ class StoreMachine(RuleBasedStateMachine):
             assert temp_files(self.tmp / "store") == []
 
 
-StoreMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=15, deadline=None)
+StoreMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=20, deadline=None, derandomize=True)
 TestStoreMachine = StoreMachine.TestCase

@@ -27,6 +27,7 @@ from casstore import (
     audit,
     chunking,
     constants,
+    objects,
 )
 from casstore import manifest as mf
 from tests.helpers import KEY, chunk_files, manifest_files, read_tree, temp_files, write_tree
@@ -526,3 +527,19 @@ def test_a_save_records_use_of_its_key(store: Store, tmp_path: Path) -> None:
     os.utime(marker, (1000, 1000))
     assert store.save(tmp_path / "src", KEY).manifest is None
     assert marker.stat().st_mtime > 1000
+
+
+def test_a_miss_leaves_the_target_exactly_as_it_was(store: Store, tmp_path: Path) -> None:
+    """docs/format.md: a file that cannot be restored leaves the target as it was (here an
+    older version from an earlier load), never removed, truncated or half-written."""
+    write_tree(tmp_path / "v1", {"g.so": b"version one" * 1000})
+    store.save(tmp_path / "v1", KEY)
+    store.load(KEY, tmp_path / "dst")
+    write_tree(tmp_path / "v2", {"g.so": os.urandom(700_000)})
+    store.save(tmp_path / "v2", KEY)
+    v2_chunks = store.files(KEY)["g.so"].chunks
+    store.backend.delete(objects.chunk_key(v2_chunks[-1].digest))
+    report = store.load(KEY, tmp_path / "dst")
+    assert report.missing == ["g.so"]
+    assert (tmp_path / "dst" / "g.so").read_bytes() == b"version one" * 1000
+    assert temp_files(tmp_path / "dst") == []
