@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from casstore.compile_cache import OperationStatus, load_compile_cache, save_compile_cache
     from casstore.errors import (
         CacheTooLarge,
+        CannotRenew,
         CasstoreError,
         CorruptObject,
         FormatMismatch,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         NotFound,
         StoreUnavailable,
         UnsafePath,
+        UnsupportedManifest,
         UnsupportedRoot,
     )
     from casstore.keys import CacheKey, detect_key
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CacheKey",
     "CacheTooLarge",
+    "CannotRenew",
     "CasstoreError",
     "CorruptObject",
     "FormatMismatch",
@@ -58,6 +61,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "UnsafePath",
+    "UnsupportedManifest",
     "UnsupportedRoot",
     "__version__",
     "detect_key",
@@ -67,6 +71,7 @@ __all__ = [
 
 _ERRORS = (
     "CacheTooLarge",
+    "CannotRenew",
     "CasstoreError",
     "CorruptObject",
     "FormatMismatch",
@@ -76,6 +81,7 @@ _ERRORS = (
     "NotFound",
     "StoreUnavailable",
     "UnsafePath",
+    "UnsupportedManifest",
     "UnsupportedRoot",
 )
 _LAZY = {

@@ -50,6 +50,8 @@ def _all_manifests(store: Store) -> tuple[list[tuple[str, mf.Manifest]], list[tu
     good: list[tuple[str, mf.Manifest]] = []
     bad: list[tuple[str, str]] = []
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
+        if not info.key.endswith(constants.MANIFEST_SUFFIX):
+            continue  # keys gc set aside, and anything else that is not a manifest
         try:
             blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
             m = mf.decode(blob, source=info.key)

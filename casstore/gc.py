@@ -5,10 +5,12 @@ would be deleted, how many bytes, why) without changing anything; :func:`execute
 it out. ``casstore gc --dry-run`` prints the plan only.
 
 The protocol that keeps gc safe next to live savers and loaders, and its argument, is in
-docs/gc.md. In short: manifests go before chunks; only chunks unreferenced *and* older than
-the grace period are candidates; manifests published while gc ran protect their chunks; and
-each candidate is moved to ``trash/`` before deletion, then restored if a saver refreshed it
-in the meantime (a refresh after the move fails, and the saver re-uploads).
+docs/gc.md. In short: a key that retention drops is first *set aside* (its manifests
+renamed out of readers' sight, its chunks kept) and deleted only by the next run, unless a
+replica saved it in between; manifests go before chunks; only chunks unreferenced *and*
+older than the grace period are candidates; manifests published while gc ran protect their
+chunks; and each candidate is moved to ``trash/`` before deletion, then restored if a saver
+refreshed it in the meantime (a refresh after the move fails, and the saver re-uploads).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from casstore import constants, objects
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CasstoreError, CorruptObject, NotFound
+from casstore.errors import CannotRenew, CasstoreError, UnsupportedManifest
 from casstore.keys import CacheKey
 from casstore.locks import _release, _try_lock, best_effort_lock
 from casstore.store import Store
@@ -39,6 +41,11 @@ from casstore.store import Store
 log = logging.getLogger("casstore")
 
 ProgressCallback = Callable[[int, int], None]
+
+# A set-aside manifest: ``manifests/<key id>/<name>.manifest.dropped``. Readers list only
+# names ending in ``.manifest``, so the key stops loading at once; its chunks stay until the
+# next run deletes these files (or renames them back when the key was saved meanwhile).
+DROPPED_SUFFIX = ".dropped"
 
 
 @dataclass(frozen=True)
@@ -72,20 +79,33 @@ class DroppedKey:
 
 
 @dataclass(frozen=True)
+class SetAside:
+    """A key a previous run set aside: its ``.dropped`` manifests and their chunks."""
+
+    key_id: str
+    names: tuple[str, ...]
+    chunks: frozenset[bytes]
+    restore: bool  # True: the key was saved since, its manifests come back
+
+
+@dataclass(frozen=True)
 class Plan:
     """A frozen decision. ``execute`` re-checks everything that may have changed since."""
 
     now: float
     policy: Policy
     keys: tuple[KeyState, ...]  # every key found
-    drop: tuple[DroppedKey, ...]
+    drop: tuple[DroppedKey, ...]  # set aside by this run
+    set_aside: tuple[SetAside, ...]  # set aside by an earlier run: deleted or restored now
     compact: tuple[KeyState, ...]  # kept keys with more than one manifest
     chunks: tuple[tuple[str, int], ...]  # (object key, stored bytes) sweep candidates
     temps: tuple[str, ...]  # stale temp files (absolute paths)
     locks: tuple[str, ...]  # stale lock files (absolute paths)
-    seen_manifests: frozenset[str]
+    orphan_markers: tuple[str, ...]  # access markers of keys that have no manifest at all
+    seen_manifests: frozenset[str]  # every name under manifests/ when planned
     live_chunks: int
     live_bytes: int
+    sweep_blocked: str | None = None  # why no chunk may be deleted this run
 
     @property
     def cutoff(self) -> float:
@@ -93,7 +113,7 @@ class Plan:
 
     @property
     def freed_bytes(self) -> int:
-        return sum(size for _, size in self.chunks)
+        return 0 if self.sweep_blocked else sum(size for _, size in self.chunks)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -107,9 +127,12 @@ class Plan:
                 }
                 for d in self.drop
             ],
+            "expire_keys": [s.key_id for s in self.set_aside if not s.restore],
+            "restore_keys": [s.key_id for s in self.set_aside if s.restore],
             "compact_keys": [{"id": k.key_id, "manifests": len(k.manifests)} for k in self.compact],
-            "chunks_to_delete": len(self.chunks),
+            "chunks_to_delete": 0 if self.sweep_blocked else len(self.chunks),
             "bytes_to_free": self.freed_bytes,
+            "sweep_blocked": self.sweep_blocked,
             "live_chunks": self.live_chunks,
             "live_bytes": self.live_bytes,
             "stale_temp_files": len(self.temps),
@@ -121,14 +144,17 @@ class Plan:
 @dataclass
 class GcReport:
     manifests_deleted: int = 0
-    keys_dropped: int = 0
+    keys_dropped: int = 0  # set aside by this run (they stop loading; deleted next run)
     keys_spared: int = 0  # planned drops kept: the key was loaded or saved after planning
+    keys_expired: int = 0  # set aside by an earlier run and deleted now
+    keys_restored: int = 0  # set aside by an earlier run, saved since: back in use
     keys_compacted: int = 0
     chunks_deleted: int = 0
     bytes_freed: int = 0
     chunks_kept_late: int = 0  # candidates spared: referenced or refreshed during the run
     temps_removed: int = 0
     locks_removed: int = 0
+    markers_removed: int = 0
     trash_restored: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -143,16 +169,51 @@ def _fs(store: Store) -> FileSystemBackend:
 # --- plan ------------------------------------------------------------------------------
 
 
-def _key_states(store: Store, now: float) -> tuple[list[KeyState], set[str]]:
-    by_id: dict[str, list[str]] = defaultdict(list)
+@dataclass
+class _Listing:
+    """What the manifests/ directory held when planned."""
+
+    live: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    dropped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    seen: set[str] = field(default_factory=set)
+
+
+def _list_manifests(store: Store) -> _Listing:
+    listing = _Listing()
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
         parts = info.key.split("/")
-        if len(parts) == 3 and parts[2].endswith(constants.MANIFEST_SUFFIX):
-            by_id[parts[1]].append(info.key)
-    seen = {name for names in by_id.values() for name in names}
+        if len(parts) != 3:
+            continue
+        listing.seen.add(info.key)
+        if parts[2].endswith(constants.MANIFEST_SUFFIX):
+            listing.live[parts[1]].append(info.key)
+        elif parts[2].endswith(constants.MANIFEST_SUFFIX + DROPPED_SUFFIX):
+            listing.dropped[parts[1]].append(info.key)
+    return listing
+
+
+def _unsupported(store: Store, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that is a manifest this casstore cannot read although it may
+    be valid (a newer format): its chunks must not be swept. Damaged or hostile manifests
+    (bad digest, unsafe paths) do not count: nothing can ever load them."""
+    for name in names:
+        try:
+            mf.decode(store.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES), source=name)
+        except UnsupportedManifest as e:
+            return f"{e}; not sweeping any chunk until casstore is upgraded"
+        except (CasstoreError, OSError):
+            continue
+    return None
+
+
+def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeyState], str | None]:
     states = []
-    for key_id in sorted(by_id):
-        loaded, _errors = store.read_manifests(key_id)
+    blocked = None
+    for key_id in sorted(listing.live):
+        loaded, errors = store.read_manifests(key_id)
+        if errors and blocked is None:
+            valid = {n for n, _ in loaded}
+            blocked = _unsupported(store, (n for n in listing.live[key_id] if n not in valid))
         if not loaded:
             continue  # only invalid manifests: `verify --repair` handles those
         view = mf.merge(m for _, m in loaded)
@@ -169,7 +230,24 @@ def _key_states(store: Store, now: float) -> tuple[list[KeyState], set[str]]:
                 logical_bytes=sum(f.size for f in view.values()),
             )
         )
-    return states, seen
+    return states, blocked
+
+
+def _set_aside(store: Store, listing: _Listing, saved: set[str]) -> list[SetAside]:
+    """Keys set aside by earlier runs; ``saved``: ids of keys with a valid manifest now."""
+    found = []
+    for key_id, names in sorted(listing.dropped.items()):
+        chunks: set[bytes] = set()
+        for name in names:
+            try:
+                blob = store.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
+                m = mf.decode(blob, source=name)
+            except (CasstoreError, OSError):
+                continue
+            chunks.update(c.digest for f in m.files for c in f.chunks)
+        restore = key_id in saved  # saved again since it was set aside
+        found.append(SetAside(key_id, tuple(sorted(names)), frozenset(chunks), restore))
+    return found
 
 
 def _retention(
@@ -219,27 +297,46 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         if (hexd := objects.digest_from_key(info.key)) is not None
     ]
     sizes = {d: info.size for info, d in chunk_infos}
-    states, seen = _key_states(store, now)
+    listing = _list_manifests(store)
+    states, blocked = _key_states(store, listing, now)
+    set_aside = _set_aside(store, listing, {s.key_id for s in states})
     drop = _retention(states, sizes, policy, now)
     dropped_ids = {d.state.key_id for d in drop}
     kept = [s for s in states if s.key_id not in dropped_ids]
-    live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
+    # Live: every kept key, every key set aside by this run (deleted only by the next
+    # one) and every set-aside key coming back. Keys set aside earlier and not saved since
+    # are deleted by this run: their chunks are candidates.
+    live: set[bytes] = set()
+    for s in states:
+        live.update(s.chunks)
+    for a in set_aside:
+        if a.restore:
+            live.update(a.chunks)
+    kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     cutoff = now - policy.grace
     candidates = tuple(
         (info.key, info.size) for info, d in chunk_infos if d not in live and info.mtime < cutoff
     )
+    with_manifests = set(listing.live) | set(listing.dropped)
     return Plan(
         now=now,
         policy=policy,
         keys=tuple(states),
         drop=tuple(drop),
+        set_aside=tuple(set_aside),
         compact=tuple(s for s in kept if policy.compact and len(s.manifests) > 1),
         chunks=candidates,
         temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)),
         locks=tuple(_stale_locks(fs.root / constants.LOCKS_DIR, now - policy.lock_timeout)),
-        seen_manifests=frozenset(seen),
-        live_chunks=len(live),
-        live_bytes=sum(sizes.get(d, 0) for d in live),
+        orphan_markers=tuple(
+            info.key
+            for info in store.backend.list(f"{constants.ACCESS_DIR}/")
+            if info.key.split("/")[-1] not in with_manifests and info.mtime < cutoff
+        ),
+        seen_manifests=frozenset(listing.seen),
+        live_chunks=len(kept_live),
+        live_bytes=sum(sizes.get(d, 0) for d in kept_live),
+        sweep_blocked=blocked,
     )
 
 
@@ -282,18 +379,22 @@ def execute(
     started = time.monotonic()
     report = GcReport()
     fs = _fs(store)
-    # 1. Manifests of dropped keys go first: from here on their chunks are unreferenced.
-    #    A key loaded or saved since planning is kept, and its chunks with it.
-    spared: set[str] = set()
-    dropped: set[str] = set()
+    # 1. Keys retention drops are set aside: their manifests renamed out of readers'
+    #    sight (the key stops loading), their chunks kept until the next run. A key loaded
+    #    or saved since planning is kept.
+    protected: set[str] = set()
     for d in p.drop:
-        if _drop_key(store, d.state, report):
+        if _set_key_aside(store, d.state, p.seen_manifests):
             report.keys_dropped += 1
-            dropped.add(d.state.key_id)
         else:
             report.keys_spared += 1
-            spared.update(c.hex() for c in d.state.chunks)
-    # 2. Compaction never drops a file: it merges only manifests it read, and deletes
+            protected.update(c.hex() for c in d.state.chunks)
+    # 2. Keys an earlier run set aside: deleted now, or back if saved since.
+    for a in p.set_aside:
+        outcome = _finish_set_aside(store, a, p.seen_manifests, report)
+        if outcome == "restored":
+            protected.update(c.hex() for c in a.chunks)
+    # 3. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
     for s in p.compact:
         try:
@@ -301,13 +402,47 @@ def execute(
                 report.keys_compacted += 1
         except Exception as e:  # one key's trouble never stops the rest of gc
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
-    # 3. Protect the chunks of every manifest published since planning.
-    protected = _chunks_of_new_manifests(store, p.seen_manifests) | spared
-    # 4. Sweep, through trash/.
+    # 4. Protect the chunks of every manifest published since planning.
+    protected |= _chunks_of_new_manifests(store, p.seen_manifests)
+    # 5. Sweep, through trash/.
+    live = protected | {c.hex() for s in p.keys for c in s.chunks}
+    live |= {c.hex() for a in p.set_aside if a.restore for c in a.chunks}
+    report.trash_restored += _recover_trash(store, p.cutoff, live, report)
+    if p.sweep_blocked:
+        report.errors.append(p.sweep_blocked)
+    else:
+        _sweep(fs, p, protected, report, threads, progress)
+    # 6. Cleanup of what crashed writers and lock holders left.
+    report.temps_removed = sum(1 for t in p.temps if _unlink(t))
+    report.locks_removed = sum(1 for path in p.locks if _remove_idle_lock(path))
+    report.markers_removed = sum(1 for m in p.orphan_markers if _remove_orphan_marker(store, m))
+    report.seconds = time.monotonic() - started
+    log.info(
+        "gc: set aside %d keys, deleted %d set aside earlier, restored %d, compacted %d, "
+        "deleted %d chunks (%.1f MiB), spared %d, removed %d temp and %d lock files in %.2fs",
+        report.keys_dropped,
+        report.keys_expired,
+        report.keys_restored,
+        report.keys_compacted,
+        report.chunks_deleted,
+        report.bytes_freed / 2**20,
+        report.chunks_kept_late,
+        report.temps_removed,
+        report.locks_removed,
+        report.seconds,
+    )
+    return report
+
+
+def _sweep(
+    fs: FileSystemBackend,
+    p: Plan,
+    protected: set[str],
+    report: GcReport,
+    threads: int,
+    progress: ProgressCallback | None,
+) -> None:
     run_trash = f"{constants.TRASH_DIR}/{trash_run_name(p.cutoff)}"
-    # Chunks that a live manifest lists: trash left by a crashed run gives them back.
-    live = protected | {c.hex() for s in p.keys if s.key_id not in dropped for c in s.chunks}
-    report.trash_restored += _recover_trash(store, p.cutoff, live)
     todo = [(k, size) for k, size in p.chunks if objects.digest_from_key(k) not in protected]
     report.chunks_kept_late += len(p.chunks) - len(todo)
     lock = threading.Lock()
@@ -330,34 +465,16 @@ def execute(
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(sweep, todo))
     _remove_empty_dir(fs.root / run_trash)
-    # 5. Cleanup of what crashed writers and lock holders left.
-    report.temps_removed = sum(1 for t in p.temps if _unlink(t))
-    report.locks_removed = sum(1 for path in p.locks if _remove_idle_lock(path))
-    report.seconds = time.monotonic() - started
-    log.info(
-        "gc: dropped %d keys (%d manifests), compacted %d, deleted %d chunks (%.1f MiB), "
-        "spared %d, removed %d temp and %d lock files in %.2fs",
-        report.keys_dropped,
-        report.manifests_deleted,
-        report.keys_compacted,
-        report.chunks_deleted,
-        report.bytes_freed / 2**20,
-        report.chunks_kept_late,
-        report.temps_removed,
-        report.locks_removed,
-        report.seconds,
-    )
-    return report
 
 
-def _used_since_plan(store: Store, state: KeyState) -> bool:
-    """Whether a replica saved (a manifest gc did not plan with) or loaded (the access
-    marker changed) ``state``'s key since planning. Compares against what the plan saw,
-    never against a clock, so clock skew between hosts cannot hide a use."""
-    planned = set(state.manifests)
+def _used_since_plan(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
+    """Whether a replica saved (a manifest that was not there when gc planned) or loaded
+    (the access marker changed) ``state``'s key since planning. Compares against what the
+    plan saw, never against a clock, so clock skew between hosts cannot hide a use; and
+    against every name listed then, so a junk file cannot look like a new save."""
     prefix = f"{constants.MANIFESTS_DIR}/{state.key_id}/"
     if any(
-        info.key not in planned and info.key.endswith(constants.MANIFEST_SUFFIX)
+        info.key not in seen and info.key.endswith(constants.MANIFEST_SUFFIX)
         for info in store.backend.list(prefix)
     ):
         return True
@@ -365,32 +482,69 @@ def _used_since_plan(store: Store, state: KeyState) -> bool:
     return (marker.mtime if marker else None) != state.marker_mtime
 
 
-def _drop_key(store: Store, state: KeyState, report: GcReport) -> bool:
-    """Delete the manifests of a key the plan dropped, unless it was used since planning.
+def _set_key_aside(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
+    """Rename the manifests of a key the plan dropped to ``<name>.dropped``, unless the key
+    was used since planning. True when the key is set aside.
 
-    The key is checked before the deletion and again after it: a replica that loaded and
-    saved while gc deleted (its save read the manifests gc was removing, so it listed only
-    its new files) changed the access marker or published a manifest, and gc then puts
-    back the manifests it deleted. True when the key is gone.
+    Renames, not deletions: they need no space (a full volume is when ``--max-size``
+    runs), a crash leaves the key set aside or not but never half-deleted, and the
+    manifests can come back byte for byte. The key is checked before and after: a replica
+    that loaded and saved meanwhile (its save read the manifests being renamed, so it
+    listed only its new files) changed the access marker or published a manifest, and the
+    manifests go back at once. A use that reaches gc later than that (metadata crossing
+    hosts lazily) is caught by the next run, hours later, before anything is deleted.
     """
-    if _used_since_plan(store, state):
+    if _used_since_plan(store, state, seen):
         return False
-    removed: dict[str, bytes] = {}
-    for name in state.manifests:
-        try:
-            blob = store.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
-        except (NotFound, CorruptObject):
-            continue
-        if store.backend.delete(name):
-            removed[name] = blob
-    if _used_since_plan(store, state):
-        for name, blob in removed.items():
-            store.backend.put_if_absent(name, blob)
+    moved = [name for name in state.manifests if store.backend.move(name, name + DROPPED_SUFFIX)]
+    if _used_since_plan(store, state, seen):
+        for name in moved:
+            _move_back(store, name + DROPPED_SUFFIX)
         log.info("gc: kept %s: it was used while gc ran", state.key_id)
         return False
-    report.manifests_deleted += len(removed)
-    store.backend.delete(Store.access_key(state.key_id))
     return True
+
+
+def _move_back(store: Store, dropped: str) -> bool:
+    """Rename a set-aside manifest back; if its name is taken (cannot happen with unique
+    names, but never replace), the set-aside copy is redundant."""
+    name = dropped.removesuffix(DROPPED_SUFFIX)
+    if store.backend.move(dropped, name):
+        return True
+    store.backend.delete(dropped)
+    return False
+
+
+def _finish_set_aside(store: Store, a: SetAside, seen: frozenset[str], report: GcReport) -> str:
+    """Delete a key set aside by an earlier run, or bring it back when it was saved since
+    (a replica whose view lagged may have listed only its new files: the old manifests
+    complete the key again)."""
+    prefix = f"{constants.MANIFESTS_DIR}/{a.key_id}/"
+    saved_since = any(
+        info.key.endswith(constants.MANIFEST_SUFFIX) and info.key not in seen
+        for info in store.backend.list(prefix)
+    )
+    if a.restore or saved_since:
+        for name in a.names:
+            _move_back(store, name)
+        report.keys_restored += 1
+        return "restored"
+    for name in a.names:
+        if store.backend.delete(name):
+            report.manifests_deleted += 1
+    # A save that landed between the check and the deletions still lists its own files;
+    # the access marker goes only when no manifest is left at all.
+    if not any(True for _ in store.backend.list(prefix)):
+        store.backend.delete(Store.access_key(a.key_id))
+    report.keys_expired += 1
+    return "expired"
+
+
+def _remove_orphan_marker(store: Store, marker: str) -> bool:
+    key_id = marker.rsplit("/", 1)[-1]
+    if any(True for _ in store.backend.list(f"{constants.MANIFESTS_DIR}/{key_id}/")):
+        return False
+    return store.backend.delete(marker)
 
 
 def _chunks_of_new_manifests(store: Store, seen: frozenset[str]) -> set[str]:
@@ -434,47 +588,73 @@ def trash_run_name(cutoff: float) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-c{int(cutoff)}-{uuid.uuid4().hex[:8]}"
 
 
-def _recover_trash(store: Store, cutoff: float, live: set[str]) -> int:
+def _recover_trash(store: Store, cutoff: float, live: set[str], report: GcReport) -> int:
     """Finish the sweeps of gc runs that crashed. A trashed chunk goes back to chunks/
     when a live manifest lists it (``live``: hex digests) or when it was refreshed after
-    the crashed run's cutoff (or this run's, whichever is earlier); the rest is deleted."""
+    the crashed run's cutoff (or this run's, whichever is earlier); the rest is deleted.
+
+    Anyone who can write the store can plant things in trash/: only real directories and
+    regular files are handled (never followed through a symlink), and whatever vanishes or
+    cannot be removed (another gc finishing the same run) is skipped, never fatal."""
     fs = _fs(store)
     restored = 0
-    trash = fs.root / constants.TRASH_DIR
     try:
-        runs = list(os.scandir(trash))
+        runs = list(os.scandir(fs.root / constants.TRASH_DIR))
     except FileNotFoundError:
         return 0
     for run in runs:
-        # Another gc may be mid-sweep in its own run directory: leave recent ones alone.
-        if not run.is_dir() or run.stat().st_mtime >= time.time() - 600:
+        try:
+            # Another gc may be mid-sweep in its own run directory: leave recent ones alone.
+            if not run.is_dir(follow_symlinks=False):
+                continue
+            if run.stat(follow_symlinks=False).st_mtime >= time.time() - 600:
+                continue
+            entries = list(os.scandir(run.path))
+        except OSError:
             continue
         recorded = _RUN_CUTOFF_RE.search(run.name)
         run_cutoff = min(cutoff, float(recorded.group(1))) if recorded else cutoff
-        for entry in list(os.scandir(run.path)):
-            trash_key = f"{constants.TRASH_DIR}/{run.name}/{entry.name}"
-            hexd = objects.digest_from_key(entry.name)
-            info = fs.stat(trash_key)
-            keep = hexd is not None and (
-                hexd in live or (info is not None and info.mtime >= run_cutoff)
-            )
-            if keep and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
-                restored += 1
-                continue
-            # Garbage, or present in chunks/ already (re-uploaded): the copy is redundant.
-            fs.delete(trash_key)
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                trash_key = f"{constants.TRASH_DIR}/{run.name}/{entry.name}"
+                hexd = objects.digest_from_key(entry.name)
+                info = fs.stat(trash_key)
+                keep = hexd is not None and (
+                    hexd in live or (info is not None and info.mtime >= run_cutoff)
+                )
+                if keep and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
+                    restored += 1
+                    continue
+                # Garbage, or present in chunks/ already (re-uploaded): the copy is redundant.
+                fs.delete(trash_key)
+            except OSError as e:
+                report.errors.append(f"trash {run.name}/{entry.name}: {e.strerror or e}")
         _remove_empty_dir(Path(run.path))
     return restored
 
 
 def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
-    """Replace the manifests ``names`` of one key by a single merged manifest."""
+    """Replace the manifests ``names`` of one key by a single merged manifest.
+
+    gc publishes like any saver (docs/gc.md, S1-S2): every chunk the merged manifest
+    lists is renewed first, so a concurrent sweep (another gc) gives it back; if one is
+    missing, the key is left uncompacted rather than published anew over a hole."""
     wanted = set(names)
     loaded = [(n, m) for n, m in store.read_manifests(key_id)[0] if n in wanted]
     if len(loaded) < 2:
         return False
     newest = max(m.created_at for _, m in loaded)
     view = mf.merge(m for _, m in loaded)
+    for digest in {c.digest for f in view.values() for c in f.chunks}:
+        try:
+            present = store.backend.refresh(objects.chunk_key(digest))
+        except CannotRenew:
+            present = False
+        if not present:
+            log.info("gc: not compacting %s: chunk %s is missing", key_id, digest.hex())
+            return False
     merged = mf.Manifest(
         format=constants.MANIFEST_FORMAT_VERSION,
         key=loaded[-1][1].key,
@@ -503,14 +683,20 @@ def remove_key(store: Store, key: CacheKey) -> int:
 
 
 def cleanup(
-    store: Store, *, temp_timeout: float, lock_timeout: float, budget_seconds: float = 0.05
+    store: Store,
+    *,
+    temp_timeout: float,
+    lock_timeout: float,
+    budget_seconds: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
 ) -> int:
     """Opportunistic cleanup for savers: remove stale temp files from a few directories,
-    stopping after ``budget_seconds`` so no replica spends more than a moment here."""
+    stopping after ``budget_seconds`` (by ``clock``, read before each file) so no replica
+    spends more than a moment here."""
     if not isinstance(store.backend, FileSystemBackend):
         return 0
     root = store.backend.root
-    deadline = time.monotonic() + budget_seconds
+    deadline = clock() + budget_seconds
     now = time.time()
     removed = 0
     dirs = [root / constants.MANIFESTS_DIR, root / constants.LOCKS_DIR]
@@ -522,7 +708,7 @@ def cleanup(
     for d in dirs:
         for dirpath, _sub, names in os.walk(d):
             for name in names:
-                if time.monotonic() > deadline:
+                if clock() > deadline:
                     return removed
                 path = os.path.join(dirpath, name)
                 try:

@@ -20,7 +20,7 @@ import msgspec
 
 from casstore import chunking, constants
 from casstore._version import __version__
-from casstore.errors import InvalidManifest, UnsafePath
+from casstore.errors import InvalidManifest, UnsafePath, UnsupportedManifest
 from casstore.keys import CacheKey
 
 
@@ -131,12 +131,19 @@ def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
     except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises ValueError
         raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
     if header.format != constants.MANIFEST_FORMAT_VERSION:
-        raise InvalidManifest(
+        raise UnsupportedManifest(
             f"{source}: manifest format {header.format} is not supported by this casstore "
             f"(reads format {constants.MANIFEST_FORMAT_VERSION}); upgrade casstore"
         )
     try:
         m = msgspec.msgpack.decode(blob, type=Manifest)
+    except msgspec.ValidationError as e:
+        # Well-formed, but not this version's schema (an unknown field, say): perhaps
+        # written by a newer casstore, so gc must treat it as possibly live.
+        raise UnsupportedManifest(
+            f"{source}: manifest does not match this casstore's schema ({e}); written by a "
+            "newer casstore?"
+        ) from e
     except (msgspec.DecodeError, ValueError) as e:
         raise InvalidManifest(f"{source}: malformed manifest ({e})") from e
     validate(m, source=source)

@@ -206,36 +206,58 @@ class Store:
     ) -> tuple[list[tuple[str, Manifest]], list[str]]:
         """(valid manifests oldest first, errors) under ``manifests/<key_id>/``.
 
-        A manifest that vanishes between listing and reading was compacted into a new one
-        (or removed by gc): the listing is retried, so a load racing compaction still sees
-        the whole key.
+        The key's directory is listed until two listings in a row name the same
+        manifests, every one of them read. gc compacts a key by publishing the merged
+        manifest before it deletes the old ones, so a load that lists the key while that
+        happens sees old manifests vanish (between its listing and its reading, or inside
+        the listing itself, where the filesystem drops them unseen) and the next listing
+        shows the merged one: a load racing compaction still sees the whole key. Each
+        manifest is read once, however many listings name it; should the key never
+        settle, every manifest read is used (they are immutable, and the merged ones
+        repeat what they replaced).
         """
-        for _attempt in range(3):
-            found: list[tuple[str, Manifest]] = []
-            errors: list[str] = []
-            vanished = False
-            for info in self.backend.list(self._manifest_prefix(key_id)):
-                if not info.key.endswith(constants.MANIFEST_SUFFIX):
-                    continue
-                try:
-                    blob = self.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
-                    m = mf.decode(blob, source=info.key)
-                except NotFound:
-                    vanished = True
-                    continue
-                except (InvalidManifest, CorruptObject) as e:
-                    log.warning("ignoring invalid manifest: %s", e)
-                    errors.append(str(e))
-                    continue
-                if m.key.id != key_id or (key is not None and m.key != key):
-                    log.warning("ignoring %s: it belongs to key %s", info.key, m.key)
-                    errors.append(f"{info.key}: stored under the wrong key")
-                    continue
-                found.append((info.key, m))
-            if not vanished:
+        prefix = self._manifest_prefix(key_id)
+        read: dict[str, Manifest | str] = {}  # name -> manifest, or why it is ignored
+        previous: list[str] | None = None
+        chosen: list[str] | None = None
+        for _listing in range(_MANIFEST_LISTINGS):
+            names = sorted(
+                info.key
+                for info in self.backend.list(prefix)
+                if info.key.endswith(constants.MANIFEST_SUFFIX)
+            )
+            for name in names:
+                if name not in read:
+                    outcome = self._read_manifest(name, key_id, key)
+                    if outcome is not None:  # None: it vanished
+                        read[name] = outcome
+            if names == previous and all(name in read for name in names):
+                chosen = names
                 break
+            previous = names
+        if chosen is None:
+            log.info("manifests of key %s kept changing while read; using all of them", key_id)
+            chosen = list(read)
+        found = [(n, m) for n in chosen if isinstance(m := read[n], Manifest)]
+        errors = [m for n in chosen if isinstance(m := read[n], str)]
         found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
         return found, errors
+
+    def _read_manifest(self, name: str, key_id: str, key: CacheKey | None) -> Manifest | str | None:
+        """The manifest ``name``; a string saying why it is ignored (damaged, another
+        key's); None when it has vanished."""
+        try:
+            blob = self.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
+            m = mf.decode(blob, source=name)
+        except NotFound:
+            return None
+        except (InvalidManifest, CorruptObject) as e:
+            log.warning("ignoring invalid manifest: %s", e)
+            return str(e)
+        if m.key.id != key_id or (key is not None and m.key != key):
+            log.warning("ignoring %s: it belongs to key %s", name, m.key)
+            return f"{name}: stored under the wrong key"
+        return m
 
     def files(self, key: CacheKey) -> dict[str, FileEntry]:
         """The merged view of ``key``: every file a load would restore."""
@@ -317,6 +339,16 @@ class Store:
                 current = self.files(key)
             except (NotFound, InvalidManifest):
                 current = {}
+            if max_bytes is not None:
+                # Loads apply the same cap to the key's merged view: refuse a save that
+                # would grow the key past it, or no replica could restore the key.
+                mine = {f.rel for f in local}
+                merged = report.bytes + sum(e.size for p, e in current.items() if p not in mine)
+                if merged > max_bytes:
+                    raise CacheTooLarge(
+                        f"the key would hold {merged / 2**20:.1f} MiB after this save, over "
+                        f"the {max_bytes / 2**20:.0f} MiB cap; nothing was uploaded"
+                    )
             entries = self._upload(local, current, report, progress)
             changed = [e for e in entries if current.get(e.path) != e]
             report.changed_files = len(changed)
@@ -465,6 +497,8 @@ class Store:
                 # Another user's object this user cannot touch: a fresh copy of the same
                 # bytes gets a new age. If even that is refused, the save fails here,
                 # before any manifest lists a chunk that gc could sweep.
+                if not trusted and chunking.digest(data) != ref.digest:
+                    raise _ChunkListMismatch(ref.digest.hex()) from None
                 self._republish(key, objects.encode_chunk(data))
                 found = True
             if not found:
@@ -834,6 +868,9 @@ def _unlink_quietly(path: str) -> None:
 class _ChunkListMismatch(Exception):
     """A manifest's chunk list for a file does not match the file's bytes."""
 
+
+# Listings of a key's manifests before a read gives up waiting for them to settle.
+_MANIFEST_LISTINGS = 10
 
 # Errors that no other file would escape either: stop the whole load at once.
 _FATAL_ERRNOS = {28, 30, 122}  # ENOSPC, EROFS, EDQUOT

@@ -8,7 +8,7 @@ import pytest
 
 from casstore import constants
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CannotRenew
+from casstore.errors import CannotRenew, CorruptObject
 from tests.backend_conformance import BackendConformance
 from tests.helpers import temp_files
 
@@ -165,3 +165,39 @@ def test_republish_gives_an_identical_object_a_new_age(tmp_path: Path) -> None:
     b.republish("chunks/ab/x.zst", b"data")
     assert path.read_bytes() == b"data" and path.stat().st_mtime > 1000
     assert temp_files(tmp_path) == []
+
+
+def test_renameat2_moves_never_touch_a_fresh_upload_at_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With renameat2 the source name is gone once moved; a saver re-uploading there right
+    after must find its object left alone (no detour through a temp name)."""
+    import casstore.backends.fs as fs_mod
+
+    b = FileSystemBackend(tmp_path)
+    b.put_if_absent("chunks/ab/c.zst", b"old copy")
+    real = fs_mod.rename_noreplace
+
+    def then_reupload(src: str, dst: str) -> bool:
+        moved = real(src, dst)
+        if dst.endswith("trash/run/c.zst"):
+            assert b.put_if_absent("chunks/ab/c.zst", b"fresh upload")
+        return moved
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("link-mode clean-up ran after a renameat2 move")
+
+    monkeypatch.setattr(fs_mod, "rename_noreplace", then_reupload)
+    monkeypatch.setattr(FileSystemBackend, "_drop_linked_source", must_not_run)
+    assert b.move("chunks/ab/c.zst", "trash/run/c.zst")
+    assert (tmp_path / "chunks" / "ab" / "c.zst").read_bytes() == b"fresh upload"
+
+
+def test_only_regular_files_are_objects(tmp_path: Path) -> None:
+    b = FileSystemBackend(tmp_path)
+    (tmp_path / "chunks" / "ab").mkdir(parents=True)
+    os.mkfifo(tmp_path / "chunks" / "ab" / "fifo.zst")
+    with pytest.raises(CorruptObject, match="not a regular file"):
+        b.get("chunks/ab/fifo.zst", max_bytes=100)
+    with pytest.raises(CorruptObject, match="not a regular file"):
+        b.get("chunks/ab/fifo.zst")

@@ -3,14 +3,17 @@ sweep protocol next to concurrent savers, compaction, cleanup, repair."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from casstore import CacheKey, NotFound, Store, audit, constants, objects
+from casstore import CacheKey, InvalidManifest, NotFound, Store, audit, constants, objects
 from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.locks import best_effort_lock
@@ -65,9 +68,13 @@ def test_max_age_drops_unused_keys_and_their_own_chunks(store: Store, tmp_path: 
     p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY), now=now)
     assert [d.state.key.model for d in p.drop] == ["old"]
     report = gc_mod.execute(store, p)
-    assert report.keys_dropped == 1 and report.chunks_deleted >= 1
+    # Run 1 sets the key aside: it stops loading at once, its chunks stay.
+    assert report.keys_dropped == 1 and report.chunks_deleted == 0
     with pytest.raises(NotFound):
         store.load(key("old"), tmp_path / "d1")
+    # Run 2 deletes it, and frees the chunks only it used.
+    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY), now=now))
+    assert second.keys_expired == 1 and second.chunks_deleted >= 1
     assert loads_intact(store, key("new"), tmp_path / "d2", new_files)
     assert audit.verify(store).ok
 
@@ -106,6 +113,8 @@ def test_max_size_evicts_least_recently_used(store: Store, tmp_path: Path) -> No
     p = gc_mod.plan(store, gc_mod.Policy(max_size=2_200_000), now=now)
     assert [d.state.key.model for d in p.drop] == ["a"]
     gc_mod.execute(store, p)
+    assert {k.key.model for k in store.keys()} == {"b", "c"}
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(max_size=2_200_000), now=now))
     stored = sum(c.stat().st_size for c in chunk_files(tmp_path / "store"))
     assert stored <= 2_200_000
     assert {k.key.model for k in store.keys()} == {"b", "c"}
@@ -148,6 +157,118 @@ def test_compaction_merges_manifests_without_losing_files(store: Store, tmp_path
     assert report.keys_compacted == 1
     assert len(store.manifests(k)) == 2  # the merged one + the late one
     assert loads_intact(store, k, tmp_path / "d", files)
+
+
+def forty_manifests(store: Store, tmp_path: Path) -> tuple[CacheKey, dict[str, bytes]]:
+    """A key saved 40 times, one new file each time: 40 manifests to compact."""
+    k = key("m")
+    files = {f"g{i:02}/graph.py": os.urandom(3000) for i in range(40)}
+    for path, data in files.items():
+        save(store, tmp_path, k, {path: data})
+    assert len(store.manifests(k)) == 40
+    return k, files
+
+
+@pytest.mark.parametrize("after", [1, 5, 39])
+def test_a_load_listing_the_key_as_gc_compacts_it_sees_every_file(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """The load has listed the 40 manifests and read ``after`` of them when gc compacts
+    the key (merged manifest published, the 40 deleted): the rest vanish under the load,
+    which must still restore all 40 files."""
+    k, files = forty_manifests(store, tmp_path)
+    real_get = store.backend.get
+    reads = 0
+
+    def get(name: str, *, max_bytes: int | None = None) -> bytes:
+        nonlocal reads
+        blob = real_get(name, max_bytes=max_bytes)
+        if name.startswith(constants.MANIFESTS_DIR):
+            reads += 1
+            if reads == after:
+                names = tuple(info.key for info in store.backend.list(f"manifests/{k.id}/"))
+                monkeypatch.setattr(store.backend, "get", real_get)
+                assert gc_mod.compact_key(store, k.id, names)
+        return blob
+
+    monkeypatch.setattr(store.backend, "get", get)
+    report = store.load(k, tmp_path / "dest")
+    assert reads >= after and len(manifest_files(tmp_path / "store")) == 1  # compacted
+    assert (report.files, report.missing) == (40, [])
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "dest").items()} == files
+
+
+def test_loads_racing_compaction_restore_every_file_every_time(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc compacts a key of many manifests over and over while loads run: each load must
+    restore every file of the key, not only intact ones. Each round the key gets 40
+    one-file manifests again, none listing every file (published, then the merged one
+    removed), and gc merges them into one and deletes the 40. The loader reads manifests
+    with a little latency, as over a network filesystem, so that its reading overlaps
+    the deletions."""
+    k, files = forty_manifests(store, tmp_path)
+    entries = list(store.files(k).values())
+    loader = threading.current_thread()
+    real_get, real_delete = store.backend.get, store.backend.delete
+    deleted = 0
+
+    def get(name: str, *, max_bytes: int | None = None) -> bytes:
+        blob = real_get(name, max_bytes=max_bytes)
+        if threading.current_thread() is loader and name.startswith(constants.MANIFESTS_DIR):
+            time.sleep(0.0005)  # the bytes arrive late: the directory changes meanwhile
+        return blob
+
+    def delete(name: str) -> bool:
+        nonlocal deleted
+        done = real_delete(name)
+        deleted += done
+        return done
+
+    monkeypatch.setattr(store.backend, "get", get)
+    monkeypatch.setattr(store.backend, "delete", delete)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def compactor() -> None:
+        try:
+            while not stop.is_set():
+                merged = [n for n, _ in store.read_manifests(k.id)[0]]
+                for entry in entries:
+                    m = mf.new_manifest(k, [entry])
+                    name = mf.new_manifest_name(m.created_at)
+                    store.backend.put_if_absent(f"manifests/{k.id}/{name}", mf.encode(m))
+                for name in merged:
+                    delete(name)
+                names = tuple(n for n, _ in store.read_manifests(k.id)[0])
+                assert gc_mod.compact_key(store, k.id, names)
+        except BaseException as e:
+            errors.append(e)
+
+    real_manifests = store.manifests
+    raced = 0  # loads whose reading of the manifests overlapped deletions
+
+    def manifests(k: CacheKey) -> list[tuple[str, mf.Manifest]]:
+        nonlocal raced
+        before = deleted
+        found = real_manifests(k)
+        raced += deleted != before
+        return found
+
+    monkeypatch.setattr(store, "manifests", manifests)
+    thread = threading.Thread(target=compactor)
+    thread.start()
+    try:
+        for i in range(60):
+            dest = tmp_path / f"load{i}"
+            report = store.load(k, dest)
+            assert (report.files, report.missing) == (40, []), f"load {i}, {raced} raced"
+            assert {p: d for p, (d, _) in read_tree(dest).items()} == files
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert raced >= 10, f"only {raced} of 60 loads raced a compaction"
 
 
 def test_late_manifest_protects_candidate_chunks(store: Store, tmp_path: Path) -> None:
@@ -235,6 +356,32 @@ def test_opportunistic_cleanup_is_bounded(store: Store, tmp_path: Path) -> None:
     assert gc_mod.cleanup(store, temp_timeout=60, lock_timeout=30, budget_seconds=0) == 0
 
 
+def test_cleanup_stops_at_its_time_budget(store: Store, tmp_path: Path) -> None:
+    """A clock that ticks one second each time cleanup reads it (once per file): a budget
+    of 10 s removes exactly 10 of 50 stale temp files; later runs remove the rest."""
+    root = tmp_path / "store"
+    (root / "manifests").mkdir(exist_ok=True)
+    now = time.time()
+    for i in range(50):
+        t = root / "manifests" / f"{constants.TEMP_PREFIX}{i}"
+        t.write_bytes(b"x")
+        age(t, 300, now)
+    ticks = itertools.count()
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    def run(budget: float) -> int:
+        return gc_mod.cleanup(
+            store, temp_timeout=60, lock_timeout=30, budget_seconds=budget, clock=clock
+        )
+
+    assert run(10) == 10
+    assert len(temp_files(root)) == 40
+    assert run(25) == 25
+    assert run(1000) == 15 and temp_files(root) == []
+
+
 def test_repair_quarantines_and_the_next_save_heals(store: Store, tmp_path: Path) -> None:
     files = {"a": os.urandom(200_000), "b": os.urandom(5000)}
     save(store, tmp_path, key("m"), files)
@@ -269,7 +416,6 @@ def expired_plan(store: Store, tmp_path: Path, k: CacheKey) -> gc_mod.Plan:
     age_all_chunks(tmp_path / "store", 40 * DAY, now)
     p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY, grace=HOUR), now=now)
     assert [d.state.key_id for d in p.drop] == [k.id]
-    assert p.chunks  # its chunks are sweep candidates
     return p
 
 
@@ -310,25 +456,25 @@ def test_execute_keeps_a_key_loaded_and_resaved_unchanged_after_planning(
 def test_a_save_landing_while_gc_deletes_the_key_loses_nothing(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The replica loads and saves after execute re-checked the key, just before gc
-    deletes its first manifest: gc must notice and put the manifests back."""
+    """The replica loads and saves after execute re-checked the key, just before gc sets
+    its first manifest aside: gc must notice and put the manifests back at once."""
     k = key("m")
     files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
     save(store, tmp_path, k, files)
     p = expired_plan(store, tmp_path, k)
     replica = tmp_path / "replica"
-    real_delete = store.backend.delete
+    real_move = store.backend.move
     raced: list[str] = []
 
-    def delete(name: str) -> bool:
-        if name.startswith(constants.MANIFESTS_DIR) and not raced:
-            raced.append(name)
+    def move(src: str, dst: str) -> bool:
+        if src.startswith(constants.MANIFESTS_DIR) and not raced:
+            raced.append(src)
             store.load(k, replica)
             (replica / "c.py").write_bytes(b"compiled later")
             store.save(replica, k)
-        return real_delete(name)
+        return real_move(src, dst)
 
-    monkeypatch.setattr(store.backend, "delete", delete)
+    monkeypatch.setattr(store.backend, "move", move)
     report = gc_mod.execute(store, p)
     monkeypatch.undo()
     assert raced and report.keys_dropped == 0 and report.chunks_deleted == 0
@@ -388,3 +534,110 @@ def test_a_manifest_with_an_impossible_time_never_stops_gc(store: Store, tmp_pat
     report = gc_mod.execute(store, p)
     assert report.keys_compacted == 1 and report.chunks_deleted == 1
     assert loads_intact(store, k, tmp_path / "d", {"a": b"first", "b": b"second"})
+
+
+# --- regressions from an adversarial review ---------------------------------------------------
+
+
+def test_symlinks_in_trash_are_never_followed(store: Store, tmp_path: Path) -> None:
+    """Anyone who can write the store can plant trash/<run> -> elsewhere; recovering
+    crashed sweeps must not delete through it (live chunks, or files outside the store)."""
+    files = {f"f{i}": os.urandom(1000) + bytes([i]) for i in range(20)}
+    save(store, tmp_path, key("m"), files)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    fanout = sorted((tmp_path / "store" / constants.CHUNKS_DIR).iterdir())[0]
+    trash = tmp_path / "store" / constants.TRASH_DIR
+    trash.mkdir()
+    os.symlink(victim, trash / "evil-c0-x")
+    os.symlink(os.path.relpath(fanout, trash), trash / "evil2-c9999999999-y")
+    long_ago = time.time() - 3 * HOUR
+    for p in (victim, fanout):
+        os.utime(p, (long_ago, long_ago))
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy()))
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert loads_intact(store, key("m"), tmp_path / "d", files)
+
+
+def test_two_gcs_finishing_one_crashed_run_do_not_crash(store: Store, tmp_path: Path) -> None:
+    save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
+    gc_mod.remove_key(store, key("m"))
+    (chunk,) = chunk_files(tmp_path / "store")
+    run = tmp_path / "store" / constants.TRASH_DIR / "crashed"
+    run.mkdir(parents=True)
+    os.rename(chunk, run / chunk.name)
+    (run / "a-directory").mkdir()  # junk a gc cannot unlink
+    long_ago = time.time() - 3 * HOUR
+    os.utime(run, (long_ago, long_ago))
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))  # no exception
+    assert not (run / chunk.name).exists()
+    shutil.rmtree(run)  # the run vanishing under a second gc, as if another finished it
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+
+
+def test_gc_never_sweeps_chunks_of_a_manifest_from_a_newer_casstore(
+    store: Store, tmp_path: Path
+) -> None:
+    """A manifest this casstore cannot read (a newer format, a field it does not know) may
+    well be valid: its chunks must not be swept as garbage."""
+    save(store, tmp_path, key("m"), {"a": os.urandom(5000)})
+    (path,) = manifest_files(tmp_path / "store")
+    body = msgspec.msgpack.decode(path.read_bytes()[len(constants.MANIFEST_MAGIC) + 32 :])
+    body["compression_level"] = 3
+    path.write_bytes(mf.seal(msgspec.msgpack.encode(body)))
+    before = chunk_files(tmp_path / "store")
+    report = gc_mod.execute(
+        store, gc_mod.plan(store, gc_mod.Policy(grace=60), now=time.time() + 2 * HOUR)
+    )
+    assert report.chunks_deleted == 0 and chunk_files(tmp_path / "store") == before
+    assert any("newer casstore" in e for e in report.errors), report.errors
+
+
+def test_a_junk_manifest_file_does_not_pin_its_key(store: Store, tmp_path: Path) -> None:
+    k = key("m")
+    save(store, tmp_path, k, {"a": os.urandom(5000)})
+    junk = tmp_path / "store" / constants.MANIFESTS_DIR / k.id / "junk.manifest"
+    junk.write_bytes(b"not a manifest")
+    p = expired_plan(store, tmp_path, k)
+    report = gc_mod.execute(store, p)
+    assert report.keys_dropped == 1 and report.keys_spared == 0
+    with pytest.raises(InvalidManifest):  # only the junk is left under the key
+        store.load(k, tmp_path / "d")
+
+
+def test_a_dropped_key_goes_in_two_runs_and_comes_back_if_saved_meanwhile(
+    store: Store, tmp_path: Path
+) -> None:
+    """Run 1 sets a dropped key's manifests aside (the key stops loading, its chunks stay);
+    run 2 deletes them, unless a replica saved the key in between: then they come back, so
+    even a save whose view of the key lagged behind loses nothing."""
+    k = key("m")
+    files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
+    save(store, tmp_path, k, files)
+    first = gc_mod.execute(store, expired_plan(store, tmp_path, k))
+    assert first.keys_dropped == 1 and first.chunks_deleted == 0
+    with pytest.raises(NotFound):
+        store.load(k, tmp_path / "gone")
+    # A replica with a lagging view saves only its new file.
+    late = tmp_path / "late"
+    write_tree(late, {"c.py": b"compiled later"})
+    store.save(late, k)
+    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert second.chunks_deleted == 0
+    assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
+
+
+def test_set_aside_manifests_are_deleted_by_the_next_run_and_their_chunks_freed(
+    store: Store, tmp_path: Path
+) -> None:
+    k = key("m")
+    save(store, tmp_path, k, {"a.so": os.urandom(300_000)})
+    gc_mod.execute(store, expired_plan(store, tmp_path, k))
+    assert chunk_files(tmp_path / "store")
+    later = time.time() + 41 * DAY
+    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=later))
+    assert second.chunks_deleted > 0 and chunk_files(tmp_path / "store") == []
+    leftovers = (tmp_path / "store" / constants.MANIFESTS_DIR).rglob("*")
+    assert [p for p in leftovers if not p.is_dir()] == []
+    assert not (tmp_path / "store" / Store.access_key(k.id)).exists()

@@ -30,6 +30,7 @@ from casstore import (
     objects,
 )
 from casstore import manifest as mf
+from casstore.errors import CannotRenew
 from tests.helpers import KEY, chunk_files, manifest_files, read_tree, temp_files, write_tree
 
 # --- round trip ----------------------------------------------------------------------------
@@ -543,3 +544,69 @@ def test_a_miss_leaves_the_target_exactly_as_it_was(store: Store, tmp_path: Path
     assert report.missing == ["g.so"]
     assert (tmp_path / "dst" / "g.so").read_bytes() == b"version one" * 1000
     assert temp_files(tmp_path / "dst") == []
+
+
+def test_a_save_that_would_grow_the_key_past_the_cap_is_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    """The cap applies to the key as loads will see it (the merged view), not only to one
+    replica's tree: otherwise two replicas under the cap make a key no load may restore."""
+    cap = 1_000_000
+    write_tree(tmp_path / "one", {"one.so": os.urandom(600_000)})
+    write_tree(tmp_path / "two", {"two.so": os.urandom(600_000)})
+    store.save(tmp_path / "one", KEY, max_bytes=cap)
+    chunks = chunk_files(tmp_path / "store")
+    with pytest.raises(CacheTooLarge, match="key would hold"):
+        store.save(tmp_path / "two", KEY, max_bytes=cap)
+    assert chunk_files(tmp_path / "store") == chunks  # nothing uploaded
+    assert store.load(KEY, tmp_path / "dst", max_bytes=cap).missing == []
+
+
+def test_a_special_file_in_place_of_a_chunk_never_hangs_a_load(
+    store: Store, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "src", {"f": os.urandom(5000)})
+    store.save(tmp_path / "src", KEY)
+    (chunk,) = chunk_files(tmp_path / "store")
+    chunk.unlink()
+    os.mkfifo(chunk)
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(store.load(KEY, tmp_path / "dst")))
+    t.daemon = True
+    t.start()
+    t.join(20)
+    assert result, "the load hung on a FIFO"
+    assert audit.verify(store).corrupt or audit.verify(store).missing_chunks
+
+
+def test_an_unrenewable_chunk_is_never_republished_from_unverified_bytes(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lying chunk list (the file's digest matches, a chunk's does not) plus a chunk this
+    user cannot renew: the local bytes must not replace the shared chunk."""
+    victim_data = os.urandom(50_000)
+    write_tree(tmp_path / "victim", {"v.so": victim_data})
+    victim = CacheKey(torch="t", arch="a", model="victim")
+    store.save(tmp_path / "victim", victim)
+    (ref,) = store.files(victim)["v.so"].chunks
+    data = os.urandom(50_000)
+    write_tree(tmp_path / "src", {"f.so": data})
+    lie = mf.ChunkRef(ref.digest, len(data))
+    m = mf.new_manifest(
+        KEY, [mf.FileEntry("f.so", len(data), 0o644, chunking.digest(data), (lie,))]
+    )
+    store.backend.put_if_absent(
+        f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at)}", mf.encode(m)
+    )
+
+    def cannot_renew(key: str) -> bool:
+        if key.startswith(constants.CHUNKS_DIR) and store.backend.stat(key) is not None:
+            raise CannotRenew(f"cannot renew {key}", key=key)
+        return store.backend.stat(key) is not None
+
+    monkeypatch.setattr(store.backend, "refresh", cannot_renew)
+    store.save(tmp_path / "src", KEY)
+    monkeypatch.undo()
+    assert audit.verify(store).corrupt == []
+    assert store.load(victim, tmp_path / "v").missing == []
+    assert (tmp_path / "v" / "v.so").read_bytes() == victim_data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,21 +57,43 @@ class FileSystemBackend(Backend):
         return os.path.join(self._root, key)
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO planted at an object's name must
+        # be refused, not followed or waited on (a FIFO would block every loader).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                if max_bytes is None:
-                    return f.readall()
-                size = os.fstat(f.fileno()).st_size
-                data = f.read(max_bytes + 1) if size <= max_bytes else b""
-                if size > max_bytes or len(data) > max_bytes:
-                    raise CorruptObject(
-                        f"object {key} holds {max(size, len(data))} bytes, over the limit "
-                        f"of {max_bytes}",
-                        path=key,
-                    )
-                return data
+            fd = os.open(self._path(key), flags)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {key}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CorruptObject(f"object {key} is a symlink", path=key) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptObject(f"object {key} is not a regular file", path=key)
+            limit = max_bytes if max_bytes is not None else st.st_size
+            if st.st_size > limit:
+                raise CorruptObject(
+                    f"object {key} holds {st.st_size} bytes, over the limit of {limit}",
+                    path=key,
+                )
+            # Read until EOF: one read() may return less on FUSE and network mounts.
+            parts: list[bytes] = []
+            total = 0
+            while True:
+                part = os.read(fd, max(limit + 1 - total, 1 << 16))
+                if not part:
+                    break
+                parts.append(part)
+                total += len(part)
+                if max_bytes is not None and total > max_bytes:
+                    raise CorruptObject(
+                        f"object {key} grew over the limit of {max_bytes} bytes", path=key
+                    )
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -81,7 +104,7 @@ class FileSystemBackend(Backend):
             os.makedirs(directory, exist_ok=True)
             tmp = self._write_temp(directory, data)
         try:
-            return self._publish(tmp, path)
+            return self._publish(tmp, path) is not None
         finally:
             try:
                 os.unlink(tmp)  # gone after a rename; left by link() or a lost race
@@ -94,12 +117,14 @@ class FileSystemBackend(Backend):
         src_path, dst_path = self._path(src), self._path(dst)
         os.makedirs(os.path.dirname(dst_path), exist_ok=True)
         try:
-            moved = self._publish(src_path, dst_path)
+            how = self._publish(src_path, dst_path)
         except FileNotFoundError:
             return False
-        if moved and os.path.lexists(src_path):
+        # Only link() leaves the source name behind. After a rename, whatever is at the
+        # source now is someone else's fresh object: never touch it.
+        if how == "link":
             self._drop_linked_source(src_path, dst_path)
-        return moved
+        return how is not None
 
     def _drop_linked_source(self, src_path: str, dst_path: str) -> None:
         """After ``link(src, dst)``, remove the name ``src`` only if it still names the
@@ -122,23 +147,25 @@ class FileSystemBackend(Backend):
             except FileNotFoundError:
                 pass
 
-    def _publish(self, src: str, dst: str) -> bool:
+    def _publish(self, src: str, dst: str) -> str | None:
         """Give ``src``'s file the name ``dst`` without replacing an existing ``dst``.
+        Returns the primitive that did it ("renameat2", "link", "rename"), or None when
+        ``dst`` existed.
 
         Afterwards ``src`` may still exist (link() was used, or ``dst`` existed); the
         caller removes it."""
         if self._noreplace:
             try:
                 self.primitive = "renameat2"
-                return rename_noreplace(src, dst)
+                return "renameat2" if rename_noreplace(src, dst) else None
             except NotImplementedError:
                 self._noreplace = False  # this mount cannot; use link() from now on
         try:
             self.primitive = "link"
             os.link(src, dst)
-            return True
+            return "link"
         except FileExistsError:
-            return False
+            return None
         except OSError as e:
             if e.errno not in _NO_LINK_ERRNOS:
                 raise
@@ -146,9 +173,9 @@ class FileSystemBackend(Backend):
         # unique names, so the only thing it can replace is an identical object.
         self.primitive = "rename"
         if os.path.lexists(dst):
-            return False
+            return None
         os.rename(src, dst)
-        return True
+        return "rename"
 
     def _write_temp(self, directory: str, data: bytes) -> str:
         tmp = os.path.join(directory, temp_name())
@@ -196,7 +223,11 @@ class FileSystemBackend(Backend):
         starts now. Safe because names are content digests: only identical bytes replace
         identical bytes, atomically (a reader sees the old copy or the new one)."""
         path = self._path(key)
-        tmp = self._write_temp(os.path.dirname(path), data)
+        try:
+            tmp = self._write_temp(os.path.dirname(path), data)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = self._write_temp(os.path.dirname(path), data)
         try:
             os.replace(tmp, path)
         except BaseException:
