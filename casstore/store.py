@@ -660,6 +660,10 @@ class Store:
                         tally(entry, "missing")
                 return
             outcomes: list[tuple[FileEntry, str]] = []
+            # Deepest paths first: an index sits above the artifacts it names (vLLM's
+            # vllm_compile_cache.py beside inductor_cache/), so should the renames stop
+            # midway (a crash, a full disk), no index names an artifact not yet there.
+            g.staged.sort(key=lambda es: (-es[0].path.count("/"), es[0].path))
             try:
                 for entry, staged in g.staged:
                     outcomes.append((entry, staged.publish()))

@@ -4,16 +4,23 @@ oversized (or hostile) key before anything is written, and partial restores are 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from casstore import CacheTooLarge, Store, constants, objects
+from casstore import CacheKey, CacheTooLarge, NotFound, Store, constants, objects
 from casstore import manifest as mf
-from casstore.manifest import FileEntry
+from casstore.backends.fs import FileSystemBackend
+from casstore.manifest import ChunkRef, FileEntry
+from casstore.store import _fetch_windowed
 from tests.helpers import KEY, read_tree, temp_files, write_tree
 
 
@@ -153,3 +160,140 @@ def test_hostile_manifest_repeating_one_chunk_writes_nothing(tmp_path: Path) -> 
     with pytest.raises(CacheTooLarge, match="MiB"):
         store.load(KEY, dest, max_bytes=64 * 2**20)
     assert not dest.exists()
+
+
+def test_a_group_publishes_its_deepest_files_first(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's index (vllm_compile_cache.py) sits above the inductor artifacts it names: if
+    a group's renames stop midway, the index must not be the one that made it."""
+    rng = random.Random(3)
+    unit = "torch_compile_cache/abc/rank_0_0/backbone"
+    files = {
+        f"{unit}/vllm_compile_cache.py": blob(rng, 500),
+        f"{unit}/inductor_cache/fx/ab/entry": blob(rng, 40_000),
+        f"{unit}/inductor_cache/triton/cd/k.cubin": blob(rng, 9_000),
+        f"{unit}/computation_graph.py": blob(rng, 700),
+    }
+    write_tree(tmp_path / "src", files)
+    store.save(tmp_path / "src", KEY)
+    order: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        order.append(os.path.relpath(dst, tmp_path / "dst"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    store.load(KEY, tmp_path / "dst", group=lambda p: p.split("/", 2)[1])
+    monkeypatch.undo()
+    assert sorted(order) == sorted(files)
+    depths = [p.count("/") for p in order]
+    assert depths == sorted(depths, reverse=True), order
+
+
+# --- the chunk-fetch window (store._fetch_windowed) -----------------------------------------
+
+
+class InFlight:
+    """Calls of a fetch: how many run at once now, the most at once, and in all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = self.most = self.calls = 0
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        with self._lock:
+            self.now += 1
+            self.calls += 1
+            self.most = max(self.most, self.now)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def refs(n: int, size: int = 10) -> tuple[ChunkRef, ...]:
+    return tuple(ChunkRef(i.to_bytes(32, "big"), size) for i in range(n))
+
+
+def test_the_fetch_window_bounds_the_fetches_in_flight() -> None:
+    """16 threads could fetch at once; the window lets 4."""
+    counter = InFlight()
+
+    def fetch(ref: ChunkRef, offset: int) -> int:
+        with counter.one():
+            time.sleep(0.002)  # long enough for the fetches to overlap
+        return ref.size
+
+    with ThreadPoolExecutor(16) as pool:
+        assert _fetch_windowed(pool, fetch, refs(200), 4) == 2000
+    assert (counter.calls, counter.most) == (200, 4)
+
+
+@pytest.mark.parametrize("first_missing", [0, 1, 50, 1000])
+def test_fetching_stops_within_a_window_of_the_first_failure(first_missing: int) -> None:
+    """10,000 chunks, every one from ``first_missing`` on missing: at most a window of
+    fetches is started past the first miss, and none is still running on return."""
+    window = 4
+    counter = InFlight()
+
+    def fetch(ref: ChunkRef, offset: int) -> int:
+        with counter.one():
+            time.sleep(0.0005)
+            if int.from_bytes(ref.digest, "big") >= first_missing:
+                raise NotFound(f"chunk {ref.digest.hex()} is missing")
+        return ref.size
+
+    with ThreadPoolExecutor(16) as pool, pytest.raises(NotFound):
+        _fetch_windowed(pool, fetch, refs(10_000), window)
+    assert counter.now == 0, "a fetch still running after the file was given up"
+    assert first_missing < counter.calls <= first_missing + window
+    assert counter.most <= window
+
+
+class CountingBackend(FileSystemBackend):
+    """A filesystem backend counting the chunk reads in flight and in all."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.chunk_gets = InFlight()
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        if not key.startswith(constants.CHUNKS_DIR + "/"):
+            return super().get(key, max_bytes=max_bytes)
+        with self.chunk_gets.one():
+            time.sleep(0.0005)  # a network filesystem's latency: fetches overlap
+            return super().get(key, max_bytes=max_bytes)
+
+
+@pytest.mark.parametrize("first_missing", [0, 100])
+def test_a_file_listing_thousands_of_missing_chunks_costs_a_window_of_reads(
+    tmp_path: Path, first_missing: int
+) -> None:
+    """A manifest's file lists one real chunk ``first_missing`` times, then 20,000 chunks
+    the store lacks: the load reads at most a window (4 x threads) of chunks past the
+    first miss, and never more than the window at once."""
+    threads = 2
+    backend = CountingBackend(tmp_path / "store")
+    backend.ensure_root()
+    store = Store(backend=backend, threads=threads)
+    seed = CacheKey(torch="t", arch="a", model="seed")  # a real chunk, under another key
+    write_tree(tmp_path / "src", {"seed": os.urandom(3000)})
+    store.save(tmp_path / "src", seed)
+    (real,) = store.files(seed)["seed"].chunks
+    lost = [ChunkRef(bytes([i % 251 + 1]) * 32, real.size) for i in range(20_000)]
+    chunks = (real,) * first_missing + tuple(lost)
+    entry = FileEntry("huge", len(chunks) * real.size, 0o644, b"\1" * 32, chunks)
+    m = mf.new_manifest(KEY, [entry])
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at)}"
+    store.backend.put_if_absent(name, mf.encode(m))
+    window = 4 * threads
+    report = store.load(KEY, tmp_path / "dst")
+    assert report.missing == ["huge"]
+    gets = backend.chunk_gets
+    assert first_missing < gets.calls <= first_missing + window
+    assert gets.most <= window and gets.now == 0
+    assert list((tmp_path / "dst").iterdir()) == []
