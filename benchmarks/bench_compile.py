@@ -37,11 +37,13 @@ def run(repeat: int) -> str:
     try:
         root = work / "store"
         for model in MODELS:
-            cold = replica(work, f"{model}-cold", model, root, "--save")
-            local = [replica(work, f"{model}-cold", model, root) for _ in range(repeat)]
-            restored = []
-            no_pch = []
+            # Rounds: each is a cold compile into a fresh cache dir (saved to the store),
+            # then a warm start on that same cache, then two restored starts. Every
+            # column is the median of the rounds: the first run is not special.
+            cold, local, restored, no_pch = [], [], [], []
             for i in range(repeat):
+                cold.append(replica(work, f"{model}-cold{i}", model, root, "--save"))
+                local.append(replica(work, f"{model}-cold{i}", model, root))
                 restored.append(replica(work, f"{model}-r{i}", model, root, "--load"))
                 no_pch.append(
                     replica(
@@ -60,7 +62,7 @@ def run(repeat: int) -> str:
             def med(results: list[dict[str, Any]], field: str) -> float:
                 return statistics.median(float(r[field]) for r in results)
 
-            c = float(cold["first_call_seconds"])
+            c = med(cold, "first_call_seconds")
             lw = med(local, "first_call_seconds")
             rw = med(restored, "first_call_seconds")
             rl = med(restored, "load_seconds")
@@ -87,8 +89,9 @@ def run(repeat: int) -> str:
             f"- when: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, CPU only, torch "
             f"{_torch_version()}",
-            "- every column is a fresh process; seconds of the first call of the compiled model "
-            f"(median of {repeat}; cold is one run); restored columns add the "
+            "- every column is a fresh process; seconds of the first call of the compiled model, "
+            f"median of {repeat} rounds (each round: a cold compile into a fresh cache dir, a "
+            "warm start on that cache, two restored starts); restored columns add the "
             "`load_compile_cache()` time in brackets",
             "- *restored*: empty inductor cache dir and empty TMPDIR (a new replica), "
             "then `load_compile_cache()`; *no PCH*: the same with "
@@ -117,10 +120,11 @@ def _torch_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/compile-benchmarks.md"))
     args = parser.parse_args()
-    report = run(args.repeat)
+    # An odd count, so each median is one measured run rather than the mean of two.
+    report = run(args.repeat + (args.repeat % 2 == 0))
     print(report)
     args.out.write_text(report)
 
