@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from casstore import Store
+from casstore import Store, keys
 from tests.seaweed import two_hosts, wait_visible
+
+# Every test runs as on a host without a GPU, a GPU runner included (tests/cpu_host.py).
+# Set at import, before test modules are collected: some compute a key at module level.
+keys.GPU_DEVICE_PATHS = ()
 
 
 @pytest.fixture

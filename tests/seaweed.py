@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,16 +29,62 @@ def weed_binary() -> str:
     return found
 
 
+# Ports: each pytest-xdist worker draws from a block of its own, below the kernel's ephemeral
+# range (32768-60999 by default), so neither another worker nor an outgoing connection takes a
+# port between the draw and weed's bind. A port taken anyway (by another test session on the
+# machine) makes weed exit with "address already in use": start() then retries, fresh ports.
+_PORT_BASE = 20_000
+_PORT_BLOCK = 500  # 24 blocks: up to 20_000 + 24 * 500 = 32_000
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", … under xdist
+    index = int(worker[2:]) + 1 if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    first = _PORT_BASE + _PORT_BLOCK * (index % 24)
+    return range(first, first + _PORT_BLOCK)
+
+
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """``n`` ports of this worker's block that nothing is bound to now, in random order."""
+    ports: list[int] = []
+    block = _port_block()
+    for port in random.sample(block, len(block)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"fewer than {n} free ports in {block}")
+
+
+def _listening_inodes(ports: list[int]) -> dict[int, str]:
+    """port -> inode of the socket listening on 127.0.0.1:port (from /proc/net/tcp)."""
+    found: dict[int, str] = {}
+    with open("/proc/net/tcp") as fh:
+        for row in fh.readlines()[1:]:
+            fields = row.split()
+            addr, port, state, inode = *fields[1].split(":"), fields[3], fields[9]
+            if state == "0A" and addr == "0100007F" and int(port, 16) in ports:
+                found[int(port, 16)] = inode
+    return found
+
+
+def _listens_on_all(pid: int, ports: list[int]) -> bool:
+    """Whether process ``pid`` itself holds the listening socket of every one of ``ports``:
+    a server answering on one of them may be another's, started on a port we also drew."""
+    inodes = _listening_inodes(ports)
+    if len(inodes) < len(ports):
+        return False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    held: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(fd))
+    return all(f"socket:[{inode}]" in held for inode in inodes.values())
 
 
 def _is_mounted(path: Path) -> bool:
@@ -54,13 +101,25 @@ class SeaweedFS:
     filer: str = ""
     filer_grpc: int = 0
 
-    def start(self) -> None:
-        master, volume, filer, mg, vg, fg = _free_ports(6)
+    def start(self, attempts: int = 5) -> None:
+        for attempt in range(1, attempts + 1):
+            if self._start_server():
+                return
+            log = (self.workdir / "server.log").read_text(errors="replace")
+            if "address already in use" not in log or attempt == attempts:
+                raise RuntimeError(f"SeaweedFS did not start; see {self.workdir}/server.log")
+
+    def _start_server(self) -> bool:
+        """Start ``weed server`` on fresh ports. True once it answers and holds every one of
+        its ports itself; False if it exited (e.g. a port was taken meanwhile)."""
+        ports = _free_ports(6)
+        master, volume, filer, mg, vg, fg = ports
         data = self.workdir / "data"
-        data.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(data, ignore_errors=True)  # nothing of a failed try's state
+        data.mkdir(parents=True)
         self.filer = f"127.0.0.1:{filer}"
         self.filer_grpc = fg
-        self._spawn(
+        proc = self._spawn(
             "server",
             [
                 weed_binary(),
@@ -81,11 +140,16 @@ class SeaweedFS:
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://{self.filer}/", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.3)
+            if proc.poll() is not None:
+                self.procs.remove(proc)
+                return False
+            if _listens_on_all(proc.pid, ports):
+                try:
+                    urllib.request.urlopen(f"http://{self.filer}/", timeout=2).read()
+                    return True
+                except OSError:
+                    pass
+            time.sleep(0.3)
         raise RuntimeError(f"SeaweedFS filer did not start; see {self.workdir}/server.log")
 
     def mount(self, name: str, filer_path: str = "/cas") -> Path:
@@ -118,11 +182,12 @@ class SeaweedFS:
             time.sleep(0.2)
         raise RuntimeError(f"weed mount {point} did not come up; see {self.workdir}/{name}.log")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.procs.append(proc)
+        return proc
 
     def stop(self) -> None:
         for point in reversed(self.mounts):

@@ -176,7 +176,7 @@ def test_renameat2_moves_never_touch_a_fresh_upload_at_the_source(
 
     b = FileSystemBackend(tmp_path)
     b.put_if_absent("chunks/ab/c.zst", b"old copy")
-    real = fs_mod.rename_noreplace
+    from casstore.backends._posix import rename_noreplace as real  # the unpatched call
 
     def then_reupload(src: str, dst: str) -> bool:
         moved = real(src, dst)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from casstore.keys import detect_cpu_isa
+from tests import cpu_host
 from tests.helpers import chunk_files, read_tree, write_tree
 
 KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "cli"]
@@ -18,9 +19,8 @@ KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "cli"]
 
 def run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CASSTORE_ROOT": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "casstore", *args], capture_output=True, text=True, env=env
-    )
+    # As `python -m casstore`, on a host whose GPU (if any) is hidden: keys are the CPU's.
+    proc = subprocess.run([*cpu_host.cli(), *args], capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
     return proc
@@ -139,7 +139,7 @@ def test_cli_default_key_matches_the_model_py_api(tmp_path: Path) -> None:
         "print(save_compile_cache(cache_dir=sys.argv[1], root=sys.argv[2], model='m').name)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "A"), str(tmp_path / "store")],
+        [*cpu_host.python(code), str(tmp_path / "A"), str(tmp_path / "store")],
         capture_output=True,
         text=True,
         check=True,

@@ -95,6 +95,58 @@ def test_env_configures_cache_dir_root_and_model(
     assert read_tree(tmp_path / "B") == read_tree(a)
 
 
+def trees_saved(root: Path) -> dict[str, set[str]]:
+    """tree name -> the paths its key lists."""
+    store = Store(root)
+    return {k.key.extra["tree"]: set(store.files(k.key)) for k in store.keys()}
+
+
+def restored(root: Path) -> dict[str, bytes]:
+    return {p: d for p, (d, _) in read_tree(root).items()}
+
+
+TRITON_TREE = {
+    "Q2X7RZPLKFU4/triton_poi_fused_add_0.cubin": b"\x7fELF" + bytes(range(256)) * 40,
+    "Q2X7RZPLKFU4/triton_poi_fused_add_0.json": b'{"num_warps": 4}',
+    "Q2X7RZPLKFU4/__grp__triton_poi_fused_add_0.json": b'{"child_paths": {}}',
+}
+
+
+def test_a_triton_cache_dir_apart_is_saved_and_restored_as_its_own_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
+    inductor = fake_cache(a)
+    write_tree(tmp_path / "triton", TRITON_TREE)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert cfg.read_settings(cache_dir=a).triton_cache_dir == tmp_path / "triton"
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
+    assert trees_saved(root) == {"inductor": set(inductor), "triton": set(TRITON_TREE)}
+    # A fresh replica whose Triton cache lives elsewhere again.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-b"))
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SUCCESS
+    assert restored(b) == inductor
+    assert restored(tmp_path / "triton-b") == TRITON_TREE
+
+
+@pytest.mark.parametrize("where", ["inside", "same"])
+def test_a_triton_cache_dir_inside_the_inductor_dir_is_not_a_tree_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
+    inductor = fake_cache(a)
+    sub = "triton/" if where == "inside" else ""
+    write_tree(a, {sub + p: d for p, d in TRITON_TREE.items()})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(a / sub))
+    assert cfg.read_settings(cache_dir=a).triton_cache_dir is None
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
+    everything = {**inductor, **{sub + p: d for p, d in TRITON_TREE.items()}}
+    assert trees_saved(root) == {"inductor": set(everything)}  # saved once, with it
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(b / sub))
+    assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SUCCESS
+    assert restored(b) == everything
+
+
 def test_torch_transient_files_are_not_saved(tmp_path: Path) -> None:
     a = tmp_path / "A"
     write_tree(
@@ -184,20 +236,34 @@ def test_key_of_another_arch_is_never_loaded(
     assert not (tmp_path / "B").exists() or not any((tmp_path / "B").iterdir())
 
 
-def test_never_raises_on_bad_roots_and_manifests(tmp_path: Path) -> None:
+def one_error(caplog: pytest.LogCaptureFixture, *causes: str) -> None:
+    """Since the last check, exactly one ERROR was logged, and it names every one of
+    ``causes``: an ERROR for another reason (a GPU host's undetermined key, say) fails."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    caplog.clear()
+    assert len(errors) == 1 and all(cause in errors[0] for cause in causes), errors
+
+
+def test_never_raises_on_bad_roots_and_manifests(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake_cache(tmp_path / "A")
     as_file = tmp_path / "file"
     as_file.write_bytes(b"not a dir")
     assert save_compile_cache(cache_dir=tmp_path / "A", root=as_file) is OperationStatus.ERROR
+    one_error(caplog, "StoreUnavailable", "is not a directory")
     assert load_compile_cache(cache_dir=tmp_path / "B", root=as_file) is OperationStatus.ERROR
+    one_error(caplog, "StoreUnavailable", f"no store at {as_file}")
     root = tmp_path / "store"
-    save_compile_cache(cache_dir=tmp_path / "A", root=root)
+    assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.SUCCESS
     for m in root.rglob("*.manifest"):
         m.write_bytes(m.read_bytes()[:20])
     assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    one_error(caplog, "InvalidManifest", "is invalid")
     assert not (tmp_path / "B").exists() or read_tree(tmp_path / "B") == {}
     bad_type = load_compile_cache(cache_dir=tmp_path / "B", root=12345)  # type: ignore[arg-type]
     assert bad_type is OperationStatus.ERROR
+    one_error(caplog, "TypeError")
 
 
 @pytest.fixture
@@ -213,37 +279,45 @@ def _mount(args: list[str]) -> None:
 
 
 def test_full_disk_destination_is_an_error_without_partial_files(
-    tmp_path: Path, mount_point: Path
+    tmp_path: Path, mount_point: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_cache(tmp_path / "A", n=8, size=400_000)
     save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
     _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)])
     status = load_compile_cache(cache_dir=mount_point / "cache", root=tmp_path / "store")
     assert status is OperationStatus.ERROR
+    one_error(caplog, "No space left on device")
     assert temp_files(mount_point) == []
     source = {p: d for p, (d, _) in read_tree(tmp_path / "A").items()}
     for path, (data, _) in read_tree(mount_point / "cache").items():
         assert data == source[path]  # whatever was written is complete
 
 
-def test_full_disk_store_is_an_error(tmp_path: Path, mount_point: Path) -> None:
+def test_full_disk_store_is_an_error(
+    tmp_path: Path, mount_point: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake_cache(tmp_path / "A", n=8, size=400_000)
     _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)])
     status = save_compile_cache(cache_dir=tmp_path / "A", root=mount_point / "store")
     assert status is OperationStatus.ERROR
+    one_error(caplog, "No space left on device")
     assert list((mount_point / "store").rglob("*.manifest")) == []
 
 
-def test_read_only_store_loads_but_cannot_save(tmp_path: Path, mount_point: Path) -> None:
-    fake_cache(tmp_path / "A")
+def test_read_only_store_loads_but_cannot_save(
+    tmp_path: Path, mount_point: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tree = fake_cache(tmp_path / "A")
     save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
     _mount(["--bind", str(tmp_path / "store"), str(mount_point)])
     _mount(["-o", "remount,ro,bind", str(mount_point)])
     assert load_compile_cache(cache_dir=tmp_path / "B", root=mount_point) is (
         OperationStatus.SUCCESS
     )
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "B").items()} == tree
     (tmp_path / "A" / "new").write_bytes(b"new graph")
     assert save_compile_cache(cache_dir=tmp_path / "A", root=mount_point) is OperationStatus.ERROR
+    one_error(caplog, "Read-only file system")
 
 
 _HOLD_SLOT = """
@@ -347,7 +421,7 @@ def test_real_torch_compile_warm_start_from_the_store(
 
 
 def test_undeterminable_gpu_arch_is_an_error_everywhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A GPU is visible, nvidia-smi is missing and torch is not imported: the CPU key would
     let hosts with different GPUs share kernels, so every call returns ERROR instead."""
@@ -364,9 +438,11 @@ def test_undeterminable_gpu_arch_is_an_error_everywhere(
     monkeypatch.delitem(sys.modules, "torch", raising=False)
 
     assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    one_error(caplog, "KeyUndetermined", f"a GPU is visible ({node})")
     assert not (tmp_path / "B").exists()
     (tmp_path / "A" / "new").write_bytes(b"new graph")
     assert save_compile_cache(cache_dir=tmp_path / "A", root=root) is OperationStatus.ERROR
+    one_error(caplog, "KeyUndetermined", f"a GPU is visible ({node})")
     vllm_cache = tmp_path / "vllm"
     write_tree(vllm_cache, {"torch_compile_cache/x/rank_0/model": b"graph"})
     sidecar = Sidecar(SidecarOptions(cache_root=vllm_cache, root=root, model="m"))

@@ -3,7 +3,9 @@ damaged objects, full disks, read-only stores, a store removed mid-load, permiss
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -16,9 +18,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from casstore import CacheKey, OperationStatus, Store, audit, load_compile_cache
+from casstore import CacheKey, OperationStatus, Store, audit, load_compile_cache, objects
 from casstore import gc as gc_mod
-from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
+from tests import cpu_host
+from tests.helpers import manifest_files, read_tree, temp_files, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = CacheKey(torch="t", arch="a", model="faults")
@@ -43,65 +46,98 @@ def intact(data: bytes) -> bool:
     return len(data) >= 32 and blake3.blake3(data[32:]).digest() == data[:32]
 
 
+# A saver that saves, again and again until killed, trees whose every file differs from the
+# previous tree's. All trees are written before the first save, and each save's "saved" line
+# goes out in one write with the next save's "saving" line: from its first "saving" line on,
+# the child is always inside a save, so a kill at any moment after it lands mid-save, which
+# the last line it wrote (a "saving" line) shows. With a count, it stops after that many saves
+# and writes "finished".
 _SAVER = """
-import json, os, random, sys
+import json, random, sys
 from pathlib import Path
 import blake3
-from casstore import Store, CacheKey
-store = Store(sys.argv[1], threads=4)
-src = Path(sys.argv[2])
+from casstore import CacheKey, Store
+root, work, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+store = Store(root, threads=4)
 key = CacheKey(torch="t", arch="a", model="faults")
 rng = random.Random()
-while True:  # until killed: every save rewrites every file, so each one uploads
+trees = []
+for t in range(6):
+    src = work / f"tree{t}"
+    src.mkdir(parents=True)
     digests = {}
     for name, size in [(f"g{i}.bin", rng.randrange(1, 150_000)) for i in range(20)] + [
             ("big.so", 2**20)]:
         payload = rng.randbytes(size)
         data = blake3.blake3(payload).digest() + payload
-        tmp = src / (name + ".new")
-        tmp.write_bytes(data)
-        os.replace(tmp, src / name)
+        (src / name).write_bytes(data)
         digests[name] = blake3.blake3(data).hexdigest()
-    store.save(src, key, lock_timeout=0)
-    print(json.dumps(digests), flush=True)
+    trees.append((src, json.dumps({"saving": digests})))
+print(trees[0][1], flush=True)
+n = 0
+while True:
+    store.save(trees[n % len(trees)][0], key, lock_timeout=0)
+    n += 1
+    after = json.dumps({"finished": n}) if n == count else trees[n % len(trees)][1]
+    print(json.dumps({"saved": n}) + "\\n" + after, flush=True)
+    if n == count:
+        break
 """
+
+
+def saver(root: Path, work: Path, count: int) -> tuple[subprocess.Popen[str], str]:
+    """Start a saver; return it once it has written its first "saving" line (and that line):
+    interpreter start-up, imports and writing the trees are over, the first save begins."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(root), str(work), str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith('{"saving"'), f"the saver did not start: {first!r}"
+    return proc, first
 
 
 def test_saver_killed_at_random_moments(where: Path, tmp_path: Path) -> None:
     """25 SIGKILLs per filesystem, each in the middle of a save: a load gives the last
-    completed save (or the one whose manifest was published just before the kill), never a
-    partial or wrong file; cleanup then removes the temp files left behind."""
+    completed save, or entirely one whose manifest was published before the kill, never a
+    mix, a partial or a wrong file; cleanup then removes the temp files left behind."""
     rng = random.Random(str(where))
     root = where / "store"
     Store(root)
-    src = tmp_path / "src"
-    src.mkdir()
-    kills = 0
-    for round_ in range(25):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SAVER, str(root), str(src)], stdout=subprocess.PIPE, text=True
-        )
-        time.sleep(rng.uniform(0.3, 1.5))
+    # One saver that is not killed: three completed saves, and how long one save takes here.
+    proc, first = saver(root, tmp_path / "work-0", 3)
+    started = time.monotonic()
+    out = first + proc.communicate(timeout=300)[0]
+    per_save = (time.monotonic() - started) / 3
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0 and lines[-1] == {"finished": 3}
+    # What a load may give: the last completed save, or one killed after its manifest
+    # was published (any killed since then, the newest published one wins).
+    may_load = [lines[-3]["saving"]]
+    for round_ in range(1, 26):
+        proc, first = saver(root, tmp_path / f"work-{round_}", 0)
+        # A random moment of the next three saves or so.
+        time.sleep(rng.uniform(0, 3 * per_save))
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
-        kills += proc.returncode == -signal.SIGKILL
-        completed = [json.loads(line) for line in out.splitlines() if line.strip()]
+        out = first + proc.communicate(timeout=60)[0]
+        assert proc.returncode == -signal.SIGKILL
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert "saving" in lines[-1], f"round {round_}: the kill did not land in a save"
+        for line, after in itertools.pairwise(lines):
+            if "saved" in after:
+                may_load = [line["saving"]]
+        may_load.append(lines[-1]["saving"])
         dest = tmp_path / f"dst{round_}"
-        try:
-            report = Store(root).load(KEY, dest)
-        except LookupError:
-            assert round_ == 0 and not completed  # nothing was ever saved yet
-            continue
+        report = Store(root).load(KEY, dest)
         assert report.missing == []
         restored = {p: d for p, (d, _) in read_tree(dest).items()}
         assert all(intact(d) for d in restored.values()), "a restored file has wrong bytes"
         got = {p: blake3.blake3(d).hexdigest() for p, d in restored.items()}
-        if completed:
-            last = completed[-1]
-            # The last completed save, or entirely the next one (manifests are atomic).
-            assert got == last or not set(got.items()) & set(last.items())
+        assert got in may_load, f"round {round_}: the load is not one whole save"
         shutil.rmtree(dest)
-    assert kills == 25
+        shutil.rmtree(tmp_path / f"work-{round_}")
     store = Store(root)
     p = gc_mod.plan(store, gc_mod.Policy(temp_timeout=0, lock_timeout=0))
     assert p.temps, "killed savers leave temp files for cleanup to find"
@@ -116,42 +152,58 @@ def test_damage_is_reported_and_never_restored(where: Path, tmp_path: Path) -> N
     store = Store(root, threads=4)
     tree = {f"f{i}": sealed(rng, rng.randrange(1, 400_000)) for i in range(30)}
     write_tree(tmp_path / "src", tree)
-    store.save(tmp_path / "src", KEY)
+    first = store.save(tmp_path / "src", KEY).manifest
+    files = store.files(KEY)
     write_tree(tmp_path / "src2", {"later": sealed(rng, 1000)})
-    store.save(tmp_path / "src2", KEY)
-    chunks = rng.sample(chunk_files(root), 9)
-    corrupt, deleted = set(), set()
-    for i, c in enumerate(chunks):
+    later = store.save(tmp_path / "src2", KEY).manifest
+    assert first and later
+    # 9 chunks of the first save: 3 truncated, 3 with a flipped bit, 3 deleted.
+    listed = sorted({c.digest.hex() for f in files.values() for c in f.chunks})
+    corrupt: set[str] = set()
+    deleted: set[str] = set()
+    for i, digest in enumerate(rng.sample(listed, 9)):
+        c = root / objects.chunk_key(digest)
         blob = c.read_bytes()
         if i % 3 == 0:
             c.write_bytes(blob[: len(blob) // 2])  # truncated
-            corrupt.add(c.name)
+            corrupt.add(digest)
         elif i % 3 == 1:
             j = rng.randrange(len(blob))
             c.write_bytes(blob[:j] + bytes([blob[j] ^ 0x80]) + blob[j + 1 :])  # flipped
-            corrupt.add(c.name)
+            corrupt.add(digest)
         else:
             c.unlink()
-            deleted.add(c.name[:-4])
-    manifest = manifest_files(root)[-1]
-    blob = manifest.read_bytes()
-    manifest.write_bytes(blob[:40] + bytes([blob[40] ^ 1]) + blob[41:])
+            deleted.add(digest)
+    blob = (root / later).read_bytes()
+    (root / later).write_bytes(blob[:40] + bytes([blob[40] ^ 1]) + blob[41:])
     report = audit.verify(store)
-    assert {k.rsplit("/", 1)[-1] for k, _ in report.corrupt} == corrupt
-    assert {d for _, d in report.missing_chunks} >= deleted
-    assert [k for k, _ in report.invalid_manifests] == [str(manifest.relative_to(root))]
+    lost = corrupt | deleted
+    assert sorted(k for k, _ in report.corrupt) == sorted(map(objects.chunk_key, corrupt))
+    # The intact manifest's references to every damaged or deleted chunk are missing ones.
+    assert sorted(report.missing_chunks) == sorted((first, d) for d in lost)
+    assert [k for k, _ in report.invalid_manifests] == [later]
     loaded = store.load(KEY, tmp_path / "dst")
-    restored = read_tree(tmp_path / "dst")
-    assert loaded.missing and all(intact(d) for d, _ in restored.values())
-    assert "later" not in restored  # its manifest is damaged: ignored, not trusted
+    damaged = {p for p, f in files.items() if {c.digest.hex() for c in f.chunks} & lost}
+    assert sorted(loaded.missing) == sorted(damaged)
+    # Exactly the intact files, and not "later": its manifest is damaged, so not trusted.
+    restored = {p: d for p, (d, _) in read_tree(tmp_path / "dst").items()}
+    assert restored == {p: d for p, d in tree.items() if p not in damaged}
     cli = subprocess.run(
         [sys.executable, "-m", "casstore", "--root", str(root), "verify"],
         capture_output=True,
         text=True,
     )
     assert cli.returncode == 4
-    for name in corrupt:
-        assert name in cli.stdout
+    named = cli.stdout.splitlines()
+    assert sorted(line.split(":")[0] for line in named if "corrupt chunk" in line) == sorted(
+        f"  corrupt chunk {objects.chunk_key(d)}" for d in corrupt
+    )
+    assert sorted(line for line in named if "references missing chunk" in line) == sorted(
+        f"  {first} references missing chunk {d}" for d in lost
+    )
+    assert [line.split(":")[0] for line in named if "invalid manifest" in line] == [
+        f"  invalid manifest {later}"
+    ]
 
 
 # A child that starts as root, imports everything it will need, then drops to ``nobody``
@@ -195,7 +247,7 @@ else:
 
 def as_nobody(mode: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", _AS_NOBODY, mode, *args],
+        [*cpu_host.python(_AS_NOBODY), mode, *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -211,10 +263,11 @@ def cli(root: Path, *args: str, user: str | None = None) -> subprocess.Completed
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, cause: str) -> None:
+    """Exit ``code``, and on stderr one line, ``error: …``, that names ``cause``."""
     assert proc.returncode == code, (proc.returncode, proc.stderr)
-    assert text in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and cause in lines[0], proc.stderr
 
 
 @pytest.fixture
@@ -301,7 +354,9 @@ def test_permission_denied(tmp_path: Path) -> None:
         )
         api = as_nobody("api", str(base / "src"), str(base / "store"))
         assert api.stdout.strip() == "ERROR", api.stderr
-        assert "Permission denied" in api.stderr, api.stderr
+        # Its one ERROR record names the cause.
+        errors = [line for line in api.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and "Permission denied" in errors[0], api.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -339,11 +394,15 @@ def test_store_removed_mid_load(where: Path, tmp_path: Path) -> None:
     out, errs = proc.communicate(timeout=120)
     assert proc.returncode in (0, 1, 3, 4), errs
     assert "Traceback" not in errs
-    if proc.returncode == 4:
-        assert json.loads(out)["missing"]
     assert temp_files(dest) == [] if dest.exists() else True
-    for path, (data, _) in (read_tree(dest) if dest.exists() else {}).items():
-        assert data == tree[path]
+    written = {p: d for p, (d, _) in (read_tree(dest) if dest.exists() else {}).items()}
+    assert all(data == tree[path] for path, data in written.items()), "a file has wrong bytes"
+    if proc.returncode == 0:
+        assert written == tree
+    elif proc.returncode == 4:  # every file it did not write is reported missing, no other
+        assert sorted(json.loads(out)["missing"]) == sorted(set(tree) - set(written))
+    else:  # 1 or 3: the store was gone before the load could read the key
+        assert errs.splitlines()[-1].startswith("error: "), errs
 
 
 def test_huge_declared_sizes_and_chunk_counts(tmp_path: Path) -> None:
@@ -374,24 +433,35 @@ def test_huge_declared_sizes_and_chunk_counts(tmp_path: Path) -> None:
     assert list((tmp_path / "dst").iterdir()) == []
 
 
-def test_non_utf8_path_in_manifest_is_refused(tmp_path: Path) -> None:
+def test_non_utf8_path_in_manifest_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import msgspec
 
     from casstore import InvalidManifest, constants
     from casstore import manifest as mf
+    from casstore.compile_cache import _trees
+    from casstore.config import read_settings
 
-    store = Store(tmp_path / "store")
-    body = msgspec.msgpack.encode(msgspec.to_builtins(mf.new_manifest(KEY, [])))
-    # Splice a raw, invalid UTF-8 string into the files array.
-    entry = msgspec.msgpack.encode(
-        {"path": "PLACEHOLDER", "size": 0, "mode": 420, "digest": b"\0" * 32, "chunks": []}
-    )
-    entry = entry.replace(b"\xabPLACEHOLDER", b"\xab" + b"bad\xff\xfename\x00\x00"[:11])
-    body = body.replace(b"\xa5files\x90", b"\xa5files\x91" + entry)
-    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(time.time())}"
-    store.backend.put_if_absent(name, mf.seal(body))
+    root, cache = tmp_path / "store", tmp_path / "d2"
+    store = Store(root)
+    # Under KEY, and under the key the model.py calls use for model "faults" here.
+    model_key = _trees(read_settings(cache_dir=cache, root=root), "faults")[0].key
+    for key in (KEY, model_key):
+        body = msgspec.msgpack.encode(msgspec.to_builtins(mf.new_manifest(key, [])))
+        # Splice a raw, invalid UTF-8 string into the files array.
+        entry = msgspec.msgpack.encode(
+            {"path": "PLACEHOLDER", "size": 0, "mode": 420, "digest": b"\0" * 32, "chunks": []}
+        )
+        entry = entry.replace(b"\xabPLACEHOLDER", b"\xab" + b"bad\xff\xfename\x00\x00"[:11])
+        body = body.replace(b"\xa5files\x90", b"\xa5files\x91" + entry)
+        name = f"{constants.MANIFESTS_DIR}/{key.id}/{mf.new_manifest_name(time.time())}"
+        store.backend.put_if_absent(name, mf.seal(body))
     with pytest.raises(InvalidManifest):
         store.load(KEY, tmp_path / "dst")
-    assert load_compile_cache(
-        cache_dir=tmp_path / "d2", root=tmp_path / "store", model="faults"
-    ) in (OperationStatus.DOES_NOT_EXIST, OperationStatus.ERROR)
+    caplog.clear()
+    status = load_compile_cache(cache_dir=cache, root=root, model="faults")
+    assert status is OperationStatus.ERROR
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "InvalidManifest" in errors[0] and "utf-8" in errors[0], errors
+    assert not cache.exists() or not any(cache.iterdir())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import blake3
 import pytest
@@ -68,19 +71,89 @@ def assert_every_save_loads(store: Store, mix: MixResult, tmp_path: Path) -> Non
     assert audit.verify(store).ok
 
 
+# `casstore gc --grace 0 -y --json`, reporting from inside: "executing N" once it has planned
+# and starts to change the store (N chunks to sweep), "swept DONE N" after each chunk, and
+# "executed" when it is done (then its --json report).
+_GC = """
+import sys, threading
+from casstore import gc as gc_mod
+from casstore.cli import main
+
+execute = gc_mod.execute
+lock = threading.Lock()
+
+def say(line):
+    with lock:  # progress comes from gc's sweeping threads: one whole line at a time
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
+def reporting_execute(store, plan, **kwargs):
+    say(f"executing {len(plan.chunks)}")
+    kwargs["progress"] = lambda done, total: say(f"swept {done} {total}")
+    report = execute(store, plan, **kwargs)
+    say("executed")
+    return report
+
+gc_mod.execute = reporting_execute
+sys.argv = ["casstore", "gc", "--grace", "0", "-y", "--json"]
+main()
+"""
+
+
+def kill_gc_while_it_runs(env: dict[str, str], rng: random.Random, log: Path) -> list[str]:
+    """Start gc; once it reports executing, SIGKILL it at a random delay (0 to 0.3 s), or as
+    soon as it has swept 3/4 of its chunks if that comes first: either way before it is done.
+    Returns the lines it wrote."""
+    with log.open("w") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _GC], env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")  # the end: the child has exited
+
+    reader = threading.Thread(target=read, args=(proc.stdout,))
+    reader.start()
+    try:
+        seen = [lines.get(timeout=120)]
+        assert seen[0].startswith("executing "), (seen, log.read_text())
+        chunks = int(seen[0].split()[1])
+        assert chunks >= 1000, "every round leaves ~1000 garbage chunks to sweep"
+        deadline = time.monotonic() + rng.uniform(0, 0.3)
+        while (wait := deadline - time.monotonic()) > 0:
+            try:
+                seen.append(lines.get(timeout=wait))
+            except queue.Empty:
+                break
+            if seen[-1].startswith("swept ") and int(seen[-1].split()[1]) >= chunks * 3 // 4:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    reader.join(timeout=60)
+    seen += list(lines.queue)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    return seen
+
+
 def test_gc_killed_at_random_points_leaves_a_sound_store(tmp_path: Path) -> None:
+    """gc SIGKILLed 12 times, each time while it executes: the store stays sound (verify
+    finds nothing wrong), every live key loads entirely, and a final gc finishes the work."""
     root = tmp_path / "store"
     store = Store(root, threads=4)
     rng = random.Random(42)
     live: dict[CacheKey, dict[str, bytes]] = {}
     env = {**os.environ, "CASSTORE_ROOT": str(root)}
-    kills = 0
     for round_ in range(12):
         # Give gc work: garbage from removed keys, live keys with several manifests.
         for i in range(3):
             k = CacheKey(torch="t", arch="a", model=f"r{round_}-{i}")
-            # The removed key (i == 0) leaves ~1000 garbage chunks: enough sweep work
-            # (~0.2 s) for the kill to land inside it, not only in interpreter start-up.
+            # The removed key (i == 0) leaves ~1000 garbage chunks, on top of what killed
+            # gcs left unswept: more to sweep than gc gets done before it is killed.
             count, top = (1000, 3000) if i == 0 else (30, 200_000)
             files = {f"d{j % 40}/f{j}": rng.randbytes(rng.randrange(1, top)) for j in range(count)}
             write_tree(tmp_path / "src" / k.id, files)
@@ -93,18 +166,9 @@ def test_gc_killed_at_random_points_leaves_a_sound_store(tmp_path: Path) -> None
                 write_tree(tmp_path / "src2" / k.id, extra)
                 store.save(tmp_path / "src2" / k.id, k)
                 live[k] = {**files, **extra}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "casstore", "gc", "--grace", "0", "-y"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(0.25, 0.8))  # interpreter start-up is ~0.25 s of it
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 6, "the kills must land while gc runs"
+        out = kill_gc_while_it_runs(env, rng, tmp_path / f"gc-{round_}.log")
+        # Every round counts: the kill landed after gc began to execute, before it was done.
+        assert "executed\n" not in out, f"round {round_}: the kill landed after gc was done"
     report = audit.verify(store)
     assert report.corrupt == [] and report.missing_chunks == [] and report.invalid_manifests == []
     for k, files in live.items():

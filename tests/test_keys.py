@@ -14,6 +14,7 @@ import pytest
 from casstore import CacheKey
 from casstore import keys as k
 from casstore.errors import InvalidManifest, KeyUndetermined
+from tests import cpu_host
 from tests.helpers import stand_in_torch, write_tree
 
 
@@ -70,14 +71,11 @@ def test_cpu_isa_label_separates_avx512_from_avx2() -> None:
 
 
 def test_detect_key_reads_this_host_without_importing_torch() -> None:
-    import subprocess
-    import sys
-
     code = (
         "import sys, casstore; key = casstore.detect_key('m'); "
         "assert 'torch' not in sys.modules, 'torch was imported'; print(key.torch, key.arch)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(cpu_host.python(code), capture_output=True, text=True, check=True)
     torch_version, arch = out.stdout.split()
     assert torch_version.startswith("2.13.0")
     assert arch == k.detect_cpu_isa()
@@ -125,20 +123,18 @@ def test_every_process_keys_a_cuda_wheel_alike(tmp_path: Path) -> None:
     cache, root = tmp_path / "cache", tmp_path / "store"
     write_tree(cache, {"fxgraph/x": b"graph"})
 
-    def python(*args: str) -> list[str]:
-        proc = subprocess.run(
-            [sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path
-        )
+    def python(*argv: str) -> list[str]:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.split()
 
     def cli_key(tree: str) -> tuple[str, str]:
-        args = ["-m", "casstore", "--root", str(root), "save", str(cache), "--json"]
-        out = json.loads(" ".join(python(*args, "--model", "m", "--tree", tree)))
+        args = ["--root", str(root), "save", str(cache), "--json", "--model", "m", "--tree", tree]
+        out = json.loads(" ".join(python(*cpu_host.cli(), *args)))
         return out["key_id"], out["key"]["torch"]
 
-    model_py = tuple(python("-c", _MODEL_PY_KEY, str(cache), str(root)))
-    sidecar = tuple(python("-c", _SIDECAR_KEY, str(cache), str(root)))
+    model_py = tuple(python(*cpu_host.python(_MODEL_PY_KEY), str(cache), str(root)))
+    sidecar = tuple(python(*cpu_host.python(_SIDECAR_KEY), str(cache), str(root)))
     assert model_py == cli_key("inductor")
     assert sidecar == cli_key("vllm")
     assert model_py[1] == sidecar[1] == "2.11.0+cu130"

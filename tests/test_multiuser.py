@@ -36,6 +36,12 @@ os.setgroups([gid])
 os.setgid(gid)
 os.setuid(uid)
 os.umask(umask)
+
+class _NoLateImports:  # where the checkout is unreadable to uid, a late import would fail
+    def find_spec(self, name, path=None, target=None):
+        raise ImportError(f"{name} imported after dropping privileges: import it above")
+
+sys.meta_path.insert(0, _NoLateImports())
 try:
     report = Store(root, threads=2).save(src, CacheKey(torch="t", arch="a", model=model))
     print(json.dumps({"manifest": report.manifest, "new_chunks": report.new_chunks}))

@@ -126,5 +126,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert temp_files(self.tmp / "store") == []
 
 
-StoreMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=20, deadline=None, derandomize=True)
+StoreMachine.TestCase.settings = settings(
+    max_examples=50, stateful_step_count=20, deadline=None, derandomize=True
+)
 TestStoreMachine = StoreMachine.TestCase
