@@ -33,7 +33,7 @@ from rich.table import Table
 from casstore import audit, config
 from casstore import gc as gc_mod
 from casstore.errors import CasstoreError, NotFound, UnsupportedRoot
-from casstore.keys import CacheKey, detect_key
+from casstore.keys import CacheKey, detect_key, model_label
 from casstore.store import Store
 
 EXIT_ERROR = 1
@@ -142,6 +142,7 @@ def _key(
     torch: str | None, arch: str | None, model: str, tree: str, extra: list[str] | None
 ) -> CacheKey:
     extras: dict[str, str] = {"tree": tree}
+    model = model_label(model)  # the same label model.py and the sidecar use for this name
     for item in extra or []:
         name, sep, value = item.partition("=")
         if not sep or not name:

@@ -207,8 +207,11 @@ def read_settings(
 
 
 def model_fingerprint(model: str | None) -> str:
-    """``model=``, else ``$CASSTORE_MODEL``, else ``default``."""
-    return model or os.environ.get("CASSTORE_MODEL") or "default"
+    """``model=``, else ``$CASSTORE_MODEL``, else ``default``; any name people write is
+    accepted (see :func:`casstore.keys.model_label`)."""
+    from casstore.keys import model_label
+
+    return model_label(model or os.environ.get("CASSTORE_MODEL") or "default")
 
 
 def threads() -> int:

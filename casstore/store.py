@@ -157,6 +157,14 @@ class Store:
         except NotFound:
             if not create:
                 raise StoreUnavailable(f"{self.backend.describe()} is not a casstore") from None
+            if self._holds_other_files():
+                # Load refuses such a root (no layout file): save must refuse it too, not
+                # quietly start a store among someone's files.
+                raise StoreUnavailable(
+                    f"{self.backend.describe()} is not a casstore (no {constants.LAYOUT_FILE}"
+                    " file) and is not empty; point the store root at a new or empty "
+                    "directory"
+                ) from None
             encoded = json.dumps(expected, indent=2, sort_keys=True).encode() + b"\n"
             try:
                 self.backend.put_if_absent(constants.LAYOUT_FILE, encoded)
@@ -181,6 +189,10 @@ class Store:
                 f"store layout differs from this casstore's (found {found}, "
                 f"expected {expected}); every writer must chunk the same way"
             )
+
+    def _holds_other_files(self) -> bool:
+        """Whether the root holds any file (lost+found aside: a fresh volume's root has it)."""
+        return any(not i.key.startswith("lost+found/") for i in self.backend.list(""))
 
     # --- manifests ---------------------------------------------------------------------------
 

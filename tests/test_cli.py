@@ -131,21 +131,23 @@ def test_import_casstore_stays_light() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_cli_default_key_matches_the_model_py_api(tmp_path: Path) -> None:
-    """What save_compile_cache() stored, `casstore load --model M` finds with no key flags."""
+@pytest.mark.parametrize("model", ["m", "org/m@v1", "ünïcode ✓"])
+def test_cli_default_key_matches_the_model_py_api(tmp_path: Path, model: str) -> None:
+    """What save_compile_cache() stored, `casstore load --model M` finds with no key flags,
+    for model names as people write them too."""
     write_tree(tmp_path / "A", {"fxgraph/x": b"graph"})
     code = (
         "import sys; from casstore import save_compile_cache; "
-        "print(save_compile_cache(cache_dir=sys.argv[1], root=sys.argv[2], model='m').name)"
+        "print(save_compile_cache(cache_dir=sys.argv[1], root=sys.argv[2], model=sys.argv[3]).name)"
     )
     out = subprocess.run(
-        [*cpu_host.python(code), str(tmp_path / "A"), str(tmp_path / "store")],
+        [*cpu_host.python(code), str(tmp_path / "A"), str(tmp_path / "store"), model],
         capture_output=True,
         text=True,
         check=True,
     )
     assert out.stdout.strip() == "SUCCESS"
-    run(tmp_path / "store", "load", str(tmp_path / "B"), "--model", "m")
+    run(tmp_path / "store", "load", str(tmp_path / "B"), "--model", model)
     assert (tmp_path / "B" / "fxgraph" / "x").read_bytes() == b"graph"
 
 
@@ -259,3 +261,19 @@ def test_load_max_size_refuses_an_oversized_key_before_writing(
     assert not dest.exists()
     assert run(store, "load", str(dest), *KEY_ARGS, "--max-size", "1M").returncode == 0
     assert read_tree(dest) == read_tree(tmp_path / "src")
+
+
+def test_a_directory_that_is_not_a_store_is_refused_by_save_and_load(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_tree(root, {"notes.txt": b"mine"})
+    write_tree(tmp_path / "src", {"f": b"1"})
+    key = ["--torch", "t", "--arch", "a"]
+    for args in (["save", str(tmp_path / "src")], ["load", str(tmp_path / "dst")]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "casstore", "--root", str(root), *args, *key],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "is not a casstore" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]

@@ -334,6 +334,7 @@ def test_max_concurrent_saves_is_enforced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = tmp_path / "store"
+    Store(root)  # the store exists before any replica holds one of its save slots
     fake_cache(tmp_path / "A")
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_SLOT, str(root / "locks")], stdout=subprocess.PIPE, text=True
@@ -521,3 +522,39 @@ def test_partial_restore_is_healed_by_an_unconditional_save(
     assert save_compile_cache(cache_dir=b, root=root) is OperationStatus.SKIPPED  # nothing new
     assert load_compile_cache(cache_dir=c, root=root) is OperationStatus.SUCCESS
     assert {p: d for p, (d, _) in read_tree(c).items()} == tree
+
+
+# --- the first hour of a team -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["org/m@v1", "meta-llama/Llama-3.1-8B", "ünïcode model ✓", "x" * 300]
+)
+def test_model_names_as_people_write_them_save_and_load(tmp_path: Path, name: str) -> None:
+    """CASSTORE_MODEL=org/m@v1 used to make every load ERROR (an invalid key), so a model.py
+    that compiles only on DOES_NOT_EXIST ran eager forever."""
+    root, a, b = tmp_path / "store", tmp_path / "A", tmp_path / "B"
+    tree = fake_cache(a)
+    assert save_compile_cache(cache_dir=a, root=root, model=name) is OperationStatus.SUCCESS
+    assert load_compile_cache(cache_dir=b, root=root, model=name) is OperationStatus.SUCCESS
+    assert {p: d for p, (d, _) in read_tree(b).items()} == tree
+    other = load_compile_cache(cache_dir=tmp_path / "C", root=root, model=name + "2")
+    assert other is OperationStatus.DOES_NOT_EXIST  # distinct names stay distinct keys
+
+
+def test_a_directory_that_is_not_a_store_is_refused_by_load_and_save_alike(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pointing CASSTORE_ROOT at someone's data must not turn it into a store on save
+    while loads fail: both refuse, for the same stated reason, and nothing is written."""
+    root = tmp_path / "home-dir"
+    write_tree(root, {"notes.txt": b"mine", "projects/x.py": b"print()"})
+    before = read_tree(root)
+    a = tmp_path / "A"
+    fake_cache(a)
+    caplog.clear()
+    assert load_compile_cache(cache_dir=tmp_path / "B", root=root) is OperationStatus.ERROR
+    assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.ERROR
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("is not a casstore" in e for e in errors), errors
+    assert read_tree(root) == before
