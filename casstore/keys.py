@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 import sys
@@ -212,15 +213,33 @@ def visible_gpu_path() -> str | None:
 
 
 def gpu_visible() -> bool:
-    """Whether this host exposes an NVIDIA or AMD GPU, without loading any GPU library."""
+    """Whether this host exposes an NVIDIA or AMD GPU to CUDA, without loading any GPU
+    library. CUDA_VISIBLE_DEVICES set to nothing (or -1) hides every GPU from torch, which
+    then compiles for the CPU."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
     return visible_gpu_path() is not None
+
+
+_MIG_SUFFIX_RE = re.compile(r"\s+MIG\s.*$")
 
 
 def _gpu_arch(arch: str, device: str) -> tuple[str, dict[str, str]]:
     # The CPU ISA too: inductor builds the CPU-side code of a GPU graph (its C++ wrapper,
     # ops on CPU tensors) with -march=native, so such a .so can crash (SIGILL) on an older
     # CPU. A crash is worse than a miss, and the GPU nodes of one type share CPUs.
-    return arch, {"device": device, "cpu": detect_cpu_isa()}
+    # The device is the GPU model: torch names a MIG slice "<GPU> MIG 1g.10gb" where
+    # nvidia-smi names the GPU, and both must give one key (torch's own cache keys tell
+    # slices apart inside the key's files).
+    return arch, {"device": _MIG_SUFFIX_RE.sub("", device.strip()), "cpu": detect_cpu_isa()}
+
+
+def _first_visible_gpu() -> str:
+    """nvidia-smi's ``--id`` for torch's device 0: the first entry of CUDA_VISIBLE_DEVICES
+    (an index or a UUID), else GPU 0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return visible or "0"
 
 
 def detect_arch(*, import_torch: bool = False) -> tuple[str, dict[str, str]]:
@@ -276,7 +295,8 @@ def _torch_arch(torch: object) -> tuple[str, dict[str, str]]:
 
 
 def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
-    """(``sm_XY``, {"device": name, "cpu": ISA}) of GPU 0 from nvidia-smi, or None."""
+    """(``sm_XY``, {"device": name, "cpu": ISA}) of torch's device 0 (the first visible
+    GPU) from nvidia-smi, or None."""
     import shutil
     import subprocess
 
@@ -285,7 +305,12 @@ def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
         return None
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=compute_cap,name", "--format=csv,noheader", "--id=0"],
+            [
+                exe,
+                "--query-gpu=compute_cap,name",
+                "--format=csv,noheader",
+                f"--id={_first_visible_gpu()}",
+            ],
             capture_output=True,
             text=True,
             timeout=20,

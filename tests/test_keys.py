@@ -229,3 +229,53 @@ def test_gpu_keys_carry_the_cpu_isa_from_torch_and_from_nvidia_smi(
         )
     )
     assert from_smi.extra["cpu"] == extra["cpu"] == k.detect_cpu_isa()
+
+
+def test_a_mig_slice_keys_like_its_gpu_in_every_process(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch names a MIG slice "<GPU> MIG 1g.10gb"; nvidia-smi names the GPU. Both paths
+    must give one key (torch keeps the slice apart inside its own cache key anyway)."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '8.0, NVIDIA A100-SXM4-80GB'\n")
+    smi.chmod(0o755)
+    from_smi = k.detect_key("m")
+    monkeypatch.setitem(
+        sys.modules,
+        "torch",
+        _fake_torch(
+            is_available=lambda: True,
+            get_device_capability=lambda: (8, 0),
+            get_device_name=lambda: "NVIDIA A100-SXM4-80GB MIG 1g.10gb",
+        ),
+    )
+    assert k.detect_key("m") == from_smi
+
+
+def test_nvidia_smi_asks_about_the_first_visible_gpu(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's device 0 is the first GPU of CUDA_VISIBLE_DEVICES, not physical GPU 0."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\ncase "$*" in\n'
+        "  *--id=3*) echo '9.0, NVIDIA H100 80GB HBM3' ;;\n"
+        "  *) echo '8.0, NVIDIA A100-SXM4-80GB' ;;\nesac\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    arch, extra = k.detect_arch()
+    assert (arch, extra["device"]) == ("sm_90", "NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize("hidden", ["", "-1"])
+def test_gpus_hidden_from_cuda_key_as_cpu_without_torch_too(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch, hidden: str
+) -> None:
+    """CUDA_VISIBLE_DEVICES="" (or -1) hides every GPU from torch, which then compiles for
+    the CPU: a process without torch must say the same."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '9.0, NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    assert k.detect_arch() == (k.detect_cpu_isa(), {})
