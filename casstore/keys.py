@@ -208,17 +208,18 @@ GPU_DEVICE_PATHS: tuple[str, ...] = ("/proc/driver/nvidia/gpus", "/dev/nvidia0",
 
 
 def visible_gpu_path() -> str | None:
-    """The first of :data:`GPU_DEVICE_PATHS` that exists, or None."""
+    """The first of :data:`GPU_DEVICE_PATHS` that exists, or None; None too when
+    CUDA_VISIBLE_DEVICES is set to nothing (or -1): that hides every GPU from torch, which
+    then compiles for the CPU, so every process must key as CPU."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return None
     return next((p for p in GPU_DEVICE_PATHS if Path(p).exists()), None)
 
 
 def gpu_visible() -> bool:
     """Whether this host exposes an NVIDIA or AMD GPU to CUDA, without loading any GPU
-    library. CUDA_VISIBLE_DEVICES set to nothing (or -1) hides every GPU from torch, which
-    then compiles for the CPU."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None and hidden.strip() in ("", "-1"):
-        return False
+    library."""
     return visible_gpu_path() is not None
 
 
