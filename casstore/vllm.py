@@ -7,9 +7,11 @@ vLLM compiles while it starts, so model.py calls do not fit. The sidecar:
 2. **waits** until the server answers its readiness URL with HTTP 200 *and* the cache has
    been quiet (no file added or changed) for a while, then **saves**;
 3. **keeps watching** while the server lives: new artifacts (shapes compiled later) are
-   saved again, incrementally (only new chunks and a small manifest);
+   saved again, incrementally (only new chunks and a small manifest); a save that fails
+   leaves its content unsaved and is retried after a bounded backoff
+   (:meth:`Sidecar.retry_delay`);
 4. exits when the watched server process exits (``pid``) or on SIGTERM, after a final save
-   of anything new.
+   of anything not saved yet.
 
 It never delays or breaks the server: every error is logged and the sidecar carries on or
 exits cleanly. See docs/vllm.md for start commands and exit codes.
@@ -77,6 +79,7 @@ class SidecarOptions:
     timeout: float = 1800.0  # how long to wait for the server to become ready
     quiet: float = 30.0  # seconds without a change before a save
     poll: float = 2.0
+    retry_max: float = 300.0  # the longest wait before retrying a failed save
     pid: int | None = None  # exit when this process exits
     model: str | None = None
     root: Path | None = None  # store root (default: as the model.py calls)
@@ -133,9 +136,20 @@ def snapshot(cache_root: Path) -> Snapshot:
 class Sidecar:
     """Restore, then watch and save. ``stop()`` (SIGTERM) ends the watch after a final save."""
 
-    def __init__(self, options: SidecarOptions) -> None:
+    def __init__(
+        self,
+        options: SidecarOptions,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
+    ) -> None:
+        """``clock`` (seconds) and ``wait(seconds)`` (True once stopped) drive every timing
+        of the watch: tests step them instead of sleeping. ``wait`` defaults to waiting
+        for :meth:`stop`."""
         self.options = options
         self._stop = threading.Event()
+        self._clock = clock
+        self._wait = wait if wait is not None else self._stop.wait
         self.saves = 0
         self._settings_and_key: tuple[Settings, CacheKey] | None = None
 
@@ -247,43 +261,61 @@ class Sidecar:
 
     def wait_ready(self) -> bool:
         """Poll the readiness URL until HTTP 200; False on timeout, stop or server exit."""
-        deadline = time.monotonic() + self.options.timeout
+        deadline = self._clock() + self.options.timeout
         while not self._stop.is_set() and self._server_alive():
             if self._ready():
                 log.info("vllm: server ready at %s", self.options.url)
                 return True
-            if time.monotonic() > deadline:
+            if self._clock() > deadline:
                 log.warning(
                     "vllm: %s not ready after %.0fs; not saving",
                     self.options.url,
                     self.options.timeout,
                 )
                 return False
-            self._stop.wait(self.options.poll)
+            self._wait(self.options.poll)
         return False
 
-    def watch(self, *, clock: Callable[[], float] = time.monotonic) -> int:
+    def watch(self) -> int:
         """Wait for readiness, then save each time the cache settles. Returns an exit code."""
         baseline = snapshot(self.options.cache_root)  # what restore put there
         if not self.wait_ready():
             if self._stop.is_set() or not self._server_alive():
                 return self._final(baseline)
             return EXIT_NEVER_READY
-        saved = baseline
+        saved = baseline  # what the store holds
         seen = snapshot(self.options.cache_root)
-        changed_at = clock()
+        changed_at = retry_at = self._clock()
+        failures = 0  # saves failed in a row
         while not self._stop.is_set() and self._server_alive():
-            self._stop.wait(self.options.poll)
+            self._wait(self.options.poll)
             now_snap = snapshot(self.options.cache_root)
+            now = self._clock()
             if now_snap != seen:
-                seen, changed_at = now_snap, clock()
-            elif seen != saved and clock() - changed_at >= self.options.quiet:
-                self.save()
-                saved = seen
+                seen, changed_at = now_snap, now
+            elif seen != saved and now - changed_at >= self.options.quiet and now >= retry_at:
+                if self.save() is OperationStatus.ERROR:
+                    # Still unsaved: tried again once the cache is quiet and the backoff
+                    # has passed, and by the final save at the latest.
+                    failures += 1
+                    delay = self.retry_delay(failures)
+                    retry_at = self._clock() + delay
+                    log.warning(
+                        "vllm: save failed (%d in a row); retrying in %.0fs", failures, delay
+                    )
+                else:
+                    saved, failures = seen, 0
         return self._final(saved)
 
+    def retry_delay(self, failures: int) -> float:
+        """How long to wait after ``failures`` failed saves in a row: the quiet period
+        (at least one poll), doubled after each failure, at most ``retry_max``."""
+        base = max(self.options.quiet, self.options.poll)
+        return min(base * 2.0 ** min(failures - 1, 32), self.options.retry_max)
+
     def _final(self, saved: Snapshot) -> int:
-        """On exit: save anything new since the last save (the server has stopped writing)."""
+        """On exit: save anything not in the store yet, new since the last save that worked
+        (the server has stopped writing)."""
         if snapshot(self.options.cache_root) != saved:
             log.info("vllm: final save before exit")
             self.save()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from casstore import CacheKey, constants
 
@@ -72,3 +76,36 @@ def stand_in_torch(
         + f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n"
     )
     return site
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds.
+    Tests wait on the condition they need, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Lines:
+    """The lines a child process writes to a pipe, read by a thread as they come, so a
+    test can wait for one without blocking on the pipe."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        wait_until(lambda: any(text in line for line in self.lines), timeout, repr(text))
+
+    def text(self, timeout: float = 30.0) -> str:
+        """Everything written, once the pipe is closed (the child has exited)."""
+        self._thread.join(timeout)
+        return "".join(self.lines)

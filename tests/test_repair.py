@@ -1,0 +1,108 @@
+"""``casstore verify --repair`` with every kind of damage at once (a flipped chunk, a
+truncated chunk, a deleted chunk and a damaged manifest), on local disk and on the SeaweedFS
+FUSE mount (damaged through one host, repaired through the other): what it quarantines,
+what it still reports, and that the next saves heal the store."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from casstore import CacheKey, Store, audit, constants, objects
+from tests.helpers import manifest_files, read_tree, wait_until, write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = CacheKey(torch="t", arch="a", model="repair")
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def hosts(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
+    """(the store root as the damaged host sees it, as the repairing host sees it): one
+    local directory twice, or the two mounts of one SeaweedFS."""
+    if request.param == "local":
+        return tmp_path / "local" / "store", tmp_path / "local" / "store"
+    shared: tuple[Path, Path] = request.getfixturevalue("shared_dirs")
+    return shared[0] / "store", shared[1] / "store"
+
+
+def damage_seen(store: Store) -> tuple[set[str], set[str], set[str]]:
+    """(corrupt chunk keys, missing chunk digests, invalid manifest keys) as verify sees."""
+    r = audit.verify(store)
+    return (
+        {k for k, _ in r.corrupt},
+        {d for _, d in r.missing_chunks},
+        {k for k, _ in r.invalid_manifests},
+    )
+
+
+def test_verify_repair_with_every_kind_of_damage_at_once(
+    hosts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, other = hosts
+    rng = random.Random(7)
+    tree = {f"f{i:02}.bin": rng.randbytes(rng.randrange(1000, 300_000)) for i in range(24)}
+    later = {"later.bin": rng.randbytes(5000)}
+    write_tree(tmp_path / "src", tree)
+    write_tree(tmp_path / "src2", later)
+    store = Store(root, threads=4)
+    store.save(tmp_path / "src", KEY)
+    store.save(tmp_path / "src2", KEY)  # a second manifest, damaged below
+    view = store.files(KEY)
+    flipped, truncated, deleted = (view[f"f0{i}.bin"].chunks[0].digest for i in range(3))
+    chunk = {d: root / objects.chunk_key(d) for d in (flipped, truncated, deleted)}
+    blob = chunk[flipped].read_bytes()
+    middle = len(blob) // 2
+    chunk[flipped].write_bytes(blob[:middle] + bytes([blob[middle] ^ 0x01]) + blob[middle + 1 :])
+    chunk[truncated].write_bytes(chunk[truncated].read_bytes()[:100])
+    chunk[deleted].unlink()
+    damaged_manifest = manifest_files(root)[-1]  # the newer one: later.bin
+    blob = damaged_manifest.read_bytes()
+    damaged_manifest.write_bytes(blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:])
+    manifest_key = damaged_manifest.relative_to(root).as_posix()
+    corrupt_keys = {objects.chunk_key(flipped), objects.chunk_key(truncated)}
+    lost = {d.hex() for d in chunk}  # a corrupt chunk is missing too, to the manifests
+    expected = (corrupt_keys, lost, {manifest_key})
+    repairer = Store(other, threads=4)
+    wait_until(
+        lambda: damage_seen(repairer) == expected, 60, "the damage to show on the other host"
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "casstore", "--root", str(other), "verify", "--repair", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 4, proc.stderr
+    out = json.loads(proc.stdout)
+    assert {k for k, _ in out["corrupt"]} == corrupt_keys
+    assert {d for _, d in out["missing_chunks"]} == lost
+    assert [k for k, _ in out["invalid_manifests"]] == [manifest_key]
+    assert out["repaired"] == {"chunks_quarantined": 2, "manifests_quarantined": 1}
+
+    # Damaged objects are out of every reader's way, kept in quarantine/ for inspection.
+    quarantine = other / constants.QUARANTINE_DIR
+    names = sorted(p.name.rsplit(".", 1)[0] for p in (quarantine / "chunks").iterdir())
+    assert names == sorted(objects.chunk_key(d).rsplit("/", 1)[-1] for d in (flipped, truncated))
+    assert len(list((quarantine / "manifests").iterdir())) == 1
+    assert not (other / manifest_key).exists()
+    # What is left: three chunks missing (two quarantined, one deleted), nothing corrupt.
+    assert damage_seen(repairer) == (set(), lost, set())
+    report = repairer.load(KEY, tmp_path / "partial")
+    assert report.missing == ["f00.bin", "f01.bin", "f02.bin"]
+    got = {p: d for p, (d, _) in read_tree(tmp_path / "partial").items()}
+    assert got == {p: d for p, d in tree.items() if p not in report.missing}  # later.bin: gone
+
+    # The next saves of replicas holding the files heal the store.
+    assert repairer.save(tmp_path / "src", KEY).new_chunks == 3
+    assert repairer.save(tmp_path / "src2", KEY).manifest is not None
+    assert audit.verify(repairer).ok
+    wait_until(lambda: audit.verify(store).ok, 60, "the healed store on the first host")
+    assert store.load(KEY, tmp_path / "healed").missing == []
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "healed").items()} == {**tree, **later}
