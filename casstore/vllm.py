@@ -53,7 +53,11 @@ log = logging.getLogger("casstore")
 # where earlier releases put those at the cache root.
 SHARED_SUBDIRS = ("torch_compile_cache", "torch_aot_compile")
 AOT_SUBDIR = "torch_aot_compile"
-DEFAULT_URL = "http://127.0.0.1:8000/v1/models"
+# vLLM's /health answers 200 once the engine is up and needs no API key (/v1/models
+# answers 401 when the server runs with --api-key).
+DEFAULT_URL = "http://127.0.0.1:8000/health"
+# Answers that mean "the server is up, it only wants credentials".
+_UP_BUT_PROTECTED = {401, 403}
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -256,6 +260,8 @@ class Sidecar:
         try:
             with urllib.request.urlopen(self.options.url, timeout=5) as resp:
                 return bool(resp.status == 200)
+        except urllib.error.HTTPError as e:
+            return e.code in _UP_BUT_PROTECTED
         except (urllib.error.URLError, OSError, ValueError):
             return False
 

@@ -34,7 +34,7 @@ def main() -> None:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             ready = not never_ready and time.time() - START >= ready_after
-            self.send_response(200 if ready and self.path == "/v1/models" else 503)
+            self.send_response(200 if ready and self.path in ("/health", "/v1/models") else 503)
             self.end_headers()
             self.wfile.write(b"{}")
 

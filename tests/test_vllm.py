@@ -515,3 +515,47 @@ def test_a_file_changing_during_a_save_is_saved_by_a_later_pass(
     assert stored(tmp_path / "store")[growing] == blake3.blake3(final).digest()
     # Seen changed at the poll after the first save (34), saved 30 quiet seconds later.
     assert [t for t, _ in car.attempts] == [32.0, 64.0]
+
+
+# --- readiness ----------------------------------------------------------------------------
+
+
+class _AuthServer:
+    """vLLM started with --api-key: /v1/models answers 401 without the key, /health 200."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if self.path == "/health" else 401)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models"])
+def test_a_server_behind_an_api_key_counts_as_ready(tmp_path: Path, path: str) -> None:
+    """vLLM behind --api-key answers 401 on /v1/models: the sidecar used to wait its whole
+    timeout there and never save. /health (the default) needs no key; a 401 elsewhere
+    still means the server is up."""
+    server = _AuthServer()
+    try:
+        opts = SidecarOptions(cache_root=tmp_path, url=server.base + path, timeout=5, poll=0.1)
+        assert Sidecar(opts).wait_ready() is True
+    finally:
+        server.close()
+
+
+def test_the_default_readiness_url_needs_no_api_key() -> None:
+    assert SidecarOptions(cache_root=Path(".")).url.endswith("/health")
