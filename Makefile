@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint typecheck unit bench demo clean
+.PHONY: install test lint typecheck unit bench demo dist clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,13 @@ bench:
 demo:
 	$(BIN)/python -m demo.run_demo
 
+# The sdist and the wheel (dist/casstore-0.1.0-py3-none-any.whl) to install elsewhere:
+# pip install 'dist/casstore-0.1.0-py3-none-any.whl[cli]'. Builds with the venv's
+# setuptools, so it needs no index.
+DIST ?= dist
+dist:
+	rm -rf $(DIST)
+	$(BIN)/python -m build --no-isolation --outdir $(DIST) .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

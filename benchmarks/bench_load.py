@@ -16,6 +16,9 @@ from pathlib import Path
 from casstore import Store, audit
 from tests.load_mix import run_mix
 from tests.seaweed import two_hosts, wait_visible
+from tests.stress_worker import seed_aged_garbage
+
+GRACE = 20.0  # far longer than any save here, far shorter than the store's age
 
 
 def run(seconds: float) -> str:
@@ -23,9 +26,11 @@ def run(seconds: float) -> str:
     try:
         with two_hosts(work / "seaweedfs") as (host1, host2):
             roots = [host1 / "store", host2 / "store"]
-            Store(roots[0])
+            # An hour-old store whose every chunk is garbage, so gc really sweeps while
+            # the savers reuse some of what it sweeps.
+            garbage = seed_aged_garbage(Store(roots[0]), work / "seed")
             wait_visible(roots[1] / "CASSTORE")
-            mix = run_mix(roots, work / "scratch", seconds, savers=16, loaders=16, gc_grace=3600.0)
+            mix = run_mix(roots, work / "scratch", seconds, savers=16, loaders=16, gc_grace=GRACE)
             verified = audit.verify(Store(roots[0]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -41,8 +46,10 @@ def run(seconds: float) -> str:
             f"- machine: {platform.machine()}, {os.cpu_count()} cores; SeaweedFS server and both "
             "FUSE mounts on the same machine (loopback)",
             f"- 16 saver and 16 loader processes, alternating between the two mounts, plus one gc "
-            f"looping with a 1 h grace, for {seconds:.0f} s (wall time with start-up: "
+            f"looping with a {GRACE:.0f} s grace, for {seconds:.0f} s (wall time with start-up: "
             f"{mix.seconds:.1f} s)",
+            f"- the store starts an hour old with {garbage:,} garbage chunks (keys removed), "
+            "some of which the savers' files contain again",
             "- every file carries its own BLAKE3; loaders check each restored file",
             "",
             "| | count | MiB | per second |",
@@ -55,6 +62,8 @@ def run(seconds: float) -> str:
             f"| misses (file not restored) | {mix.total('misses')} | | |",
             f"| errors | {len(mix.errors)} | | |",
             f"| gc runs | {mix.total('gc_runs')} | | |",
+            f"| chunks deleted by gc | {mix.total('chunks_deleted')} | | |",
+            f"| old chunks reused by savers | {mix.total('reused_old_chunks')} | | |",
             "",
             f"`casstore verify` afterwards: {verified.chunks} chunks, {verified.manifests} "
             f"manifests, {'ok' if verified.ok else 'DAMAGED'}.",
