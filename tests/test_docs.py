@@ -21,7 +21,7 @@ from tests.helpers import write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 # Documents that give a command starting `vllm serve` next to the sidecar.
-START_DOCS = ("README.md", "docs/deploy.md")
+START_DOCS = ("README.md", "docs/deploy.md", "docs/vllm.md")
 SYSTEM_PATH = "/usr/bin:/bin"
 
 FAKE_VLLM = """#!/bin/sh
