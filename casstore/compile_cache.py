@@ -91,6 +91,14 @@ def _trees(settings: Settings, model: str) -> list[_Tree]:
     return trees
 
 
+def planned_trees(settings: Settings, model: str) -> list[tuple[str, Path, CacheKey]]:
+    """``(tree, local directory, key)`` of every tree :func:`load_compile_cache` and
+    :func:`save_compile_cache` use with ``settings`` for ``model`` (a fingerprint, as
+    :func:`casstore.config.model_fingerprint` gives), main tree first. Detects the key as
+    they do: raises :class:`~casstore.errors.KeyUndetermined` where they would fail."""
+    return [(t.name, t.path, t.key) for t in _trees(settings, model)]
+
+
 def _open_store(settings: Settings, *, create: bool) -> Store:
     from casstore.config import threads
     from casstore.store import Store

@@ -56,26 +56,81 @@ def root_path(raw: str | os.PathLike[str], variable: str | None = None) -> Path:
     return Path(raw).expanduser()
 
 
-def default_root(scope: str = ORG_SCOPE) -> Path:
-    """The store root: ``$CASSTORE_ROOT`` (or ``$B10FS_CACHE_DIR``), else the scope's
-    volume, else a per-user cache.
+# Where a store root came from (:class:`RootChoice`).
+ROOT_ARGUMENT = "argument"  # root= / --root
+ROOT_SCOPE_VOLUME = "scope volume"  # /cache/org/cas, /cache/model/cas
+ROOT_LOCAL_FALLBACK = "local fallback"  # ~/.cache/casstore: shared with no other host
+
+
+@dataclass(frozen=True)
+class RootChoice:
+    """A store root and where it came from: ``argument``, ``CASSTORE_ROOT``,
+    ``B10FS_CACHE_DIR``, ``scope volume`` or ``local fallback``."""
+
+    path: Path
+    source: str
+    scope: str
+    mount: str  # the scope's volume, mounted or not
+
+    @property
+    def local_fallback(self) -> bool:
+        return self.source == ROOT_LOCAL_FALLBACK
+
+
+_fallback_warned = False
+
+
+def choose_root(
+    root: str | os.PathLike[str] | None = None, scope: str | None = None, *, warn: bool = True
+) -> RootChoice:
+    """The store root: ``root``, else ``$CASSTORE_ROOT`` (or ``$B10FS_CACHE_DIR``), else the
+    scope's volume, else a per-user cache.
 
     ``/cache/org/cas`` is used when ``/cache/org`` exists (``/cache/model/cas`` for the
-    deployment scope); otherwise ``~/.cache/casstore`` so the tool works on a laptop, and
-    the choice is logged.
+    deployment scope); otherwise ``~/.cache/casstore``, so the tool works on a laptop. That
+    store is shared with no other host, so choosing it is logged as a WARNING, once per
+    process (``warn=False``: not logged, for a caller that reports it itself). A URL is an
+    error (:class:`UnsupportedRoot`).
     """
+    global _fallback_warned
+    scope = read_scope(scope)
+    mount = SCOPE_MOUNTS.get(scope, SCOPE_MOUNTS[ORG_SCOPE])
+    if root is not None:
+        return RootChoice(root_path(root), ROOT_ARGUMENT, scope, mount)
     for var in ("CASSTORE_ROOT", "B10FS_CACHE_DIR"):
         env = os.environ.get(var)
         if env:
-            return root_path(env, var)
-    mount = SCOPE_MOUNTS.get(scope, SCOPE_MOUNTS[ORG_SCOPE])
+            return RootChoice(root_path(env, var), var, scope, mount)
     if Path(mount).is_dir():
-        return Path(mount) / "cas"
+        return RootChoice(Path(mount) / "cas", ROOT_SCOPE_VOLUME, scope, mount)
     fallback = Path.home() / ".cache" / "casstore"
-    log.info(
-        "%s is not mounted; using the local store %s (set CASSTORE_ROOT to choose)", mount, fallback
-    )
-    return fallback
+    if warn and not _fallback_warned:
+        _fallback_warned = True
+        log.warning(
+            "%s is not mounted and CASSTORE_ROOT is unset: using the local store %s, which "
+            "no other host shares (mount the volume or set CASSTORE_ROOT; `casstore doctor` "
+            "checks the set-up)",
+            mount,
+            fallback,
+        )
+    return RootChoice(fallback, ROOT_LOCAL_FALLBACK, scope, mount)
+
+
+def default_root(scope: str = ORG_SCOPE) -> Path:
+    """The store root :func:`choose_root` picks when no root is given."""
+    return choose_root(scope=scope).path
+
+
+def read_scope(scope: str | None = None) -> str:
+    """``scope``, else ``$CASSTORE_SCOPE``, else ``org``; ``model`` is the deployment scope.
+    An unknown scope is logged and replaced by ``org``."""
+    scope = (scope or os.environ.get("CASSTORE_SCOPE") or ORG_SCOPE).lower()
+    if scope == "model":  # b10cache calls the deployment scope /cache/model
+        scope = DEPLOYMENT_SCOPE
+    if scope not in SCOPE_MOUNTS:
+        log.warning("scope %r is not one of %s; using %s", scope, sorted(SCOPE_MOUNTS), ORG_SCOPE)
+        scope = ORG_SCOPE
+    return scope
 
 
 def default_inductor_cache_dir() -> Path:
@@ -160,12 +215,7 @@ def read_settings(
     scope: str | None = None,
 ) -> Settings:
     """The compile-cache settings, from arguments first, then the environment."""
-    scope = (scope or os.environ.get("CASSTORE_SCOPE") or ORG_SCOPE).lower()
-    if scope == "model":  # b10cache calls the deployment scope /cache/model
-        scope = DEPLOYMENT_SCOPE
-    if scope not in SCOPE_MOUNTS:
-        log.warning("scope %r is not one of %s; using %s", scope, sorted(SCOPE_MOUNTS), ORG_SCOPE)
-        scope = ORG_SCOPE
+    scope = read_scope(scope)
     strict = _env_bool("CASSTORE_STRICT_PATHS", False)
 
     default_cache = default_inductor_cache_dir()

@@ -106,6 +106,8 @@ class Plan:
     live_chunks: int
     live_bytes: int
     sweep_blocked: str | None = None  # why no chunk may be deleted this run
+    grace_kept: int = 0  # unreferenced chunks kept because they are younger than the grace
+    grace_kept_bytes: int = 0
 
     @property
     def cutoff(self) -> float:
@@ -120,7 +122,7 @@ class Plan:
             "keys": len(self.keys),
             "drop_keys": [
                 {
-                    "id": d.state.key_id,
+                    "key_id": d.state.key_id,
                     "key": d.state.key.describe(),
                     "reason": d.reason,
                     "manifests": len(d.state.manifests),
@@ -129,9 +131,13 @@ class Plan:
             ],
             "expire_keys": [s.key_id for s in self.set_aside if not s.restore],
             "restore_keys": [s.key_id for s in self.set_aside if s.restore],
-            "compact_keys": [{"id": k.key_id, "manifests": len(k.manifests)} for k in self.compact],
+            "compact_keys": [
+                {"key_id": k.key_id, "manifests": len(k.manifests)} for k in self.compact
+            ],
             "chunks_to_delete": 0 if self.sweep_blocked else len(self.chunks),
             "bytes_to_free": self.freed_bytes,
+            "chunks_kept_by_grace": self.grace_kept,
+            "bytes_kept_by_grace": self.grace_kept_bytes,
             "sweep_blocked": self.sweep_blocked,
             "live_chunks": self.live_chunks,
             "live_bytes": self.live_bytes,
@@ -314,9 +320,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             live.update(a.chunks)
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     cutoff = now - policy.grace
-    candidates = tuple(
-        (info.key, info.size) for info, d in chunk_infos if d not in live and info.mtime < cutoff
-    )
+    unreferenced = [info for info, d in chunk_infos if d not in live]
+    candidates = tuple((info.key, info.size) for info in unreferenced if info.mtime < cutoff)
+    young = [info.size for info in unreferenced if info.mtime >= cutoff]
     with_manifests = set(listing.live) | set(listing.dropped)
     return Plan(
         now=now,
@@ -337,6 +343,8 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         live_chunks=len(kept_live),
         live_bytes=sum(sizes.get(d, 0) for d in kept_live),
         sweep_blocked=blocked,
+        grace_kept=len(young),
+        grace_kept_bytes=sum(young),
     )
 
 

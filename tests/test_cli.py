@@ -4,26 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from casstore.keys import detect_cpu_isa
 from tests import cpu_host
-from tests.helpers import chunk_files, read_tree, write_tree
+from tests.helpers import chunk_files, manifest_files, read_tree, write_tree
 
 KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "cli"]
 
 
-def run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASSTORE_ROOT": str(root)}
+def run(
+    root: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI with ``CASSTORE_ROOT=root`` (unset when None) and ``env`` on top."""
+    base = {k: v for k, v in os.environ.items() if k not in ("CASSTORE_ROOT", "B10FS_CACHE_DIR")}
+    if root is not None:
+        base["CASSTORE_ROOT"] = str(root)
     # As `python -m casstore`, on a host whose GPU (if any) is hidden: keys are the CPU's.
-    proc = subprocess.run([*cpu_host.cli(), *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [*cpu_host.cli(), *args], capture_output=True, text=True, env={**base, **(env or {})}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
     return proc
+
+
+def one_line(proc: subprocess.CompletedProcess[str], code: int, *causes: str) -> str:
+    """Exit ``code`` with one line on stderr, ``error: …``, naming every one of ``causes``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(c in lines[0] for c in causes), (causes, lines[0])
+    return lines[0]
 
 
 @pytest.fixture
@@ -48,7 +67,7 @@ def test_save_and_load_json_reports(tmp_path: Path, saved: tuple[Path, dict[str,
 def test_ls_show_and_load_by_id(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
     root, report = saved
     keys = json.loads(run(root, "ls", "--json").stdout)
-    assert [k["id"] for k in keys] == [report["key_id"]]
+    assert [k["key_id"] for k in keys] == [report["key_id"]]
     assert keys[0]["key"]["arch"] == "sm_90" and keys[0]["files"] == 2
     prefix = str(report["key_id"])[:8]
     shown = json.loads(run(root, "show", prefix, "--json").stdout)
@@ -156,13 +175,14 @@ def test_gc_dry_run_then_execute_and_rm(
 ) -> None:
     root, report = saved
     key_id = str(report["key_id"])
-    removed = json.loads(run(root, "rm", key_id[:10], "--json").stdout)
+    removed = json.loads(run(root, "rm", key_id[:10], "-y", "--json").stdout)
     assert removed["manifests_deleted"] == 1
     chunks_before = len(chunk_files(root))
-    dry = json.loads(run(root, "gc", "--grace", "0", "--dry-run", "--json").stdout)
+    no_grace = ["--grace", "0", "--unsafe-grace"]
+    dry = json.loads(run(root, "gc", *no_grace, "--dry-run", "--json").stdout)
     assert dry["executed"] is False and dry["plan"]["chunks_to_delete"] == chunks_before
     assert len(chunk_files(root)) == chunks_before  # a dry run changes nothing
-    wet = json.loads(run(root, "gc", "--grace", "0", "-y", "--json").stdout)
+    wet = json.loads(run(root, "gc", *no_grace, "-y", "--json").stdout)
     assert wet["report"]["chunks_deleted"] == chunks_before
     assert chunk_files(root) == []
     bad = run(root, "gc", "--grace", "soon", check=False)
@@ -277,3 +297,328 @@ def test_a_directory_that_is_not_a_store_is_refused_by_save_and_load(tmp_path: P
         assert proc.returncode == 1, proc.stderr
         assert "is not a casstore" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
+# --- usage errors, exit codes, one line each ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [
+        (["save", "{tmp}/missing", *KEY_ARGS], "does not exist"),
+        (["save", "{tmp}/file", *KEY_ARGS], "is a file"),
+        (["load", "{tmp}/file", *KEY_ARGS], "is a file"),
+        (["gc", "--keep-last", "0"], "--keep-last"),
+        (["ls", "--no-such-flag"], "--no-such-flag"),
+        (["--threads", "0", "ls"], "--threads"),
+        (["stats", "--by", "user"], "--by"),
+        (["save", "{tmp}", "--extra", "novalue", *KEY_ARGS], "--extra"),
+        (["save", "{tmp}", "--extra", "device=", *KEY_ARGS], "--extra"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], cause: str) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    one_line(run(tmp_path / "store", *argv, check=False), 2, cause)
+    assert not (tmp_path / "store").exists()
+
+
+# A child that starts as root, imports what it needs, then (as root only) drops to nobody
+# and runs the CLI: as root, permissions would not stop it.
+_CLI_AS_NOBODY = r"""
+import importlib, os, pwd, sys
+import casstore.cli
+for name in ("typer._adapters", "typer._click.decorators", "rich._emoji_codes"):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        pass
+if os.getuid() == 0:
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+sys.argv = ["casstore", *sys.argv[1:]]
+casstore.cli.main()
+"""
+
+
+def test_an_unwritable_destination_is_one_line(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="casstore-cli-", dir="/tmp"))  # tmp_path is 0700
+    try:
+        os.chmod(base, 0o755)
+        write_tree(base / "src", {f"d{i}/f{i}": os.urandom(1000) for i in range(6)})
+        run(base / "store", "save", str(base / "src"), *KEY_ARGS)
+        for p in [base / "store", *(base / "store").rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        dest = base / "dst"
+        dest.mkdir(mode=0o555)
+        os.chmod(dest, 0o555)
+        argv = ["--root", str(base / "store"), "load", str(dest), *KEY_ARGS]
+        proc = subprocess.run(
+            [*cpu_host.python(_CLI_AS_NOBODY), *argv],
+            capture_output=True,
+            text=True,
+        )
+        one_line(proc, 1, str(dest), "Permission denied")
+        assert list(dest.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_saving_an_empty_directory_says_nothing_was_saved(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    human = run(tmp_path / "store", "save", str(tmp_path / "empty"), *KEY_ARGS)
+    assert "nothing saved" in human.stdout + human.stderr
+    assert "holds no files" in human.stdout + human.stderr
+    report = json.loads(
+        run(tmp_path / "store", "save", str(tmp_path / "empty"), *KEY_ARGS, "--json").stdout
+    )
+    assert report["saved"] is False and report["files"] == 0
+    assert json.loads(run(tmp_path / "store", "ls", "--json").stdout) == []
+
+
+def test_gc_json_says_so_when_another_gc_runs(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    from casstore import Store
+    from casstore import gc as gc_mod
+
+    root, _ = saved
+    with gc_mod.gc_lock(Store(root)) as held:
+        assert held
+        proc = run(root, "gc", "--json")
+    assert proc.returncode == 0
+    doc = json.loads(proc.stdout)
+    assert doc["executed"] is False and doc["busy"] is True
+    assert "another gc" in doc["message"]
+
+
+# --- maintenance that cannot surprise ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["gc", "--max-age", "30"], "--max-age"),
+        (["gc", "--max-size", "500"], "--max-size"),
+        (["gc", "--grace", "3600"], "--grace"),
+        (["load", "{tmp}/dst", *KEY_ARGS, "--max-size", "1000"], "--max-size"),
+    ],
+)
+def test_sizes_and_durations_without_a_unit_are_refused(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]], args: list[str], option: str
+) -> None:
+    root, _ = saved
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    one_line(
+        run(root, *argv, "--dry-run" if argv[0] == "gc" else "--json", check=False),
+        2,
+        option,
+        "unit",
+    )
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_grace_below_the_floor_needs_unsafe_grace(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, _ = saved
+    one_line(run(root, "gc", "--grace", "5m", "--dry-run", check=False), 2, "--unsafe-grace")
+    one_line(
+        run(root, "gc", "--dry-run", check=False, env={"CASSTORE_GC_GRACE": "1m"}),
+        2,
+        "--unsafe-grace",
+    )
+    assert run(root, "gc", "--grace", "5m", "--unsafe-grace", "--dry-run").returncode == 0
+    assert run(root, "gc", "--grace", "10m", "--dry-run").returncode == 0
+
+
+def test_rm_by_prefix_shows_the_key_and_asks(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, report = saved
+    key_id = str(report["key_id"])
+    before = manifest_files(root)
+    # Off a terminal nobody can answer: a prefix without -y is refused, naming the key.
+    one_line(run(root, "rm", key_id[:6], check=False), 2, key_id, "-y")
+    dry = run(root, "rm", key_id[:6], "--dry-run")
+    assert key_id[:12] in dry.stdout and "model=cli" in dry.stdout
+    dry_json = json.loads(run(root, "rm", key_id[:6], "--dry-run", "--json").stdout)
+    assert dry_json["key_id"] == key_id and dry_json["deleted"] is False
+    assert dry_json["manifests"] == 1
+    assert manifest_files(root) == before
+    gone = json.loads(run(root, "rm", key_id[:6], "-y", "--json").stdout)
+    assert gone["key_id"] == key_id and gone["deleted"] is True
+    assert gone["manifests_deleted"] == 1
+    assert manifest_files(root) == []
+
+
+def test_rm_by_full_id_needs_no_confirmation(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, report = saved
+    proc = run(root, "rm", str(report["key_id"]))
+    assert str(report["key_id"])[:12] in proc.stdout
+    assert manifest_files(root) == []
+
+
+def test_gc_plan_shows_set_aside_keys_and_what_the_grace_keeps(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    old = ["--torch", "2.12.0+cpu", "--arch", "sm_90", "--model", "cli"]
+    write_tree(tmp_path / "old", {"old.so": os.urandom(300_000)})
+    write_tree(tmp_path / "new", {"new.so": os.urandom(300_000)})
+    old_id = json.loads(run(root, "save", str(tmp_path / "old"), *old, "--json").stdout)["key_id"]
+    run(root, "save", str(tmp_path / "new"), *KEY_ARGS)
+    old_chunks = len(chunk_files(root)) // 2
+    first = run(root, "gc", "--keep-last", "1", "--dry-run")
+    assert f"set aside {old_id[:12]}" in first.stdout, first.stdout
+    plan = json.loads(run(root, "gc", "--keep-last", "1", "--dry-run", "--json").stdout)["plan"]
+    assert [d["key_id"] for d in plan["drop_keys"]] == [old_id]
+    run(root, "gc", "--keep-last", "1", "-y")
+    second = run(root, "gc", "--dry-run")
+    assert f"delete {old_id[:12]}" in second.stdout, second.stdout
+    assert f"the grace keeps {old_chunks} " in second.stdout, second.stdout
+    plan = json.loads(run(root, "gc", "--dry-run", "--json").stdout)["plan"]
+    assert plan["expire_keys"] == [old_id] and plan["restore_keys"] == []
+    assert plan["chunks_kept_by_grace"] == old_chunks and plan["chunks_to_delete"] == 0
+
+
+# --- conventions ----------------------------------------------------------------------------
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def test_version() -> None:
+    import casstore
+
+    proc = run(None, "--version")
+    assert proc.stdout.strip() == f"casstore {casstore.__version__}"
+
+
+def test_global_options_work_after_the_subcommand(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", {"a": b"1"})
+    root = str(tmp_path / "store")
+    run(None, "save", str(tmp_path / "src"), *KEY_ARGS, "--root", root, "--threads", "2", "-v")
+    keys = json.loads(run(None, "ls", "--root", root, "--json").stdout)
+    assert len(keys) == 1
+    verbose = run(None, "load", str(tmp_path / "dst"), *KEY_ARGS, "--root", root, "-v")
+    assert "loaded" in verbose.stderr  # the INFO log line
+    # After the subcommand wins over before it.
+    assert run(None, "--root", str(tmp_path / "none"), "ls", "--root", root).returncode == 0
+
+
+def test_json_uses_key_id_and_iso_times(
+    tmp_path: Path, saved: tuple[Path, dict[str, object]]
+) -> None:
+    root, report = saved
+    key_id = report["key_id"]
+    (listed,) = json.loads(run(root, "ls", "--json").stdout)
+    assert listed["key_id"] == key_id and "id" not in listed
+    assert ISO_UTC.match(listed["last_saved"]) and ISO_UTC.match(listed["last_used"])
+    shown = json.loads(run(root, "show", str(key_id), "--json").stdout)
+    assert shown["key_id"] == key_id and "id" not in shown
+    assert all(ISO_UTC.match(m["created_at"]) for m in shown["manifests"])
+    loaded = json.loads(run(root, "load", str(tmp_path / "d"), *KEY_ARGS, "--json").stdout)
+    assert loaded["key_id"] == key_id
+    gone = json.loads(run(root, "rm", str(key_id), "--json").stdout)
+    assert gone["key_id"] == key_id and "id" not in gone
+
+
+def test_ls_shows_every_factor_and_last_use(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    write_tree(tmp_path / "src", {"a": b"1"})
+    for device in ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"):
+        run(root, "save", str(tmp_path / "src"), *KEY_ARGS, "--extra", f"device={device}")
+    table = run(root, "ls").stdout
+    header = table.splitlines()[1]
+    for column in ("tree", "device", "last used"):
+        assert column in header, table
+    assert "NVIDIA A100-SXM4-80GB" in table and "NVIDIA H100 80GB HBM3" in table
+    rows = [line for line in table.splitlines() if "inductor" in line]
+    assert len(rows) == 2
+
+
+def test_cli_honours_casstore_scope_and_threads(tmp_path: Path) -> None:
+    mounts = {"org": str(tmp_path / "org"), "deployment": str(tmp_path / "model")}
+    (tmp_path / "model").mkdir()
+    write_tree(tmp_path / "src", {"a": b"1"})
+    code = (
+        "import json, os, sys\nimport casstore.config as c\n"
+        "c.SCOPE_MOUNTS = json.loads(os.environ['TEST_SCOPE_MOUNTS'])\n"
+        "from casstore.cli import main\nsys.argv[0] = 'casstore'\nmain()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CASSTORE_ROOT", "B10FS_CACHE_DIR")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "TEST_SCOPE_MOUNTS": json.dumps(mounts),
+        "CASSTORE_SCOPE": "deployment",
+        "CASSTORE_THREADS": "0",
+    }
+    proc = subprocess.run(
+        [*cpu_host.python(code), "save", str(tmp_path / "src"), *KEY_ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "model" / "cas" / "manifests").is_dir()
+    assert not (tmp_path / "home" / ".cache" / "casstore").exists()
+    assert "CASSTORE_THREADS=0 is below 1" in proc.stderr
+
+
+def test_help_shows_no_bool_noise() -> None:
+    for args in (["--help"], ["gc", "--help"], ["vllm", "watch", "--help"]):
+        text = run(None, *args).stdout
+        assert "<bool>" not in text, text
+        assert "--help" in text
+
+
+# --- the vllm group's options -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", ["group", "subcommand"])
+def test_vllm_restore_options_work_before_and_after_restore(tmp_path: Path, placement: str) -> None:
+    write_tree(tmp_path / "src", {"torch_compile_cache/abc/rank_0_0/x.py": b"artifact"})
+    root = tmp_path / "store"
+    run(root, "save", str(tmp_path / "src"), "--model", "vm", "--tree", "vllm")
+    opts = ["--model", "vm", "--cache-dir", str(tmp_path / "vllm")]
+    args = ["vllm", *opts, "restore"] if placement == "group" else ["vllm", "restore", *opts]
+    env = {"HOME": str(tmp_path / "home"), "VLLM_CACHE_ROOT": "", "CASSTORE_MODEL": ""}
+    proc = run(root, *args, env=env)
+    assert "SUCCESS" in proc.stderr, proc.stderr
+    restored = tmp_path / "vllm" / "torch_compile_cache" / "abc" / "rank_0_0" / "x.py"
+    assert restored.read_bytes() == b"artifact"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["vllm", "--url", "http://127.0.0.1:9/v1/models", "restore"],
+        ["vllm", "--pid", "1", "restore"],
+        ["--threads", "4", "vllm", "restore"],
+    ],
+)
+def test_vllm_options_restore_does_not_take_are_refused(tmp_path: Path, args: list[str]) -> None:
+    option = next(a for a in args if a.startswith("--"))
+    env = {"HOME": str(tmp_path / "home"), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}
+    one_line(run(tmp_path / "store", *args, check=False, env=env), 2, option)
+
+
+def test_without_the_cli_extra_the_command_says_how_to_get_it(tmp_path: Path) -> None:
+    """model.py needs no CLI libraries; the command without them is one line, not a
+    traceback."""
+    (tmp_path / "typer.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'typer'\", name='typer')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "casstore", "ls"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: the casstore command needs the 'cli' extra (typer, rich): "
+        "pip install 'casstore[cli]' (model.py's load/save calls work without it)"
+    ]

@@ -71,9 +71,9 @@ def assert_every_save_loads(store: Store, mix: MixResult, tmp_path: Path) -> Non
     assert audit.verify(store).ok
 
 
-# `casstore gc --grace 0 -y --json`, reporting from inside: "executing N" once it has planned
-# and starts to change the store (N chunks to sweep), "swept DONE N" after each chunk, and
-# "executed" when it is done (then its --json report).
+# `casstore gc --grace 0 --unsafe-grace -y --json`, reporting from inside: "executing N"
+# once it has planned and starts to change the store (N chunks to sweep), "swept DONE N"
+# after each chunk, and "executed" when it is done (then its --json report).
 _GC = """
 import sys, threading
 from casstore import gc as gc_mod
@@ -95,7 +95,7 @@ def reporting_execute(store, plan, **kwargs):
     return report
 
 gc_mod.execute = reporting_execute
-sys.argv = ["casstore", "gc", "--grace", "0", "-y", "--json"]
+sys.argv = ["casstore", "gc", "--grace", "0", "--unsafe-grace", "-y", "--json"]
 main()
 """
 
@@ -177,7 +177,7 @@ def test_gc_killed_at_random_points_leaves_a_sound_store(tmp_path: Path) -> None
         assert {p: d for p, (d, _) in read_tree(dest).items()} == files
     # A final, uninterrupted gc finishes whatever the killed ones left.
     final = subprocess.run(
-        [sys.executable, "-m", "casstore", "gc", "--grace", "0", "-y", "--json"],
+        [sys.executable, "-m", "casstore", "gc", "--grace", "0", "--unsafe-grace", "-y", "--json"],
         env=env,
         capture_output=True,
         text=True,

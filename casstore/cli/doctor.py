@@ -1,0 +1,294 @@
+"""``casstore doctor``: is the store this host would use the shared one, and usable?
+
+It reports the root and how it was chosen, the scope, whether the root holds a store,
+whether this user can create, renew and delete objects there (with a real probe file,
+removed afterwards), the free space, the publish primitive the filesystem supports, and
+the keys model.py and the vLLM sidecar would use here, with whether each is saved. It
+exits 0 when nothing is wrong, else 1 with one line per problem on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from casstore import config, constants
+from casstore.backends.fs import FileSystemBackend
+from casstore.cli.common import (
+    EXIT_ERROR,
+    JsonOpt,
+    RootOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    apply_globals,
+    emit_json,
+    io_threads,
+    mib,
+    nearest_existing,
+    out,
+    root_choice,
+    say,
+)
+from casstore.errors import CasstoreError, InvalidManifest, NotFound, StoreUnavailable
+from casstore.keys import CacheKey
+from casstore.store import Store
+
+# Store states.
+STORE_OK = "ok"
+STORE_MISSING = "missing"  # no root yet: the first save creates it
+STORE_EMPTY = "empty"  # an empty directory: the first save initialises it
+STORE_FOREIGN = "not a store"  # a directory holding other files
+STORE_UNUSABLE = "unusable"  # not a directory, another format, unreadable
+
+_SOURCE_LABELS = {config.ROOT_ARGUMENT: "--root"}
+
+
+@dataclasses.dataclass
+class KeyCheck:
+    user: str  # "model.py" or "vllm"
+    tree: str
+    key: CacheKey
+    local_dir: str
+    exists: bool
+
+
+@dataclasses.dataclass
+class Diagnosis:
+    root: str
+    root_source: str
+    scope: str
+    mount: str
+    threads: int
+    model: str
+    store: str = STORE_UNUSABLE
+    permissions: dict[str, bool | None] = dataclasses.field(
+        default_factory=lambda: {"create": None, "renew": None, "delete": None}
+    )
+    free_bytes: int | None = None
+    primitive: str | None = None
+    keys: list[KeyCheck] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, object]:
+        doc = dataclasses.asdict(self)
+        doc["keys"] = [
+            {
+                "user": k.user,
+                "tree": k.tree,
+                "key_id": k.key.id,
+                "key": k.key,
+                "local_dir": k.local_dir,
+                "exists": k.exists,
+            }
+            for k in self.keys
+        ]
+        return {"ok": self.ok, **doc}
+
+
+def _open(found: Diagnosis, path: Path) -> Store | None:
+    """The store at ``path``, or None; sets ``found.store``."""
+    if not path.exists():
+        found.store = STORE_MISSING
+        return None
+    if not path.is_dir():
+        found.problems.append(f"store root {path} is not a directory")
+        return None
+    try:
+        store = Store(path, threads=found.threads, create=False)
+    except StoreUnavailable:
+        try:
+            entries = [p.name for p in path.iterdir() if p.name != "lost+found"]
+        except OSError as listing:
+            found.problems.append(f"cannot read store root {path}: {listing.strerror}")
+            return None
+        if entries:
+            found.store = STORE_FOREIGN
+            found.problems.append(
+                f"{path} is not a casstore (no {constants.LAYOUT_FILE}) and holds other "
+                "files; point the store root at a new or empty directory"
+            )
+        else:
+            found.store = STORE_EMPTY
+        return None
+    except (CasstoreError, OSError) as e:
+        found.problems.append(f"store {path} cannot be used: {e}")
+        return None
+    found.store = STORE_OK
+    return store
+
+
+def _probe(found: Diagnosis, path: Path) -> None:
+    """Create, renew and delete a probe object where the store puts its objects."""
+    if found.store == STORE_MISSING:
+        parent = nearest_existing(path)
+        can = os.access(parent, os.W_OK | os.X_OK)
+        found.permissions["create"] = can
+        if not can:
+            found.problems.append(
+                f"cannot create the store root {path}: {parent} is not writable by this user"
+            )
+        return
+    if found.store not in (STORE_OK, STORE_EMPTY):
+        return
+    backend = FileSystemBackend(path)
+    # In locks/ of a store (in the root of an empty one), under a temp-file name: cleanup
+    # removes it should this process die before it does.
+    where = f"{constants.LOCKS_DIR}/" if found.store == STORE_OK else ""
+    name = f"{where}{constants.TEMP_PREFIX}doctor-{uuid.uuid4().hex}"
+    steps: tuple[tuple[str, Callable[[], bool]], ...] = (
+        ("create", lambda: backend.put_if_absent(name, b"")),
+        ("renew", lambda: backend.refresh(name)),
+        ("delete", lambda: backend.delete(name)),
+    )
+    for step, action in steps:
+        try:
+            done = action()
+        except OSError as e:
+            done = False
+            found.problems.append(
+                f"cannot {step} objects in {path / where}: {e.strerror or e} "
+                "(every writer needs the store's group and group-writable files; see "
+                "docs/deploy.md)"
+            )
+        found.permissions[step] = done
+        if step == "create":
+            found.primitive = backend.primitive or None
+        if not done:
+            break
+    if found.permissions["create"] and not found.permissions["delete"]:
+        try:
+            backend.delete(name)
+        except OSError:
+            pass
+
+
+def _space(found: Diagnosis, path: Path, cap: int) -> None:
+    try:
+        st = os.statvfs(nearest_existing(path))
+    except OSError as e:
+        found.problems.append(f"cannot read the free space of {path}: {e.strerror}")
+        return
+    found.free_bytes = st.f_bavail * st.f_frsize
+    if found.free_bytes < cap:
+        found.problems.append(
+            f"only {mib(found.free_bytes)} free at {path}, less than one cache "
+            f"(MAX_CACHE_SIZE_MB={cap // 2**20})"
+        )
+
+
+def _keys(found: Diagnosis, store: Store | None, settings: config.Settings) -> None:
+    from casstore import compile_cache, vllm
+    from casstore.keys import detect_key
+
+    def saved(key: CacheKey) -> bool:
+        if store is None:
+            return False
+        try:
+            return bool(store.manifests(key))
+        except NotFound:
+            return False
+        except InvalidManifest as e:
+            found.problems.append(f"{e} (casstore verify --repair quarantines them)")
+            return False
+
+    try:
+        for tree, local, key in compile_cache.planned_trees(settings, found.model):
+            found.keys.append(KeyCheck("model.py", tree, key, str(local), saved(key)))
+    except CasstoreError as e:
+        found.problems.append(f"model.py's key cannot be determined: {e}")
+    try:
+        # The sidecar's key: the detected key with the tree factor "vllm" (casstore.vllm).
+        key = detect_key(found.model, {"tree": "vllm"})
+        cache_root = str(vllm.default_cache_root())
+        found.keys.append(KeyCheck("vllm", "vllm", key, cache_root, saved(key)))
+    except CasstoreError as e:
+        found.problems.append(f"the vLLM sidecar's key cannot be determined: {e}")
+
+
+def diagnose(model: str | None) -> Diagnosis:
+    choice = root_choice(warn=False)  # reported as a problem instead
+    path = choice.path
+    found = Diagnosis(
+        root=str(path),
+        root_source=choice.source,
+        scope=choice.scope,
+        mount=choice.mount,
+        threads=io_threads(),
+        model=config.model_fingerprint(model),
+    )
+    if choice.local_fallback:
+        found.problems.append(
+            f"store root {path} is the local fallback: {choice.mount} is not mounted and "
+            "CASSTORE_ROOT is unset, so no other host shares this store (mount the volume "
+            "or set CASSTORE_ROOT)"
+        )
+    settings = config.read_settings(root=path, scope=choice.scope)
+    store = _open(found, path)
+    _probe(found, path)
+    _space(found, path, settings.max_cache_size_mb * 2**20)
+    _keys(found, store, settings)
+    return found
+
+
+def doctor(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            envvar="CASSTORE_MODEL",
+            show_default=False,
+            help="Model fingerprint whose keys to check (default: $CASSTORE_MODEL or default).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check the store this host would use: root, access, space, keys; exit 1 on a problem."""
+    apply_globals(root, threads, verbose)
+    found = diagnose(model)
+    if as_json:
+        emit_json(found.to_json())
+    else:
+        _print(found)
+    for problem in found.problems:
+        say("problem", "red", problem)
+    if not found.ok:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _yes(value: bool | None) -> str:
+    return "?" if value is None else "yes" if value else "NO"
+
+
+def _print(found: Diagnosis) -> None:
+    source = _SOURCE_LABELS.get(found.root_source, found.root_source)
+    perms = ", ".join(f"{step} {_yes(v)}" for step, v in found.permissions.items())
+    free = mib(found.free_bytes) if found.free_bytes is not None else "?"
+    out.print(f"root       {found.root} (from {source})")
+    out.print(f"scope      {found.scope} (volume {found.mount})")
+    out.print(f"store      {found.store}")
+    out.print(f"access     {perms}")
+    out.print(f"free       {free}")
+    out.print(f"publish    {found.primitive or '?'}")
+    out.print(f"threads    {found.threads}")
+    out.print(f"keys of model {found.model}:")
+    for k in found.keys:
+        state = "saved" if k.exists else "not saved"
+        out.print(
+            f"  {k.user:8} {k.tree:19} {k.key.id[:12]}  {state:9}  {k.key.describe()}"
+            f"  <- {k.local_dir}"
+        )
+    count = len(found.problems)
+    out.print("ok" if found.ok else f"{count} problem{'s' if count > 1 else ''}")

@@ -1,0 +1,245 @@
+"""Maintenance commands: gc and rm. Neither can surprise: sizes and durations need a unit,
+a grace below a safe floor needs --unsafe-grace, and rm by an id prefix shows the key and
+asks first."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+import typer
+
+from casstore import config
+from casstore import gc as gc_mod
+from casstore.cli.common import (
+    EXIT_ERROR,
+    DryRunOpt,
+    JsonOpt,
+    KeyRefArg,
+    RootOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    YesOpt,
+    apply_globals,
+    duration_text,
+    emit_json,
+    err,
+    errors,
+    io_threads,
+    mib,
+    open_store,
+    out,
+    parse_duration,
+    parse_size,
+    progress,
+    stdin_is_terminal,
+    usage_error,
+    warn,
+)
+
+# A grace shorter than this could let gc delete chunks a slow save has just written.
+GRACE_FLOOR_SECONDS = 600.0
+BUSY_MESSAGE = "another gc is running on this store; nothing done"
+
+
+def rm(
+    ref: KeyRefArg,
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Delete a key's manifests; its chunks are freed by the next gc (after the grace).
+
+    Shows the key first. Given an id prefix rather than the full id, it asks (-y does not);
+    off a terminal, a prefix needs -y.
+    """
+    apply_globals(root, threads, verbose)
+    with errors():
+        store = open_store(create=False)
+        key = store.resolve(ref)
+        manifests = len(store.manifests(key))
+        view = store.files(key)
+    size = sum(f.size for f in view.values())
+    doc: dict[str, object] = {
+        "key_id": key.id,
+        "key": key,
+        "manifests": manifests,
+        "files": len(view),
+        "bytes": size,
+    }
+    what = f"{key.id} ({key.describe()}): {manifests} manifests, {len(view)} files, {mib(size)}"
+    if dry_run:
+        if as_json:
+            emit_json({**doc, "deleted": False, "manifests_deleted": 0})
+        else:
+            out.print(f"would remove {what}")
+        return
+    if not yes and ref.strip().lower() != key.id:
+        if not stdin_is_terminal():
+            usage_error(
+                f"{ref!r} is a prefix of key {key.id} ({key.describe()}); to delete it, "
+                "give the full id or -y"
+            )
+        err.print(f"remove {what}")
+        if not typer.confirm("delete it?", err=True):
+            raise typer.Exit(EXIT_ERROR)
+    with errors():
+        count = gc_mod.remove_key(store, key)
+    if as_json:
+        emit_json({**doc, "deleted": True, "manifests_deleted": count})
+    else:
+        out.print(f"removed {what}")
+
+
+def gc(
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CASSTORE_GC_MAX_AGE",
+            metavar="DURATION",
+            help="Drop keys neither saved nor loaded for this long (30d, 12h).",
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CASSTORE_GC_MAX_SIZE",
+            metavar="SIZE",
+            help="Drop least-recently-used keys until the stored chunks fit (500G, 2T).",
+        ),
+    ] = None,
+    keep_last: Annotated[
+        int | None,
+        typer.Option(
+            envvar="CASSTORE_GC_KEEP_LAST",
+            min=1,
+            metavar="N",
+            help="Per model (and tree): keep the N most recently used keys.",
+        ),
+    ] = None,
+    grace: Annotated[
+        str,
+        typer.Option(
+            envvar="CASSTORE_GC_GRACE",
+            metavar="DURATION",
+            help="Never delete a chunk younger than this; must exceed the slowest save. "
+            "Below 10m it needs --unsafe-grace.",
+        ),
+    ] = "1h",
+    unsafe_grace: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-grace",
+            help="Accept a --grace below 10m: a save slower than the grace can lose chunks.",
+        ),
+    ] = False,
+    compact: Annotated[bool, typer.Option(help="Merge each key's manifests into one.")] = True,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Apply retention, compact manifests, and delete unreferenced chunks past the grace.
+
+    A key that retention drops is set aside (it stops loading) and deleted by the next run,
+    unless a replica saves it in between. Asks before changing anything on a terminal.
+    """
+    apply_globals(root, threads, verbose)
+    grace_s = parse_duration(grace, "--grace")
+    if grace_s < GRACE_FLOOR_SECONDS and not unsafe_grace:
+        usage_error(
+            f"--grace {grace} is below the {duration_text(GRACE_FLOOR_SECONDS)} floor: a save "
+            "that takes longer than the grace can lose chunks; add --unsafe-grace to use it"
+        )
+    settings = config.read_settings()
+    policy = gc_mod.Policy(
+        max_age=parse_duration(max_age, "--max-age") if max_age is not None else None,
+        max_size=parse_size(max_size, "--max-size") if max_size is not None else None,
+        keep_last=keep_last,
+        grace=grace_s,
+        compact=compact,
+        temp_timeout=settings.incomplete_timeout_seconds,
+        lock_timeout=settings.lock_timeout_seconds,
+    )
+    with errors():
+        store = open_store(create=False)
+        with gc_mod.gc_lock(store) as held:
+            if not held:
+                if as_json:
+                    emit_json({"executed": False, "busy": True, "message": BUSY_MESSAGE})
+                else:
+                    err.print(BUSY_MESSAGE)
+                return
+            plan = gc_mod.plan(store, policy)
+            summary = plan.summary()
+            if not as_json:
+                _print_plan(plan)
+            if dry_run:
+                if as_json:
+                    emit_json({"plan": summary, "executed": False, "busy": False})
+                return
+            if (
+                not yes
+                and stdin_is_terminal()
+                and not as_json
+                and (plan.drop or plan.set_aside or plan.chunks)
+                and not typer.confirm("go ahead?", err=True)
+            ):
+                raise typer.Exit(EXIT_ERROR)
+            with progress("sweeping", not as_json) as on_progress:
+                report = gc_mod.execute(store, plan, threads=io_threads(), progress=on_progress)
+    if as_json:
+        emit_json(
+            {
+                "plan": summary,
+                "executed": True,
+                "busy": False,
+                "report": dataclasses.asdict(report),
+            }
+        )
+        return
+    out.print(
+        f"set aside {report.keys_dropped} keys"
+        + (f", kept {report.keys_spared} used since planning" if report.keys_spared else "")
+        + f"; deleted {report.keys_expired} set aside earlier ({report.manifests_deleted} "
+        f"manifests), restored {report.keys_restored}; compacted {report.keys_compacted}; "
+        f"deleted {report.chunks_deleted} chunks ({mib(report.bytes_freed)}), spared "
+        f"{report.chunks_kept_late} in use; removed {report.temps_removed} temp and "
+        f"{report.locks_removed} lock files in {report.seconds:.2f}s"
+    )
+    for problem in report.errors:
+        warn(problem)
+
+
+def _print_plan(plan: gc_mod.Plan) -> None:
+    out.print(f"{len(plan.keys)} keys; live: {plan.live_chunks} chunks ({mib(plan.live_bytes)})")
+    for d in plan.drop:
+        out.print(
+            f"  set aside {d.state.key_id[:12]} ({d.state.key.describe()}): {d.reason}; "
+            "it stops loading now, and the next run deletes it unless it is saved again"
+        )
+    for a in plan.set_aside:
+        if a.restore:
+            out.print(f"  restore {a.key_id[:12]}: set aside by an earlier run, saved since")
+        else:
+            out.print(f"  delete {a.key_id[:12]}: set aside by an earlier run")
+    if plan.compact:
+        out.print(f"  compact {len(plan.compact)} keys with several manifests")
+    grace = duration_text(plan.policy.grace)
+    if plan.sweep_blocked:
+        out.print(f"  delete no chunk: {plan.sweep_blocked}")
+    else:
+        out.print(
+            f"  delete {len(plan.chunks)} unreferenced chunks older than {grace} "
+            f"({mib(plan.freed_bytes)})"
+        )
+    out.print(
+        f"  the grace keeps {plan.grace_kept} unreferenced chunks younger than {grace} "
+        f"({mib(plan.grace_kept_bytes)})"
+    )
+    out.print(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")

@@ -1,0 +1,411 @@
+"""Commands that save, load and inspect keys: save, load, ls, show, verify, stats, du."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from casstore import audit, constants
+from casstore.cli.common import (
+    EXIT_INCOMPLETE,
+    ArchOpt,
+    ExtraOpt,
+    JsonOpt,
+    KeyRefArg,
+    ModelOpt,
+    RootOpt,
+    ThreadsOpt,
+    TorchOpt,
+    TreeOpt,
+    VerboseOpt,
+    apply_globals,
+    build_key,
+    emit_json,
+    errors,
+    fail,
+    io_threads,
+    iso_time,
+    local_time,
+    mib,
+    open_store,
+    out,
+    parse_size,
+    progress,
+    usage_error,
+    warn,
+)
+from casstore.store import KeyInfo, Store
+
+# Extra factors in the order `ls` shows them; any other follows, by name.
+FACTOR_ORDER = ("tree", "device", "cpu", "python", "triton")
+
+
+def save(
+    directory: Annotated[
+        Path,
+        typer.Argument(metavar="DIR", exists=True, file_okay=False, help="Directory to save."),
+    ],
+    torch: TorchOpt = None,
+    arch: ArchOpt = None,
+    model: ModelOpt = "default",
+    tree: TreeOpt = "inductor",
+    extra: ExtraOpt = None,
+    max_size_mb: Annotated[
+        int | None,
+        typer.Option(min=0, metavar="N", help="Refuse trees larger than this many MiB."),
+    ] = None,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Save DIR under a key; only chunks the store lacks are uploaded."""
+    apply_globals(root, threads, verbose)
+    with errors():
+        key = build_key(torch, arch, model, tree, extra)  # first: a key error creates no store
+        store = open_store()
+        with progress("saving", not as_json) as on_progress:
+            report = store.save(
+                directory,
+                key,
+                max_bytes=max_size_mb * 2**20 if max_size_mb is not None else None,
+                progress=on_progress,
+            )
+    saved = report.manifest is not None
+    if as_json:
+        if report.files == 0:
+            warn(f"nothing saved: {directory} holds no files")
+        emit_json(
+            {
+                **dataclasses.asdict(report),
+                "key": report.key,
+                "key_id": report.key.id,
+                "saved": saved,
+            }
+        )
+    elif report.files == 0:
+        out.print(f"nothing saved: {directory} holds no files")
+    else:
+        out.print(f"saved {key}" if saved else f"nothing new: {key} already holds these files")
+        out.print(
+            f"  {report.files} files ({mib(report.bytes)}), {report.changed_files} new or "
+            f"changed, {report.new_chunks} new chunks ({mib(report.new_bytes)}, "
+            f"{mib(report.stored_bytes)} compressed) in {report.seconds:.2f}s"
+        )
+    if report.skipped and not as_json:
+        out.print(
+            f"  skipped {len(report.skipped)}: "
+            + ", ".join(f"{p} ({why})" for p, why in report.skipped[:5])
+            + (" …" if len(report.skipped) > 5 else "")
+        )
+
+
+def _check_writable(directory: Path) -> None:
+    """One clear error for a destination this user cannot write, instead of one warning per
+    file. (A destination that does not exist yet is created by the load, which fails with
+    one line where that is impossible.)"""
+    if not directory.is_dir():
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=constants.TEMP_PREFIX, dir=directory)
+    except OSError as e:
+        fail(f"cannot write to {directory}: {e.strerror or e}")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def load(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", file_okay=False, help="Directory to restore into (created if needed)."
+        ),
+    ],
+    torch: TorchOpt = None,
+    arch: ArchOpt = None,
+    model: ModelOpt = "default",
+    tree: TreeOpt = "inductor",
+    extra: ExtraOpt = None,
+    key_id: Annotated[
+        str | None,
+        typer.Option("--key", metavar="ID", help="Key id (or prefix) instead of the key fields."),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE",
+            help="Refuse keys larger than this (500M, 10G), before writing anything. "
+            "Default: no cap.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Restore a saved key into DIR, fetching only files not already present."""
+    apply_globals(root, threads, verbose)
+    max_bytes = parse_size(max_size, "--max-size") if max_size is not None else None
+    with errors():
+        store = open_store(create=False)
+        key = store.resolve(key_id) if key_id else build_key(torch, arch, model, tree, extra)
+        _check_writable(directory)
+        with progress("loading", not as_json) as on_progress:
+            report = store.load(key, directory, max_bytes=max_bytes, progress=on_progress)
+    if as_json:
+        emit_json({**dataclasses.asdict(report), "key": report.key, "key_id": report.key.id})
+    else:
+        out.print(f"loaded {key}")
+        out.print(
+            f"  {report.written} written, {report.skipped} already present, "
+            f"{len(report.missing)} missing; fetched {mib(report.bytes_fetched)} "
+            f"in {report.seconds:.2f}s"
+        )
+    if report.missing:  # the load logged a warning naming them
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+def _last_used(store: Store, info: KeyInfo) -> float:
+    """The newer of the key's last save and its last use (its access marker), as gc sees
+    it for --max-age and --max-size."""
+    marker = store.backend.stat(Store.access_key(info.key.id))
+    return max(info.last_saved, marker.mtime) if marker else info.last_saved
+
+
+def _factor_names(infos: list[KeyInfo]) -> list[str]:
+    names = {name for i in infos for name in i.key.extra}
+    known = [n for n in FACTOR_ORDER if n in names]
+    return known + sorted(names - set(known))
+
+
+def list_keys(
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """List the saved keys with every factor, size and last use."""
+    apply_globals(root, threads, verbose)
+    with errors():
+        store = open_store(create=False)
+        infos = list(store.keys())
+        used = {i.key.id: _last_used(store, i) for i in infos}
+    if as_json:
+        emit_json(
+            [
+                {
+                    "key_id": i.key.id,
+                    "key": i.key,
+                    "manifests": i.manifests,
+                    "files": i.files,
+                    "bytes": i.bytes,
+                    "last_saved": iso_time(i.last_saved),
+                    "last_used": iso_time(used[i.key.id]),
+                }
+                for i in infos
+            ]
+        )
+        return
+    factors = _factor_names(infos)
+    table = Table(
+        "key_id",
+        "torch",
+        "arch",
+        "model",
+        *factors,
+        "files",
+        "size",
+        "saves",
+        "last saved",
+        "last used",
+    )
+    for i in infos:
+        table.add_row(
+            i.key.id[:12],
+            i.key.torch,
+            i.key.arch,
+            i.key.model,
+            *(i.key.extra.get(name, "-") for name in factors),
+            str(i.files),
+            mib(i.bytes),
+            str(i.manifests),
+            local_time(i.last_saved),
+            local_time(used[i.key.id]),
+        )
+    out.print(table)
+
+
+def show(
+    ref: KeyRefArg,
+    files: Annotated[bool, typer.Option("--files", help="List every file.")] = False,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Show one key: its factors, manifests and files."""
+    apply_globals(root, threads, verbose)
+    with errors():
+        store = open_store(create=False)
+        key = store.resolve(ref)
+        loaded = store.manifests(key)
+        view = store.files(key)
+    if as_json:
+        emit_json(
+            {
+                "key_id": key.id,
+                "key": key,
+                "manifests": [
+                    {
+                        "name": n,
+                        "created_at": iso_time(m.created_at),
+                        "producer": m.producer,
+                        "files": len(m.files),
+                    }
+                    for n, m in loaded
+                ],
+                "files": [
+                    {
+                        "path": f.path,
+                        "size": f.size,
+                        "mode": f.mode,
+                        "digest": f.digest.hex(),
+                        "chunks": len(f.chunks),
+                    }
+                    for f in view.values()
+                ],
+            }
+        )
+        return
+    out.print(f"key {key.id}")
+    for name, value in [
+        ("torch", key.torch),
+        ("arch", key.arch),
+        ("model", key.model),
+        *sorted(key.extra.items()),
+    ]:
+        out.print(f"  {name:8} {value}")
+    out.print(
+        f"{len(view)} files, {mib(sum(f.size for f in view.values()))}, {len(loaded)} manifests:"
+    )
+    for name, m in loaded:
+        p = m.producer
+        out.print(
+            f"  {name.rsplit('/', 1)[-1]}  {local_time(m.created_at)}  {len(m.files)} files  "
+            f"from {p.host} (casstore {p.casstore}, python {p.python})"
+        )
+    if files:
+        for f in view.values():
+            out.print(f"  {f.mode:04o} {f.size:>12} {f.path}")
+
+
+def verify(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Move damaged objects into quarantine/.")
+    ] = False,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-hash every chunk and check every manifest; exit 4 if anything is damaged.
+
+    With --repair, damaged chunks and manifests are moved to quarantine/; the next save
+    that holds a quarantined chunk's bytes uploads it again.
+    """
+    apply_globals(root, threads, verbose)
+    with errors():
+        store = open_store(create=False)
+        with progress("verifying", not as_json) as on_progress:
+            report = audit.verify(store, threads=io_threads(), progress=on_progress)
+        repaired = audit.repair(store, report) if repair else None
+    if as_json:
+        emit_json(
+            {
+                **dataclasses.asdict(report),
+                "ok": report.ok,
+                "repaired": dataclasses.asdict(repaired) if repaired else None,
+            }
+        )
+    else:
+        out.print(f"{report.chunks} chunks, {report.manifests} manifests checked")
+        for key, why in report.corrupt:
+            out.print(f"  corrupt chunk {key}: {why}")
+        for key, why in report.invalid_manifests:
+            out.print(f"  invalid manifest {key}: {why}")
+        for name, digest in report.missing_chunks:
+            out.print(f"  {name} references missing chunk {digest}")
+        out.print("ok" if report.ok else "[red]damaged[/red]")
+        if repaired is not None:
+            out.print(
+                f"quarantined {repaired.chunks_quarantined} chunks and "
+                f"{repaired.manifests_quarantined} manifests"
+            )
+    if not report.ok:
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+def stats(
+    by: Annotated[
+        str | None, typer.Option("--by", metavar="model", help="Break usage down: 'model'.")
+    ] = None,
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chunks, stored bytes, logical bytes and the dedup ratio (--by model: who uses it)."""
+    apply_globals(root, threads, verbose)
+    if by is not None:
+        if by != "model":
+            usage_error(f"--by accepts 'model', not {by!r}")
+        _usage(as_json)
+        return
+    with errors():
+        s = audit.stats(open_store(create=False))
+    if as_json:
+        emit_json(
+            {
+                **dataclasses.asdict(s),
+                "dedup_ratio": s.dedup_ratio,
+                "compression_ratio": s.compression_ratio,
+            }
+        )
+        return
+    out.print(f"keys           {s.keys} ({s.manifests} manifests)")
+    out.print(f"chunks         {s.chunks}")
+    out.print(f"stored         {mib(s.stored_bytes)} (compressed)")
+    out.print(f"unique         {mib(s.unique_bytes)} (distinct chunk bytes)")
+    out.print(f"logical        {mib(s.logical_bytes)} (what loads write)")
+    out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
+
+
+def du(
+    as_json: JsonOpt = False,
+    root: RootOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Space used per model: bytes only it uses, bytes it shares (same as stats --by model)."""
+    apply_globals(root, threads, verbose)
+    _usage(as_json)
+
+
+def _usage(as_json: bool) -> None:
+    with errors():
+        rows = audit.usage_by_model(open_store(create=False))
+    if as_json:
+        emit_json([dataclasses.asdict(r) for r in rows])
+        return
+    table = Table("model", "keys", "logical", "own (stored)", "shared (stored)")
+    for r in rows:
+        table.add_row(
+            r.model, str(r.keys), mib(r.logical_bytes), mib(r.own_bytes), mib(r.shared_bytes)
+        )
+    out.print(table)

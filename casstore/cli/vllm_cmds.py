@@ -1,0 +1,209 @@
+"""``casstore vllm``: the sidecar for vLLM (docs/vllm.md).
+
+Its options work before the subcommand (``casstore vllm --model M restore``) and after it
+(``casstore vllm restore --model M``); after wins. An option the subcommand does not take
+(``--url`` for ``restore``) is refused, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from casstore import config
+from casstore.cli.common import RootOpt, VerboseOpt, apply_globals, options, say, usage_error
+
+if TYPE_CHECKING:
+    from casstore.vllm import Sidecar
+
+app = typer.Typer(
+    help="Sidecar for vLLM: restore its compile cache, save it once compiled (docs/vllm.md).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        metavar="DIR",
+        file_okay=False,
+        help="vLLM cache root (default: $VLLM_CACHE_ROOT, else ~/.cache/vllm).",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", metavar="MODEL", help="Model fingerprint (default: $CASSTORE_MODEL or default)."
+    ),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="URL",
+        help="Readiness URL: saving waits for HTTP 200 (or 401/403: up, behind a key) "
+        "here (default: vLLM's http://127.0.0.1:8000/health).",
+    ),
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(metavar="SECONDS", help="Seconds to wait for readiness (default: 1800)."),
+]
+QuietOpt = Annotated[
+    float | None,
+    typer.Option(
+        metavar="SECONDS", help="Seconds without a cache change before saving (default: 30)."
+    ),
+]
+PollOpt = Annotated[
+    float | None, typer.Option(metavar="SECONDS", help="Seconds between checks (default: 2).")
+]
+PidOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="PID",
+        help="Exit (after a final save) when this process exits, e.g. the shell pid that "
+        "execs vllm.",
+    ),
+]
+
+
+@dataclasses.dataclass
+class SidecarArgs:
+    """The sidecar's options; None: not given."""
+
+    cache_dir: Path | None = None
+    model: str | None = None
+    url: str | None = None
+    timeout: float | None = None
+    quiet: float | None = None
+    poll: float | None = None
+    pid: int | None = None
+
+    def merged(self, later: SidecarArgs) -> SidecarArgs:
+        """These options, overridden by those given in ``later``."""
+        return SidecarArgs(
+            **{
+                f.name: getattr(later, f.name)
+                if getattr(later, f.name) is not None
+                else getattr(self, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def given(self) -> list[str]:
+        return [
+            f"--{f.name.replace('_', '-')}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        ]
+
+
+def _group_args(ctx: typer.Context) -> SidecarArgs:
+    found = ctx.find_object(SidecarArgs)
+    return found if found is not None else SidecarArgs()
+
+
+def _refuse_threads() -> None:
+    if options.threads is not None:
+        usage_error("--threads does not apply to `casstore vllm`")
+
+
+def _sidecar(args: SidecarArgs) -> Sidecar:
+    from casstore import vllm
+
+    sidecar = vllm.Sidecar(
+        vllm.SidecarOptions(
+            cache_root=args.cache_dir or vllm.default_cache_root(),
+            url=args.url if args.url is not None else vllm.DEFAULT_URL,
+            timeout=args.timeout if args.timeout is not None else 1800.0,
+            quiet=args.quiet if args.quiet is not None else 30.0,
+            poll=args.poll if args.poll is not None else 2.0,
+            pid=args.pid,
+            model=args.model,
+            root=config.root_path(options.root) if options.root is not None else None,
+        )
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sidecar.stop())
+    return sidecar
+
+
+def _unattended_logging() -> None:
+    # The sidecar runs unattended: its progress belongs in the server's log at INFO.
+    logging.getLogger("casstore").setLevel(logging.INFO)
+
+
+@app.callback()
+def vllm_main(
+    ctx: typer.Context,
+    cache_dir: CacheDirOpt = None,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+    quiet: QuietOpt = None,
+    poll: PollOpt = None,
+    pid: PidOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Restore, then watch and save (the background form: `casstore vllm & vllm serve`).
+
+    Options given here apply to the subcommand too.
+    """
+    apply_globals(root, None, verbose)
+    _refuse_threads()
+    args = SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid)
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = args
+        return
+    _unattended_logging()
+    raise typer.Exit(_sidecar(args).run())
+
+
+@app.command("restore")
+def vllm_restore(
+    ctx: typer.Context,
+    cache_dir: CacheDirOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Restore only, then exit 0 whatever happened, so `&& vllm serve` always starts."""
+    apply_globals(root, None, verbose)
+    group = _group_args(ctx)
+    ignored = dataclasses.replace(group, cache_dir=None, model=None).given()
+    if ignored:
+        usage_error(
+            f"{', '.join(ignored)} does not apply to `casstore vllm restore` "
+            "(it takes --cache-dir and --model)"
+        )
+    args = group.merged(SidecarArgs(cache_dir=cache_dir, model=model))
+    _unattended_logging()
+    status = _sidecar(args).restore()
+    say("casstore vllm restore", "", status.name)
+
+
+@app.command("watch")
+def vllm_watch(
+    ctx: typer.Context,
+    cache_dir: CacheDirOpt = None,
+    url: UrlOpt = None,
+    timeout: TimeoutOpt = None,
+    quiet: QuietOpt = None,
+    poll: PollOpt = None,
+    pid: PidOpt = None,
+    model: ModelOpt = None,
+    root: RootOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Watch and save only (after a blocking `casstore vllm restore`)."""
+    apply_globals(root, None, verbose)
+    args = _group_args(ctx).merged(SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid))
+    _unattended_logging()
+    raise typer.Exit(_sidecar(args).watch())
