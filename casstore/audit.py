@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from casstore import constants, objects
 from casstore import manifest as mf
-from casstore.errors import CorruptObject, InvalidManifest, NotFound
+from casstore.errors import CorruptObject, InvalidManifest, NotFound, UnsupportedManifest
 from casstore.store import Store
 
 
@@ -20,6 +20,9 @@ class VerifyReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (object key, reason)
     manifests: int = 0
     invalid_manifests: list[tuple[str, str]] = field(default_factory=list)
+    # Manifests of a newer casstore (another format, an unknown field): not damage, and
+    # never quarantined by --repair (a newer version may need them); upgrade to check them.
+    unsupported_manifests: list[tuple[str, str]] = field(default_factory=list)
     missing_chunks: list[tuple[str, str]] = field(default_factory=list)  # (manifest, digest)
 
     @property
@@ -46,7 +49,9 @@ class StoreStats:
         return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
-def _all_manifests(store: Store) -> tuple[list[tuple[str, mf.Manifest]], list[tuple[str, str]]]:
+def _all_manifests(
+    store: Store, unsupported: list[tuple[str, str]] | None = None
+) -> tuple[list[tuple[str, mf.Manifest]], list[tuple[str, str]]]:
     good: list[tuple[str, mf.Manifest]] = []
     bad: list[tuple[str, str]] = []
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
@@ -56,6 +61,10 @@ def _all_manifests(store: Store) -> tuple[list[tuple[str, mf.Manifest]], list[tu
             blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
             m = mf.decode(blob, source=info.key)
         except NotFound:
+            continue
+        except UnsupportedManifest as e:
+            if unsupported is not None:
+                unsupported.append((info.key, str(e)))
             continue
         except (InvalidManifest, CorruptObject) as e:
             bad.append((info.key, str(e)))
@@ -75,8 +84,10 @@ def verify(
 ) -> VerifyReport:
     """Decompress and re-hash every chunk; check every manifest and what it references."""
     report = VerifyReport()
-    manifests, report.invalid_manifests = _all_manifests(store)
-    report.manifests = len(manifests) + len(report.invalid_manifests)
+    manifests, report.invalid_manifests = _all_manifests(store, report.unsupported_manifests)
+    report.manifests = (
+        len(manifests) + len(report.invalid_manifests) + len(report.unsupported_manifests)
+    )
     infos = list(store.backend.list(f"{constants.CHUNKS_DIR}/"))
     present: set[str] = set()
     lock = threading.Lock()

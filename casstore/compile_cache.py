@@ -176,9 +176,13 @@ def load_compile_cache(
         try:
             store = _open_store(settings, create=False)
         except StoreUnavailable:
-            # No store yet (not even an empty directory made ready for one): nothing saved.
+            # No store yet, where a save would start one (a missing directory, or one
+            # holding nothing but lost+found and temp files): nothing saved. The rule is
+            # the store's own, so load and save agree on what is not a store.
+            from casstore.backends.fs import FileSystemBackend
+
             fresh = not settings.root.exists() or (
-                settings.root.is_dir() and not any(settings.root.iterdir())
+                settings.root.is_dir() and not FileSystemBackend(settings.root).holds_other_files()
             )
             if not fresh:
                 raise

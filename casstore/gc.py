@@ -35,17 +35,25 @@ from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
 from casstore.errors import CannotRenew, CasstoreError, UnsupportedManifest
 from casstore.keys import CacheKey
-from casstore.locks import _release, _try_lock, best_effort_lock
+from casstore.locks import exclusive_unless_busy, remove_if_unheld
 from casstore.store import Store
 
 log = logging.getLogger("casstore")
 
 ProgressCallback = Callable[[int, int], None]
 
-# A set-aside manifest: ``manifests/<key id>/<name>.manifest.dropped``. Readers list only
-# names ending in ``.manifest``, so the key stops loading at once; its chunks stay until the
-# next run deletes these files (or renames them back when the key was saved meanwhile).
+# A set-aside manifest: ``manifests/<key id>/<name>.manifest.dropped-<unix time>``. Readers
+# list only names ending in ``.manifest``, so the key stops loading at once; its chunks stay
+# until a later run, at least a grace period later, deletes these files (or renames them
+# back when the key was saved meanwhile).
 DROPPED_SUFFIX = ".dropped"
+_DROPPED_RE = re.compile(r"^(?P<name>.+\.manifest)\.dropped(?:-(?P<at>\d+))?$")
+
+
+def dropped_name(name: str, at: float) -> str:
+    """The set-aside name of manifest ``name``, recording when (gc's clock) it was set
+    aside: the run that may delete it must come a grace period later."""
+    return f"{name}{DROPPED_SUFFIX}-{int(at)}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class SetAside:
     names: tuple[str, ...]
     chunks: frozenset[bytes]
     restore: bool  # True: the key was saved since, its manifests come back
+    due: bool  # aside for at least the grace period: this run may delete them
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,8 @@ class Plan:
                 }
                 for d in self.drop
             ],
-            "expire_keys": [s.key_id for s in self.set_aside if not s.restore],
+            "expire_keys": [s.key_id for s in self.set_aside if not s.restore and s.due],
+            "waiting_keys": [s.key_id for s in self.set_aside if not s.restore and not s.due],
             "restore_keys": [s.key_id for s in self.set_aside if s.restore],
             "compact_keys": [
                 {"key_id": k.key_id, "manifests": len(k.manifests)} for k in self.compact
@@ -193,7 +203,7 @@ def _list_manifests(store: Store) -> _Listing:
         listing.seen.add(info.key)
         if parts[2].endswith(constants.MANIFEST_SUFFIX):
             listing.live[parts[1]].append(info.key)
-        elif parts[2].endswith(constants.MANIFEST_SUFFIX + DROPPED_SUFFIX):
+        elif _DROPPED_RE.match(parts[2]):
             listing.dropped[parts[1]].append(info.key)
     return listing
 
@@ -232,28 +242,43 @@ def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeySt
                 manifests=tuple(n for n, _ in loaded),
                 last_used=min(last_used, now),
                 marker_mtime=marker.mtime if marker else None,
-                chunks=frozenset(c.digest for f in view.values() for c in f.chunks),
+                # Every manifest's chunks, shadowed entries too: if the newer manifest
+                # goes (quarantine, a crashed compaction), the older must still load.
+                chunks=frozenset(c.digest for _, m in loaded for f in m.files for c in f.chunks),
                 logical_bytes=sum(f.size for f in view.values()),
             )
         )
     return states, blocked
 
 
-def _set_aside(store: Store, listing: _Listing, saved: set[str]) -> list[SetAside]:
-    """Keys set aside by earlier runs; ``saved``: ids of keys with a valid manifest now."""
+def _set_aside(
+    store: Store, listing: _Listing, saved: set[str], dropping: set[str], due_before: float
+) -> tuple[list[SetAside], str | None]:
+    """Keys set aside by earlier runs. ``saved``: ids of keys with a valid manifest now
+    (saved again since: their set-aside manifests come back), unless this run drops them
+    again (``dropping``): then they stay aside. Also the reason to block the sweep, if a
+    set-aside manifest comes from a newer casstore."""
     found = []
+    blocked = None
     for key_id, names in sorted(listing.dropped.items()):
         chunks: set[bytes] = set()
+        latest = 0
         for name in names:
+            matched = _DROPPED_RE.match(name.rsplit("/", 1)[-1])
+            latest = max(latest, int(matched.group("at") or 0) if matched else 0)
             try:
                 blob = store.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
                 m = mf.decode(blob, source=name)
+            except UnsupportedManifest as e:
+                blocked = blocked or f"{e}; not sweeping any chunk until casstore is upgraded"
+                continue
             except (CasstoreError, OSError):
                 continue
             chunks.update(c.digest for f in m.files for c in f.chunks)
-        restore = key_id in saved  # saved again since it was set aside
-        found.append(SetAside(key_id, tuple(sorted(names)), frozenset(chunks), restore))
-    return found
+        restore = key_id in saved and key_id not in dropping
+        due = latest <= due_before
+        found.append(SetAside(key_id, tuple(sorted(names)), frozenset(chunks), restore, due))
+    return found, blocked
 
 
 def _retention(
@@ -305,9 +330,12 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     sizes = {d: info.size for info, d in chunk_infos}
     listing = _list_manifests(store)
     states, blocked = _key_states(store, listing, now)
-    set_aside = _set_aside(store, listing, {s.key_id for s in states})
     drop = _retention(states, sizes, policy, now)
     dropped_ids = {d.state.key_id for d in drop}
+    set_aside, aside_blocked = _set_aside(
+        store, listing, {s.key_id for s in states}, dropped_ids, now - policy.grace
+    )
+    blocked = blocked or aside_blocked
     kept = [s for s in states if s.key_id not in dropped_ids]
     # Live: every kept key, every key set aside by this run (deleted only by the next
     # one) and every set-aside key coming back. Keys set aside earlier and not saved since
@@ -316,7 +344,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     for s in states:
         live.update(s.chunks)
     for a in set_aside:
-        if a.restore:
+        if a.restore or not a.due:
             live.update(a.chunks)
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     cutoff = now - policy.grace
@@ -337,7 +365,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         orphan_markers=tuple(
             info.key
             for info in store.backend.list(f"{constants.ACCESS_DIR}/")
-            if info.key.split("/")[-1] not in with_manifests and info.mtime < cutoff
+            if _KEY_ID_RE.fullmatch(name := info.key.split("/")[-1])
+            and name not in with_manifests
+            and info.mtime < cutoff
         ),
         seen_manifests=frozenset(listing.seen),
         live_chunks=len(kept_live),
@@ -360,10 +390,21 @@ def _stale_temps(root: Path, older_than: float) -> Iterable[str]:
                     pass
 
 
+def _real_dir(path: Path) -> bool:
+    """A directory of the store that is really one: anyone who can write the store could
+    replace it with a symlink to elsewhere, where gc must delete nothing."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _stale_locks(lock_dir: Path, older_than: float) -> Iterable[str]:
+    if not _real_dir(lock_dir):
+        return
     try:
         entries = list(os.scandir(lock_dir))
-    except FileNotFoundError:
+    except OSError:
         return
     for e in entries:
         try:
@@ -389,18 +430,31 @@ def execute(
     fs = _fs(store)
     # 1. Keys retention drops are set aside: their manifests renamed out of readers'
     #    sight (the key stops loading), their chunks kept until the next run. A key loaded
-    #    or saved since planning is kept.
+    #    or saved since planning is kept. One key gc cannot rename (permissions) is an
+    #    error in the report, never the end of the run.
     protected: set[str] = set()
+    spared: set[str] = set()
     for d in p.drop:
-        if _set_key_aside(store, d.state, p.seen_manifests):
+        try:
+            aside = _set_key_aside(store, d.state, p.seen_manifests)
+        except OSError as e:
+            report.errors.append(f"setting {d.state.key_id} aside: {e.strerror or e}")
+            aside = False
+        if aside:
             report.keys_dropped += 1
         else:
             report.keys_spared += 1
+            spared.add(d.state.key_id)
             protected.update(c.hex() for c in d.state.chunks)
-    # 2. Keys an earlier run set aside: deleted now, or back if saved since.
+    # 2. Keys an earlier run set aside: deleted once aside for a grace period, or back if
+    #    saved since (or kept in use by step 1).
     for a in p.set_aside:
-        outcome = _finish_set_aside(store, a, p.seen_manifests, report)
-        if outcome == "restored":
+        try:
+            outcome = _finish_set_aside(store, a, p.seen_manifests, a.key_id in spared, report)
+        except OSError as e:
+            report.errors.append(f"finishing {a.key_id}: {e.strerror or e}")
+            outcome = "restored"  # unknown: protect its chunks this run
+        if outcome != "expired":
             protected.update(c.hex() for c in a.chunks)
     # 3. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
@@ -414,7 +468,7 @@ def execute(
     protected |= _chunks_of_new_manifests(store, p.seen_manifests)
     # 5. Sweep, through trash/.
     live = protected | {c.hex() for s in p.keys for c in s.chunks}
-    live |= {c.hex() for a in p.set_aside if a.restore for c in a.chunks}
+    live |= {c.hex() for a in p.set_aside if a.restore or not a.due for c in a.chunks}
     report.trash_restored += _recover_trash(store, p.cutoff, live, report)
     if p.sweep_blocked:
         report.errors.append(p.sweep_blocked)
@@ -422,7 +476,7 @@ def execute(
         _sweep(fs, p, protected, report, threads, progress)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
-    report.locks_removed = sum(1 for path in p.locks if _remove_idle_lock(path))
+    report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
     report.markers_removed = sum(1 for m in p.orphan_markers if _remove_orphan_marker(store, m))
     report.seconds = time.monotonic() - started
     log.info(
@@ -504,10 +558,11 @@ def _set_key_aside(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
     """
     if _used_since_plan(store, state, seen):
         return False
-    moved = [name for name in state.manifests if store.backend.move(name, name + DROPPED_SUFFIX)]
+    at = time.time()
+    moved = [name for name in state.manifests if store.backend.move(name, dropped_name(name, at))]
     if _used_since_plan(store, state, seen):
         for name in moved:
-            _move_back(store, name + DROPPED_SUFFIX)
+            _move_back(store, dropped_name(name, at))
         log.info("gc: kept %s: it was used while gc ran", state.key_id)
         return False
     return True
@@ -516,14 +571,18 @@ def _set_key_aside(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
 def _move_back(store: Store, dropped: str) -> bool:
     """Rename a set-aside manifest back; if its name is taken (cannot happen with unique
     names, but never replace), the set-aside copy is redundant."""
-    name = dropped.removesuffix(DROPPED_SUFFIX)
+    directory, _, base = dropped.rpartition("/")
+    matched = _DROPPED_RE.match(base)
+    name = f"{directory}/{matched.group('name')}" if matched else dropped
     if store.backend.move(dropped, name):
         return True
     store.backend.delete(dropped)
     return False
 
 
-def _finish_set_aside(store: Store, a: SetAside, seen: frozenset[str], report: GcReport) -> str:
+def _finish_set_aside(
+    store: Store, a: SetAside, seen: frozenset[str], in_use: bool, report: GcReport
+) -> str:
     """Delete a key set aside by an earlier run, or bring it back when it was saved since
     (a replica whose view lagged may have listed only its new files: the old manifests
     complete the key again)."""
@@ -532,11 +591,13 @@ def _finish_set_aside(store: Store, a: SetAside, seen: frozenset[str], report: G
         info.key.endswith(constants.MANIFEST_SUFFIX) and info.key not in seen
         for info in store.backend.list(prefix)
     )
-    if a.restore or saved_since:
+    if a.restore or saved_since or in_use:
         for name in a.names:
             _move_back(store, name)
         report.keys_restored += 1
         return "restored"
+    if not a.due:
+        return "waiting"  # not aside for a grace period yet: a save may still be in flight
     for name in a.names:
         if store.backend.delete(name):
             report.manifests_deleted += 1
@@ -588,6 +649,7 @@ def _sweep_chunk(fs: FileSystemBackend, key: str, trash_key: str, cutoff: float)
 
 
 _RUN_CUTOFF_RE = re.compile(r"-c(\d+)-")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def trash_run_name(cutoff: float) -> str:
@@ -606,9 +668,11 @@ def _recover_trash(store: Store, cutoff: float, live: set[str], report: GcReport
     cannot be removed (another gc finishing the same run) is skipped, never fatal."""
     fs = _fs(store)
     restored = 0
+    if not _real_dir(fs.root / constants.TRASH_DIR):
+        return 0
     try:
         runs = list(os.scandir(fs.root / constants.TRASH_DIR))
-    except FileNotFoundError:
+    except OSError:
         return 0
     for run in runs:
         try:
@@ -709,11 +773,15 @@ def cleanup(
     removed = 0
     dirs = [root / constants.MANIFESTS_DIR, root / constants.LOCKS_DIR]
     try:
-        fanout = [e.path for e in os.scandir(root / constants.CHUNKS_DIR) if e.is_dir()]
-    except FileNotFoundError:
+        chunks = root / constants.CHUNKS_DIR
+        fanout = [e.path for e in os.scandir(chunks) if e.is_dir(follow_symlinks=False)]
+        fanout = fanout if _real_dir(chunks) else []
+    except OSError:
         fanout = []
     dirs += [Path(p) for p in random.sample(fanout, min(4, len(fanout)))]
     for d in dirs:
+        if not _real_dir(d):
+            continue  # os.walk would follow a symlink given as its top directory
         for dirpath, _sub, names in os.walk(d):
             for name in names:
                 if clock() > deadline:
@@ -730,7 +798,7 @@ def cleanup(
                     and st.st_mtime < now - lock_timeout
                     and stat.S_ISREG(st.st_mode)
                 ):
-                    removed += _remove_idle_lock(path)
+                    removed += remove_if_unheld(path)
     return removed
 
 
@@ -742,17 +810,6 @@ def _unlink(path: str) -> bool:
         return False
 
 
-def _remove_idle_lock(path: str) -> bool:
-    """Remove a stale lock file only if nobody holds it now (else it only looks stale)."""
-    lock, _busy = _try_lock(Path(path), 0)
-    if lock is None:
-        return False
-    try:
-        return _unlink(path)
-    finally:
-        _release(lock)
-
-
 def _remove_empty_dir(path: Path) -> None:
     try:
         path.rmdir()
@@ -761,6 +818,7 @@ def _remove_empty_dir(path: Path) -> None:
 
 
 def gc_lock(store: Store) -> AbstractContextManager[bool]:
-    """Only one gc at a time per store; a second finds it busy. Saves duplicate work only:
-    two gcs racing are still safe."""
-    return best_effort_lock(_fs(store).root / constants.LOCKS_DIR / "gc.lock", 0)
+    """Only one gc at a time per store: False when another gc holds the lock. Where the
+    lock cannot be taken at all, True: a gc that silently never ran would let the store
+    fill up, and the lock only avoids duplicate work."""
+    return exclusive_unless_busy(_fs(store).root / constants.LOCKS_DIR / "gc.lock")

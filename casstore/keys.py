@@ -29,8 +29,9 @@ import msgspec
 
 from casstore.errors import InvalidManifest, KeyUndetermined
 
-_LABEL_RE = re.compile(r"^[A-Za-z0-9._+\-:/=@~ ]{1,200}$")
-_LABEL_CHARS_RE = re.compile(r"[^A-Za-z0-9._+\-:/=@~ ]")
+# Part of the format (docs/format.md): readers of every version accept these labels.
+_LABEL_RE = re.compile(r"[A-Za-z0-9._+\-:/= ]{1,200}")
+_LABEL_CHARS_RE = re.compile(r"[^A-Za-z0-9._+\-:/= ]")
 
 
 class CacheKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -82,20 +83,20 @@ def model_label(name: str) -> str:
 
     A name that is a valid label already is used as it is, so existing keys keep their
     ids. Any other is made one: characters outside the label set become ``_``, the result
-    is cut to 160 characters, and ``~`` plus 16 hex digits of the BLAKE3 of the full name
+    is cut to 160 characters, and ``+`` plus 16 hex digits of the BLAKE3 of the full name
     keep two different names apart."""
     name = unicodedata.normalize("NFC", name.strip()) or "default"
-    if _LABEL_RE.match(name):
+    if _LABEL_RE.fullmatch(name):
         return name
     readable = _LABEL_CHARS_RE.sub("_", name)[:160]
-    return f"{readable}~{blake3.blake3(name.encode()).hexdigest(length=8)}"
+    return f"{readable}+{blake3.blake3(name.encode()).hexdigest(length=8)}"
 
 
 def _check_label(name: str, value: object) -> None:
-    if not isinstance(value, str) or not _LABEL_RE.match(value):
+    if not isinstance(value, str) or not _LABEL_RE.fullmatch(value):
         raise InvalidManifest(
             f"key field {name}={value!r} must be 1-200 characters of letters, digits, "
-            "spaces and ._+-:/=@~"
+            "spaces and ._+-:/="
         )
 
 

@@ -72,6 +72,33 @@ def best_effort_lock(path: Path, timeout: float) -> Iterator[bool]:
             _release(lock)
 
 
+def remove_if_unheld(path: str) -> bool:
+    """Remove a stale lock file only if nobody holds it now (else it only looks stale)."""
+    lock, _busy = _try_lock(Path(path), 0)
+    if lock is None:
+        return False
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        _release(lock)
+
+
+@contextmanager
+def exclusive_unless_busy(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` where possible; yields False only when someone
+    else holds it. Where locking is impossible (a read-only or unwritable lock directory,
+    no flock) it yields True: these locks carry no correctness, so the work goes on."""
+    lock, busy = _try_lock(path, 0)
+    try:
+        yield not busy
+    finally:
+        if lock is not None:
+            _release(lock)
+
+
 @contextmanager
 def save_slot(lock_dir: Path, slots: int, timeout: float) -> Iterator[bool]:
     """Hold one of ``slots`` lock files, so at most that many saves run at once per store.

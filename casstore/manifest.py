@@ -131,15 +131,23 @@ def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
     except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises ValueError
         raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
     if header.format != constants.MANIFEST_FORMAT_VERSION:
-        raise UnsupportedManifest(
+        # Only a newer format may be a valid manifest this version cannot read.
+        error = (
+            UnsupportedManifest
+            if header.format > constants.MANIFEST_FORMAT_VERSION
+            else InvalidManifest
+        )
+        raise error(
             f"{source}: manifest format {header.format} is not supported by this casstore "
             f"(reads format {constants.MANIFEST_FORMAT_VERSION}); upgrade casstore"
         )
     try:
         m = msgspec.msgpack.decode(blob, type=Manifest)
     except msgspec.ValidationError as e:
-        # Well-formed, but not this version's schema (an unknown field, say): perhaps
-        # written by a newer casstore, so gc must treat it as possibly live.
+        if "unknown field" not in str(e):
+            raise InvalidManifest(f"{source}: malformed manifest ({e})") from e
+        # Well-formed, with a field this version does not know: perhaps written by a
+        # newer casstore, so gc must treat it as possibly live.
         raise UnsupportedManifest(
             f"{source}: manifest does not match this casstore's schema ({e}); written by a "
             "newer casstore?"

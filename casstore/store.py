@@ -191,8 +191,12 @@ class Store:
             )
 
     def _holds_other_files(self) -> bool:
-        """Whether the root holds any file (lost+found aside: a fresh volume's root has it)."""
-        return any(not i.key.startswith("lost+found/") for i in self.backend.list(""))
+        """Whether the root holds anything but what a fresh volume or a crashed first save
+        leaves there (``lost+found``, temp files). Top level only: ``lost+found`` is often
+        readable by root alone."""
+        if isinstance(self.backend, FileSystemBackend):
+            return self.backend.holds_other_files()
+        return any(True for _ in self.backend.list(""))
 
     # --- manifests ---------------------------------------------------------------------------
 
@@ -341,26 +345,26 @@ class Store:
             )
         lock_path = self._lock_path(key)
         with best_effort_lock(lock_path, lock_timeout) if lock_path else nullcontext(False):
-            # A save is a use of the key. Recorded before the current view is read, so a
-            # gc that deletes the key's manifests after that read sees the use when it
-            # re-checks the key, and puts them back (docs/gc.md).
-            self._record_use(key)
-            # Read the current view under the lock: a replica that waited for another's
-            # upload of the same key then finds nothing left to do.
-            try:
-                current = self.files(key)
-            except (NotFound, InvalidManifest):
-                current = {}
             if max_bytes is not None:
                 # Loads apply the same cap to the key's merged view: refuse a save that
-                # would grow the key past it, or no replica could restore the key.
+                # would grow the key past it, or no replica could restore the key. Checked
+                # before the use is recorded: a refused save is no use, so a key stuck
+                # over the cap still ages out.
                 mine = {f.rel for f in local}
-                merged = report.bytes + sum(e.size for p, e in current.items() if p not in mine)
+                before = self._current_view(key)
+                merged = report.bytes + sum(e.size for p, e in before.items() if p not in mine)
                 if merged > max_bytes:
                     raise CacheTooLarge(
                         f"the key would hold {merged / 2**20:.1f} MiB after this save, over "
                         f"the {max_bytes / 2**20:.0f} MiB cap; nothing was uploaded"
                     )
+            # A save is a use of the key. Recorded before the view this save works from is
+            # read, so a gc that sets the key aside after that read sees the use when it
+            # re-checks the key, and puts it back (docs/gc.md).
+            self._record_use(key)
+            # Read the current view under the lock: a replica that waited for another's
+            # upload of the same key then finds nothing left to do.
+            current = self._current_view(key)
             entries = self._upload(local, current, report, progress)
             changed = [e for e in entries if current.get(e.path) != e]
             report.changed_files = len(changed)
@@ -382,6 +386,12 @@ class Store:
             report.seconds,
         )
         return report
+
+    def _current_view(self, key: CacheKey) -> dict[str, FileEntry]:
+        try:
+            return self.files(key)
+        except (NotFound, InvalidManifest):
+            return {}
 
     def _publish_manifest(self, key: CacheKey, files: list[FileEntry]) -> str:
         m = mf.new_manifest(key, files)

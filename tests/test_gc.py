@@ -641,3 +641,119 @@ def test_set_aside_manifests_are_deleted_by_the_next_run_and_their_chunks_freed(
     leftovers = (tmp_path / "store" / constants.MANIFESTS_DIR).rglob("*")
     assert [p for p in leftovers if not p.is_dir()] == []
     assert not (tmp_path / "store" / Store.access_key(k.id)).exists()
+
+
+# --- regressions from a second adversarial review ---------------------------------------------
+
+
+@pytest.mark.parametrize("subdir", ["access", "trash", "locks", "manifests"])
+def test_a_store_directory_replaced_by_a_symlink_is_never_followed(
+    store: Store, tmp_path: Path, subdir: str
+) -> None:
+    """Anyone who can write the store root can swap one of its directories for a symlink:
+    neither gc nor a saver's cleanup may then delete anything where it points."""
+    save(store, tmp_path, key("m"), {"f": os.urandom(2000)})
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    names = ["a" * 32, "poetry.lock", f"{constants.TEMP_PREFIX}x", "sub/b.lock", "c.zst"]
+    long_ago = time.time() - 3 * DAY
+    for name in names:
+        (victim / name).write_text("precious")
+        os.utime(victim / name, (long_ago, long_ago))
+    for d in (victim, victim / "sub"):
+        os.utime(d, (long_ago, long_ago))
+    real = tmp_path / "store" / subdir
+    if real.exists():
+        shutil.rmtree(real)
+    os.symlink(victim, real)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=60, temp_timeout=1, lock_timeout=1))
+    gc_mod.execute(store, p)
+    gc_mod.cleanup(store, temp_timeout=1, lock_timeout=1, budget_seconds=5)
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*") if p.is_file()) == sorted(
+        names
+    )
+
+
+def test_gc_runs_where_its_lock_cannot_be_taken(store: Store, tmp_path: Path) -> None:
+    """A lock that cannot even be created (read-only locks/, no flock) is not "another gc
+    is running": locks carry no correctness, gc goes on."""
+    locks = tmp_path / "store" / constants.LOCKS_DIR
+    if locks.exists():
+        shutil.rmtree(locks)
+    locks.write_text("a file where the locks directory should be")
+    with gc_mod.gc_lock(store) as go:
+        assert go
+
+
+def test_one_key_gc_cannot_write_does_not_stop_the_run(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(store, tmp_path, key("stuck"), {"a": os.urandom(3000)})
+    save(store, tmp_path, key("gone"), {"g": os.urandom(3000)})
+    gc_mod.remove_key(store, key("gone"))
+    now = time.time() + 40 * DAY
+    age_all_chunks(tmp_path / "store", 40 * DAY, now)
+    real_move = store.backend.move
+
+    def move(src: str, dst: str) -> bool:
+        if key("stuck").id in src:
+            raise PermissionError(13, "Permission denied", src)
+        return real_move(src, dst)
+
+    monkeypatch.setattr(store.backend, "move", move)
+    p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY, grace=HOUR), now=now)
+    report = gc_mod.execute(store, p)
+    assert report.chunks_deleted >= 1  # the rest of the run went on
+    assert any("Permission denied" in e for e in report.errors), report.errors
+
+
+def test_a_key_set_aside_saved_and_dropped_again_does_not_flip_back(
+    store: Store, tmp_path: Path
+) -> None:
+    k = key("m")
+    save(store, tmp_path, k, {"old.so": os.urandom(3000)})
+    now = time.time() + 40 * DAY
+    policy = gc_mod.Policy(max_age=30 * DAY, grace=0)
+    gc_mod.execute(store, gc_mod.plan(store, policy, now=now))  # set aside
+    save(store, tmp_path / "again", k, {"new.so": os.urandom(3000)})
+    # Dropped again before anything loads it (the save is "old" by this plan's clock).
+    later = now + 40 * DAY
+    for _ in range(3):
+        gc_mod.execute(store, gc_mod.plan(store, policy, now=later))
+    with pytest.raises(NotFound):
+        store.load(k, tmp_path / "d")
+    assert [
+        p for p in (tmp_path / "store" / constants.MANIFESTS_DIR).rglob("*") if p.is_file()
+    ] == []
+
+
+def test_set_aside_manifests_wait_a_grace_period_before_deletion(
+    store: Store, tmp_path: Path
+) -> None:
+    """The run that deletes a set-aside key must come long enough after the one that set
+    it aside for any save still in flight to show (gc run twice in a row, a retried job)."""
+    k = key("m")
+    save(store, tmp_path, k, {"a.so": os.urandom(3000)})
+    policy = gc_mod.Policy(max_age=30 * DAY, grace=HOUR)
+    gc_mod.execute(store, expired_plan(store, tmp_path, k))
+    right_after = gc_mod.execute(store, gc_mod.plan(store, policy))
+    assert right_after.keys_expired == 0
+    assert list((tmp_path / "store" / constants.MANIFESTS_DIR).rglob("*.dropped*"))
+    later = gc_mod.execute(store, gc_mod.plan(store, policy, now=time.time() + 2 * HOUR))
+    assert later.keys_expired == 1
+
+
+def test_chunks_of_shadowed_entries_in_live_manifests_are_kept(
+    store: Store, tmp_path: Path
+) -> None:
+    """A live manifest lists a chunk that a newer one shadows: if the newer one goes
+    (quarantined, say), the older must still load."""
+    k = key("m")
+    save(store, tmp_path / "v1", k, {"f.so": b"version one" * 300})
+    save(store, tmp_path / "v2", k, {"f.so": b"version two" * 300})
+    age_all_chunks(tmp_path / "store", 2 * HOUR, time.time())
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR, compact=False)))
+    assert report.chunks_deleted == 0
+    newest = manifest_files(tmp_path / "store")[-1]
+    newest.unlink()
+    assert loads_intact(store, k, tmp_path / "d", {"f.so": b"version one" * 300})

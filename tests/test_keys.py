@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -279,3 +280,16 @@ def test_gpus_hidden_from_cuda_key_as_cpu_without_torch_too(
     smi.chmod(0o755)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
     assert k.detect_arch() == (k.detect_cpu_isa(), {})
+
+
+@pytest.mark.parametrize("name", ["org/m@v1", "a~b", "ünï", "x" * 300, "m\n"])
+def test_model_labels_stay_within_the_documented_label_characters(name: str) -> None:
+    """Readers of older versions accept only [A-Za-z0-9._+-:/= ] in a label: a label they
+    refuse makes them treat the key as invalid (and an old gc sweep its chunks)."""
+    label = k.model_label(name)
+    assert re.fullmatch(r"[A-Za-z0-9._+\-:/= ]{1,200}", label), label
+
+
+def test_a_label_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(InvalidManifest):
+        k.CacheKey(torch="t", arch="a", model="m\n")

@@ -146,3 +146,20 @@ def test_impossible_creation_times_are_rejected(when: float) -> None:
     bad = msgspec.structs.replace(mf.new_manifest(KEY, [entry("a")]), created_at=when)
     with pytest.raises(InvalidManifest, match="created_at"):
         mf.decode(mf.encode(bad))
+
+
+def test_only_a_newer_format_or_an_unknown_field_is_unsupported() -> None:
+    """A manifest of a newer casstore may be valid (gc keeps its chunks); one with a field
+    of the wrong type is simply broken (gc need not stop sweeping for it)."""
+    from casstore.errors import UnsupportedManifest
+
+    doc = msgspec.to_builtins(mf.new_manifest(KEY, [entry("a")]), builtin_types=(bytes,))
+    doc["files"][0]["mode"] = "0644"
+    with pytest.raises(InvalidManifest) as bad_type:
+        mf.decode(mf.seal(msgspec.msgpack.encode(doc)))
+    assert not isinstance(bad_type.value, UnsupportedManifest)
+    with pytest.raises(UnsupportedManifest):
+        mf.decode(raw_manifest([raw_file("a")], fmt=2))
+    with pytest.raises(InvalidManifest) as older:
+        mf.decode(raw_manifest([raw_file("a")], fmt=0))
+    assert not isinstance(older.value, UnsupportedManifest)

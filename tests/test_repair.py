@@ -6,14 +6,17 @@ what it still reports, and that the next saves heal the store."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from casstore import CacheKey, Store, audit, constants, objects
+from casstore import manifest as mf
 from tests.helpers import manifest_files, read_tree, wait_until, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,3 +109,22 @@ def test_verify_repair_with_every_kind_of_damage_at_once(
     wait_until(lambda: audit.verify(store).ok, 60, "the healed store on the first host")
     assert store.load(KEY, tmp_path / "healed").missing == []
     assert {p: d for p, (d, _) in read_tree(tmp_path / "healed").items()} == {**tree, **later}
+
+
+def test_repair_never_quarantines_a_manifest_of_a_newer_casstore(tmp_path: Path) -> None:
+    """An older casstore's verify --repair must not remove what a newer one wrote (its
+    chunks would then be swept)."""
+    store = Store(tmp_path / "store")
+    write_tree(tmp_path / "src", {"a": os.urandom(5000)})
+    store.save(tmp_path / "src", KEY)
+    (path,) = manifest_files(tmp_path / "store")
+    body = msgspec.msgpack.decode(path.read_bytes()[len(constants.MANIFEST_MAGIC) + 32 :])
+    body["compression_level"] = 3
+    path.write_bytes(mf.seal(msgspec.msgpack.encode(body)))
+    report = audit.verify(store)
+    assert [k for k, _ in report.unsupported_manifests] == [
+        str(path.relative_to(tmp_path / "store"))
+    ]
+    assert report.invalid_manifests == []
+    assert audit.repair(store, report).manifests_quarantined == 0
+    assert path.exists()

@@ -610,3 +610,28 @@ def test_an_unrenewable_chunk_is_never_republished_from_unverified_bytes(
     assert audit.verify(store).corrupt == []
     assert store.load(victim, tmp_path / "v").missing == []
     assert (tmp_path / "v" / "v.so").read_bytes() == victim_data
+
+
+def test_a_save_refused_by_the_cap_records_no_use(store: Store, tmp_path: Path) -> None:
+    """A key over the cap (two hosts saving at once, or deployments with different caps)
+    must be able to age out: a refused save is not a use."""
+    write_tree(tmp_path / "one", {"one.so": os.urandom(600_000)})
+    write_tree(tmp_path / "two", {"two.so": os.urandom(600_000)})
+    store.save(tmp_path / "one", KEY)
+    marker = tmp_path / "store" / Store.access_key(KEY.id)
+    os.utime(marker, (1000, 1000))
+    with pytest.raises(CacheTooLarge):
+        store.save(tmp_path / "two", KEY, max_bytes=1_000_000)
+    assert marker.stat().st_mtime == 1000
+
+
+def test_a_fresh_volume_root_with_a_private_lost_and_found_is_a_new_store(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "volume"
+    (root / "lost+found").mkdir(parents=True)
+    (root / "lost+found" / "#1234").write_bytes(b"fsck found this")
+    os.chmod(root / "lost+found", 0o700)
+    (root / f"{constants.TEMP_PREFIX}crashed").write_bytes(b"a crashed first save")
+    Store(root)  # no error: nothing of anyone's is there
+    assert (root / constants.LAYOUT_FILE).exists()

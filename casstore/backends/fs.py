@@ -254,7 +254,22 @@ class FileSystemBackend(Backend):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = prefix.rstrip("/")
         start = Path(self._path(base)) if base else self.root
+        if base and not self._real_dirs(base):
+            return  # a store directory replaced by a symlink: never list (or delete) there
         yield from self._walk(start, f"{base}/" if base else "")
+
+    def _real_dirs(self, base: str) -> bool:
+        """Whether every component of ``base`` below the root is a real directory (not a
+        symlink). Anyone who can write the store could swap one for a symlink elsewhere."""
+        current = self._root
+        for part in base.split("/"):
+            current = os.path.join(current, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(current).st_mode):
+                    return False
+            except FileNotFoundError:
+                return True  # nothing there to list: _walk finds nothing
+        return True
 
     def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo]:
         try:
@@ -272,6 +287,17 @@ class FileSystemBackend(Backend):
                 except FileNotFoundError:
                     continue
                 yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
+
+    def holds_other_files(self) -> bool:
+        """Whether the root directory holds anything but ``lost+found`` and temp files (a
+        fresh volume's root, a first save that crashed): where a new store may start."""
+        try:
+            names = os.listdir(self._root)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read store root {self.root}: {e.strerror}") from e
+        return any(n != "lost+found" and not n.startswith(constants.TEMP_PREFIX) for n in names)
 
     def ensure_root(self) -> None:
         """Create the root directory, with a clear error when that is impossible."""

@@ -226,8 +226,13 @@ def _print_plan(plan: gc_mod.Plan) -> None:
     for a in plan.set_aside:
         if a.restore:
             out.print(f"  restore {a.key_id[:12]}: set aside by an earlier run, saved since")
-        else:
+        elif a.due:
             out.print(f"  delete {a.key_id[:12]}: set aside by an earlier run")
+        else:
+            out.print(
+                f"  keep {a.key_id[:12]} set aside: deleted by a run at least "
+                f"{duration_text(plan.policy.grace)} after it was set aside"
+            )
     if plan.compact:
         out.print(f"  compact {len(plan.compact)} keys with several manifests")
     grace = duration_text(plan.policy.grace)

@@ -339,6 +339,8 @@ def verify(
             out.print(f"  corrupt chunk {key}: {why}")
         for key, why in report.invalid_manifests:
             out.print(f"  invalid manifest {key}: {why}")
+        for key, why in report.unsupported_manifests:
+            out.print(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
         for name, digest in report.missing_chunks:
             out.print(f"  {name} references missing chunk {digest}")
         out.print("ok" if report.ok else "[red]damaged[/red]")
