@@ -328,7 +328,9 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], caus
 _CLI_AS_NOBODY = r"""
 import importlib, os, pwd, sys
 import casstore.cli
-for name in ("typer._adapters", "typer._click.decorators", "rich._emoji_codes"):
+for name in (
+    "typer._adapters", "typer._click.decorators", "rich._emoji_codes", "pydantic.plugin._loader"
+):
     try:
         importlib.import_module(name)
     except ModuleNotFoundError:
