@@ -155,3 +155,13 @@ def test_doctor_follows_casstore_scope(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["scope"] == "deployment" and report["threads"] == 3
     assert report["root"] == str(tmp_path / "model" / "cas")
+
+
+def test_doctor_flags_a_root_whose_volume_seems_not_mounted(tmp_path: Path) -> None:
+    """CASSTORE_ROOT names a store on a volume that is not mounted: its parent directory
+    does not exist, and a save would quietly create the whole path on the local disk."""
+    root = tmp_path / "cache" / "org" / "cas"
+    proc = doctor(tmp_path, CASSTORE_ROOT=str(root))
+    assert proc.returncode == 1, proc.stdout
+    assert f"{root.parent} does not exist" in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists()

@@ -99,6 +99,14 @@ def _open(found: Diagnosis, path: Path) -> Store | None:
     """The store at ``path``, or None; sets ``found.store``."""
     if not path.exists():
         found.store = STORE_MISSING
+        if not path.parent.exists():
+            # A save would create the whole path, on whatever disk holds its nearest
+            # existing ancestor: typically the local disk under a volume not mounted.
+            found.problems.append(
+                f"{path.parent} does not exist: is the store's volume mounted? A save would "
+                f"create {path} on the filesystem of {nearest_existing(path)}, shared with "
+                "no other host"
+            )
         return None
     if not path.is_dir():
         found.problems.append(f"store root {path} is not a directory")
