@@ -298,7 +298,14 @@ def _torch_arch(torch: object) -> tuple[str, dict[str, str]]:
 
 def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
     """(``sm_XY``, {"device": name, "cpu": ISA}) of torch's device 0 (the first visible
-    GPU) from nvidia-smi, or None."""
+    GPU) from nvidia-smi, or None when nvidia-smi is missing or fails.
+
+    On a host of identical GPUs (the usual node) any of them answers. With GPUs of
+    different models, device 0 is the first of ``CUDA_VISIBLE_DEVICES`` (an index or a
+    possibly abbreviated ``GPU-`` UUID) in PCI order, which is nvidia-smi's order and
+    CUDA's only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; otherwise, or when the entry cannot
+    be matched, :class:`KeyUndetermined`: a guess could share one GPU's kernels with another.
+    """
     import shutil
     import subprocess
 
@@ -307,22 +314,40 @@ def _nvidia_smi_arch() -> tuple[str, dict[str, str]] | None:
         return None
     try:
         out = subprocess.run(
-            [
-                exe,
-                "--query-gpu=compute_cap,name",
-                "--format=csv,noheader",
-                f"--id={_first_visible_gpu()}",
-            ],
+            [exe, "--query-gpu=index,uuid,compute_cap,name", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
             check=True,
         ).stdout
-        cap, name = (part.strip() for part in out.strip().splitlines()[0].split(",", 1))
-        major, minor = cap.split(".")
-        return _gpu_arch(f"sm_{int(major)}{int(minor)}", name)
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        gpus = []
+        for line in out.strip().splitlines():
+            index, uuid, cap, name = (part.strip() for part in line.split(",", 3))
+            major, minor = cap.split(".")
+            gpus.append((index, uuid, f"sm_{int(major)}{int(minor)}", name))
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
+    if not gpus:
+        return None
+    models = {(arch, _MIG_SUFFIX_RE.sub("", name)) for _, _, arch, name in gpus}
+    if len(models) == 1:
+        arch, name = models.pop()
+        return _gpu_arch(arch, name)
+    listed = ", ".join(sorted(f"{arch} {name}" for arch, name in models))
+    if os.environ.get("CUDA_DEVICE_ORDER", "").strip() != "PCI_BUS_ID":
+        raise KeyUndetermined(
+            f"this host has GPUs of different models ({listed}) and CUDA orders them fastest "
+            "first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, while nvidia-smi lists them in PCI "
+            "order: set CUDA_DEVICE_ORDER=PCI_BUS_ID"
+        )
+    first = _first_visible_gpu()
+    for index, uuid, arch, name in gpus:
+        if first == index or (first.startswith("GPU-") and uuid.startswith(first)):
+            return _gpu_arch(arch, name)
+    raise KeyUndetermined(
+        f"CUDA_VISIBLE_DEVICES names {first!r} as the first GPU, which nvidia-smi does not "
+        f"list by index or GPU- UUID, on a host with GPUs of different models ({listed})"
+    )
 
 
 def detect_key(

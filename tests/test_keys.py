@@ -208,7 +208,7 @@ def test_gpu_keys_carry_the_cpu_isa_from_torch_and_from_nvidia_smi(
 ) -> None:
     """Inductor builds CPU-side code of a GPU graph with -march=native too."""
     smi = gpu_node / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '9.0, NVIDIA H100 80GB HBM3'\n")
+    smi.write_text(fake_smi([("0", "GPU-1111aaaa", "9.0", "NVIDIA H100 80GB HBM3")]))
     smi.chmod(0o755)
     from_smi = k.detect_key("m")
     monkeypatch.setitem(
@@ -238,7 +238,7 @@ def test_a_mig_slice_keys_like_its_gpu_in_every_process(
     """torch names a MIG slice "<GPU> MIG 1g.10gb"; nvidia-smi names the GPU. Both paths
     must give one key (torch keeps the slice apart inside its own cache key anyway)."""
     smi = gpu_node / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '8.0, NVIDIA A100-SXM4-80GB'\n")
+    smi.write_text(fake_smi([("0", "GPU-2222bbbb", "8.0", "NVIDIA A100-SXM4-80GB")]))
     smi.chmod(0o755)
     from_smi = k.detect_key("m")
     monkeypatch.setitem(
@@ -256,17 +256,65 @@ def test_a_mig_slice_keys_like_its_gpu_in_every_process(
 def test_nvidia_smi_asks_about_the_first_visible_gpu(
     gpu_node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch's device 0 is the first GPU of CUDA_VISIBLE_DEVICES, not physical GPU 0."""
+    """torch's device 0 is the first GPU of CUDA_VISIBLE_DEVICES, not physical GPU 0 (on a
+    host with GPUs of different models, in PCI order as nvidia-smi lists them)."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text(MIXED_HOST)
+    smi.chmod(0o755)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    for visible in ("3,1", "GPU-3333", "GPU-3333cccc-full-uuid"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        arch, extra = k.detect_arch()
+        assert (arch, extra["device"]) == ("sm_90", "NVIDIA H100 80GB HBM3"), visible
+
+
+def fake_smi(gpus: list[tuple[str, str, str, str]]) -> str:
+    """An nvidia-smi that lists ``gpus`` (index, uuid, compute capability, name) for
+    --query-gpu=index,uuid,compute_cap,name, in PCI order."""
+    lines = "".join(f"echo '{', '.join(g)}'\n" for g in gpus)
+    return f"#!/bin/sh\n{lines}"
+
+
+MIXED_HOST = fake_smi(
+    [
+        ("0", "GPU-0000aaaa-full-uuid", "8.0", "NVIDIA A100-SXM4-80GB"),
+        ("3", "GPU-3333cccc-full-uuid", "9.0", "NVIDIA H100 80GB HBM3"),
+    ]
+)
+
+
+def test_gpus_of_different_models_in_cuda_order_fail_closed(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA orders GPUs fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID; nvidia-smi lists
+    them in PCI order. With different models that is a guess: refused, never made."""
+    smi = gpu_node / "nvidia-smi"
+    smi.write_text(MIXED_HOST)
+    smi.chmod(0o755)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(KeyUndetermined, match="CUDA_DEVICE_ORDER=PCI_BUS_ID"):
+        k.detect_arch()
+
+
+def test_identical_gpus_key_alike_whatever_cuda_visible_devices_says(
+    gpu_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host of identical GPUs (the usual node) which one is device 0 does not matter:
+    abbreviated or MIG UUIDs in CUDA_VISIBLE_DEVICES must not make the key fail."""
     smi = gpu_node / "nvidia-smi"
     smi.write_text(
-        '#!/bin/sh\ncase "$*" in\n'
-        "  *--id=3*) echo '9.0, NVIDIA H100 80GB HBM3' ;;\n"
-        "  *) echo '8.0, NVIDIA A100-SXM4-80GB' ;;\nesac\n"
+        fake_smi(
+            [
+                ("0", "GPU-aaaa0000", "9.0", "NVIDIA H100 80GB HBM3"),
+                ("1", "GPU-bbbb1111", "9.0", "NVIDIA H100 80GB HBM3"),
+            ]
+        )
     )
     smi.chmod(0o755)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    arch, extra = k.detect_arch()
-    assert (arch, extra["device"]) == ("sm_90", "NVIDIA H100 80GB HBM3")
+    for visible in ("1", "GPU-bbbb", "MIG-GPU-bbbb1111/1/0", "MIG-4f3c2b1a"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert k.detect_arch()[0] == "sm_90", visible
 
 
 @pytest.mark.parametrize("hidden", ["", "-1"])
@@ -276,7 +324,7 @@ def test_gpus_hidden_from_cuda_key_as_cpu_without_torch_too(
     """CUDA_VISIBLE_DEVICES="" (or -1) hides every GPU from torch, which then compiles for
     the CPU: a process without torch must say the same."""
     smi = gpu_node / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '9.0, NVIDIA H100 80GB HBM3'\n")
+    smi.write_text(fake_smi([("0", "GPU-1111aaaa", "9.0", "NVIDIA H100 80GB HBM3")]))
     smi.chmod(0o755)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
     assert k.detect_arch() == (k.detect_cpu_isa(), {})
