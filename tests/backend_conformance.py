@@ -16,6 +16,11 @@ from casstore.errors import CorruptObject, NotFound
 
 
 class BackendConformance:
+    # Whether concurrent put_if_absent calls of one key publish exactly once. A backend
+    # with no no-replace primitive (the plain-rename fallback) only promises that any
+    # replacement is by identical bytes (docs/format.md).
+    publishes_exactly_once = True
+
     @pytest.fixture
     def backend(self) -> Backend:
         raise NotImplementedError
@@ -75,8 +80,8 @@ class BackendConformance:
                 backend.put_if_absent(bad, b"x")
 
     def test_concurrent_writers_of_one_key_agree(self, backend: Backend) -> None:
-        """Many threads publish the same content-addressed object: exactly one writes it,
-        and a reader never sees a prefix."""
+        """Many threads publish the same content-addressed object: exactly one writes it
+        (where the backend promises that), and a reader never sees a prefix."""
         data = os.urandom(2_000_000)
         results: list[bool] = []
         seen_bad: list[int] = []
@@ -103,7 +108,10 @@ class BackendConformance:
             t.join()
         stop.set()
         r.join()
-        assert results.count(True) == 1
+        if self.publishes_exactly_once:
+            assert results.count(True) == 1
+        else:
+            assert results.count(True) >= 1
         assert seen_bad == []
         assert backend.get("c/same") == data
 

@@ -343,14 +343,19 @@ def test_cleanup_removes_stale_temps_and_idle_locks_only(store: Store, tmp_path:
     assert report.locks_removed == 1 and not idle.exists() and held.exists()
 
 
-def test_opportunistic_cleanup_is_bounded(store: Store, tmp_path: Path) -> None:
-    root = tmp_path / "store"
+def stale_temp_files(root: Path, count: int) -> None:
+    """``count`` temp files in manifests/, as crashed writers leave them, 5 minutes old."""
     (root / "manifests").mkdir(exist_ok=True)
     now = time.time()
-    for i in range(50):
+    for i in range(count):
         t = root / "manifests" / f"{constants.TEMP_PREFIX}{i}"
         t.write_bytes(b"x")
         age(t, 300, now)
+
+
+def test_opportunistic_cleanup_is_bounded(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    stale_temp_files(root, 50)
     assert gc_mod.cleanup(store, temp_timeout=60, lock_timeout=30, budget_seconds=5) == 50
     assert temp_files(root) == []
     assert gc_mod.cleanup(store, temp_timeout=60, lock_timeout=30, budget_seconds=0) == 0
@@ -360,12 +365,7 @@ def test_cleanup_stops_at_its_time_budget(store: Store, tmp_path: Path) -> None:
     """A clock that ticks one second each time cleanup reads it (once per file): a budget
     of 10 s removes exactly 10 of 50 stale temp files; later runs remove the rest."""
     root = tmp_path / "store"
-    (root / "manifests").mkdir(exist_ok=True)
-    now = time.time()
-    for i in range(50):
-        t = root / "manifests" / f"{constants.TEMP_PREFIX}{i}"
-        t.write_bytes(b"x")
-        age(t, 300, now)
+    stale_temp_files(root, 50)
     ticks = itertools.count()
 
     def clock() -> float:

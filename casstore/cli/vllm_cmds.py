@@ -174,7 +174,8 @@ def vllm_restore(
     root: RootOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Restore only, then exit 0 whatever happened, so `&& vllm serve` always starts."""
+    """Restore only, then exit 0 whatever happened (start vLLM after it with `;`, so it
+    starts even where casstore cannot run)."""
     apply_globals(root, None, verbose)
     group = _group_args(ctx)
     ignored = dataclasses.replace(group, cache_dir=None, model=None).given()
