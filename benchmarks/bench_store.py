@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import filesystem_of
-from casstore import CacheKey, Store
+from casstore import CacheKey, Store, signing
 
 KEY = CacheKey(torch="2.13.0+cpu", arch="bench", model="bench")
 _WORDS = (
@@ -135,6 +135,10 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
         archive_bytes = archive.stat().st_size
         _cli(warm_store, "save", src)()  # the store restores read from
         stored = sum(p.stat().st_size for p in (warm_store / "chunks").rglob("*.zst"))
+        # The same tree saved signed, restored by a loader that trusts only its key.
+        signing_key, signed_store = work / "ci.pem", work / "signed-store"
+        public = str(signing.generate(signing_key))
+        _cli(signed_store, "save", src, "--signing-key", signing_key)()
 
         def untar() -> None:
             dst.mkdir()
@@ -161,6 +165,11 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
             ),
             "load": Op(
                 "`casstore load` (empty destination)", _cli(warm_store, "load", dst), _rm(dst)
+            ),
+            "load_signed": Op(
+                "`casstore load`, signed key, trusted keys set",
+                _cli(signed_store, "load", dst, "--trusted-keys", public),
+                _rm(dst),
             ),
             "load_warm": Op(
                 "`casstore load`, every file present",
@@ -252,6 +261,12 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
             f"≤1.5× cp -a (is {o['load'] / o['cp']:.2f}×); ≥3× faster than tar -xzf "
             f"(is {o['tar_x'] / o['load']:.1f}×)",
             o["load"] / o["cp"] <= 1.5 and o["tar_x"] / o["load"] >= 3,
+        ),
+        row(
+            "load_signed",
+            f"≤1.05× the unsigned load: signatures invisible (is "
+            f"{o['load_signed'] / o['load']:.3f}×)",
+            o["load_signed"] / o["load"] <= 1.05,
         ),
         row(
             "load_warm",

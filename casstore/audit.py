@@ -7,11 +7,15 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from casstore import constants, objects
 from casstore import manifest as mf
 from casstore.errors import CorruptObject, InvalidManifest, NotFound, UnsupportedManifest
 from casstore.store import Store
+
+if TYPE_CHECKING:
+    from casstore.signing import TrustedKeys
 
 
 @dataclass
@@ -24,6 +28,12 @@ class VerifyReport:
     # never quarantined by --repair (a newer version may need them); upgrade to check them.
     unsupported_manifests: list[tuple[str, str]] = field(default_factory=list)
     missing_chunks: list[tuple[str, str]] = field(default_factory=list)  # (manifest, digest)
+    # Valid manifests per signer (a public key, or "unsigned"). A signature that does not
+    # verify makes its manifest invalid (above): forged or altered.
+    signers: dict[str, int] = field(default_factory=dict)
+    # Valid manifests the given trusted keys do not trust, with their signer: not damage
+    # (loads ignore them), listed so an operator sees who else writes the store.
+    untrusted_manifests: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -50,7 +60,9 @@ class StoreStats:
 
 
 def _all_manifests(
-    store: Store, unsupported: list[tuple[str, str]] | None = None
+    store: Store,
+    unsupported: list[tuple[str, str]] | None = None,
+    signers: dict[str, bytes | None] | None = None,
 ) -> tuple[list[tuple[str, mf.Manifest]], list[tuple[str, str]]]:
     good: list[tuple[str, mf.Manifest]] = []
     bad: list[tuple[str, str]] = []
@@ -59,7 +71,7 @@ def _all_manifests(
             continue  # keys gc set aside, and anything else that is not a manifest
         try:
             blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
-            m = mf.decode(blob, source=info.key)
+            decoded = mf.decode_signed(blob, source=info.key)
         except NotFound:
             continue
         except UnsupportedManifest as e:
@@ -69,10 +81,13 @@ def _all_manifests(
         except (InvalidManifest, CorruptObject) as e:
             bad.append((info.key, str(e)))
             continue
+        m = decoded.manifest
         if info.key.split("/")[1] != m.key.id:
             bad.append((info.key, f"stored under the wrong key id (belongs to {m.key.id})"))
             continue
         good.append((info.key, m))
+        if signers is not None:
+            signers[info.key] = decoded.signer
     return good, bad
 
 
@@ -81,10 +96,23 @@ def verify(
     *,
     threads: int = constants.DEFAULT_THREADS,
     progress: Callable[[int, int], None] | None = None,
+    trusted: TrustedKeys | None = None,
 ) -> VerifyReport:
-    """Decompress and re-hash every chunk; check every manifest and what it references."""
+    """Decompress and re-hash every chunk; check every manifest (its signature too) and
+    what it references. ``trusted``: also list the valid manifests these keys do not
+    trust."""
+    from casstore.signing import PublicKey
+
     report = VerifyReport()
-    manifests, report.invalid_manifests = _all_manifests(store, report.unsupported_manifests)
+    signer_of: dict[str, bytes | None] = {}
+    manifests, report.invalid_manifests = _all_manifests(
+        store, report.unsupported_manifests, signer_of
+    )
+    for name, signer in sorted(signer_of.items()):
+        label = "unsigned" if signer is None else str(PublicKey(signer))
+        report.signers[label] = report.signers.get(label, 0) + 1
+        if trusted is not None and not trusted.trusts(signer):
+            report.untrusted_manifests.append((name, label))
     report.manifests = (
         len(manifests) + len(report.invalid_manifests) + len(report.unsupported_manifests)
     )

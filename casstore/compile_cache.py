@@ -99,11 +99,38 @@ def planned_trees(settings: Settings, model: str) -> list[tuple[str, Path, Cache
     return [(t.name, t.path, t.key) for t in _trees(settings, model)]
 
 
-def _open_store(settings: Settings, *, create: bool) -> Store:
+def open_store(
+    settings: Settings,
+    *,
+    create: bool,
+    signing_key: str | None = None,
+    trusted_keys: str | None = None,
+    for_save: bool = False,
+) -> Store:
+    """The store the settings name, with the signing key (``signing_key``, else
+    ``$CASSTORE_SIGNING_KEY``) when ``for_save``, and the trusted keys (``trusted_keys``,
+    else ``$CASSTORE_TRUSTED_KEYS``).
+
+    Both fail closed: a signing key that cannot be read fails the save (never an unsigned
+    save instead) and unreadable trusted keys fail the load (never trust everyone
+    instead), with :class:`~casstore.errors.InvalidKey`. A save only uses the trusted keys
+    to warn that it saves what they ignore, so there they may be unreadable.
+    """
     from casstore.config import threads
+    from casstore.errors import InvalidKey
+    from casstore.signing import signing_key_from, trusted_keys_from
     from casstore.store import Store
 
-    return Store(settings.root, create=create, threads=threads())
+    signer = signing_key_from(signing_key) if for_save else None
+    try:
+        trusted = trusted_keys_from(trusted_keys)
+    except InvalidKey:
+        if not for_save:
+            raise
+        trusted = None
+    return Store(
+        settings.root, create=create, threads=threads(), signing_key=signer, trusted=trusted
+    )
 
 
 def save_tree(
@@ -167,14 +194,14 @@ def load_compile_cache(
     started = time.monotonic()
     try:
         from casstore.config import model_fingerprint, read_settings
-        from casstore.errors import CacheTooLarge, NotFound, StoreUnavailable
+        from casstore.errors import CacheTooLarge, NotFound, NotTrusted, StoreUnavailable
 
         settings = read_settings(cache_dir=cache_dir, root=root, scope=scope)
         trees = _trees(settings, model_fingerprint(model))
         main = trees[0]
         log.info("loading compile cache %s from %s into %s", main.key, settings.root, main.path)
         try:
-            store = _open_store(settings, create=False)
+            store = open_store(settings, create=False)
         except StoreUnavailable:
             # No store yet, where a save would start one (a missing directory, or one
             # holding nothing but lost+found and temp files): nothing saved. The rule is
@@ -191,6 +218,9 @@ def load_compile_cache(
         cap = settings.max_cache_size_mb * 2**20
         try:
             report = store.load(main.key, main.path, max_bytes=cap)
+        except NotTrusted as e:
+            log.warning("compile cache not restored: %s", e)
+            return OperationStatus.DOES_NOT_EXIST
         except NotFound:
             log.info("no compile cache saved for %s", main.key)
             return OperationStatus.DOES_NOT_EXIST
@@ -253,7 +283,7 @@ def save_compile_cache(
         if not main.path.is_dir() or not any(main.path.iterdir()):
             log.info("%s is missing or empty; nothing to save", main.path)
             return OperationStatus.SKIPPED
-        store = _open_store(settings, create=True)
+        store = open_store(settings, create=True, for_save=True)
         lock_dir = settings.root / "locks"
         with save_slot(
             lock_dir, settings.max_concurrent_saves, settings.lock_timeout_seconds

@@ -13,6 +13,8 @@ from typing import Final
 # --- FORMAT -------------------------------------------------------------------------------
 FORMAT_VERSION = 1
 MANIFEST_FORMAT_VERSION = 1
+# A signed manifest: an envelope holding a format-1 document and its signature.
+SIGNED_MANIFEST_FORMAT_VERSION = 2
 
 # FastCDC (2020 variant, normalised chunking level 1, default gear table). Sizes chosen in
 # docs/decisions.md: inductor caches are thousands of small files (one chunk each) plus a

@@ -57,6 +57,14 @@ class UnsupportedRoot(StoreUnavailable):
     """The store root is a URL (``s3://…``): casstore stores only on a mounted filesystem."""
 
 
+class InvalidKey(CasstoreError, ValueError):
+    """A signing key or a trusted public key cannot be read or parsed."""
+
+
+class NotTrusted(NotFound):
+    """A key has manifests, but none signed by a trusted key: a miss, nothing is written."""
+
+
 class KeyUndetermined(CasstoreError, RuntimeError):
     """A GPU is visible but its arch cannot be determined, so no key would be honest."""
 

@@ -78,6 +78,7 @@ class KeyState:
     marker_mtime: float | None  # the access marker's mtime when planned (None: no marker)
     chunks: frozenset[bytes]  # digests referenced by the merged view
     logical_bytes: int
+    signers: frozenset[bytes | None] = frozenset()  # who signed its manifests (None: unsigned)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class Plan:
     sweep_blocked: str | None = None  # why no chunk may be deleted this run
     grace_kept: int = 0  # unreferenced chunks kept because they are younger than the grace
     grace_kept_bytes: int = 0
+    # Kept keys with several manifests that gc may not merge, and why (signatures).
+    uncompacted: tuple[tuple[str, str], ...] = ()
 
     @property
     def cutoff(self) -> float:
@@ -143,6 +146,9 @@ class Plan:
             "restore_keys": [s.key_id for s in self.set_aside if s.restore],
             "compact_keys": [
                 {"key_id": k.key_id, "manifests": len(k.manifests)} for k in self.compact
+            ],
+            "uncompacted_keys": [
+                {"key_id": key_id, "reason": why} for key_id, why in self.uncompacted
             ],
             "chunks_to_delete": 0 if self.sweep_blocked else len(self.chunks),
             "bytes_to_free": self.freed_bytes,
@@ -228,24 +234,28 @@ def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeySt
     for key_id in sorted(listing.live):
         loaded, errors = store.read_manifests(key_id)
         if errors and blocked is None:
-            valid = {n for n, _ in loaded}
+            valid = {s.name for s in loaded}
             blocked = _unsupported(store, (n for n in listing.live[key_id] if n not in valid))
         if not loaded:
             continue  # only invalid manifests: `verify --repair` handles those
-        view = mf.merge(m for _, m in loaded)
+        view = mf.merge(s.manifest for s in loaded)
         marker = store.backend.stat(Store.access_key(key_id))
-        last_used = max([loaded[-1][1].created_at] + ([marker.mtime] if marker else []))
+        newest = loaded[-1].manifest
+        last_used = max([newest.created_at] + ([marker.mtime] if marker else []))
         states.append(
             KeyState(
                 key_id=key_id,
-                key=loaded[-1][1].key,
-                manifests=tuple(n for n, _ in loaded),
+                key=newest.key,
+                manifests=tuple(s.name for s in loaded),
                 last_used=min(last_used, now),
                 marker_mtime=marker.mtime if marker else None,
                 # Every manifest's chunks, shadowed entries too: if the newer manifest
                 # goes (quarantine, a crashed compaction), the older must still load.
-                chunks=frozenset(c.digest for _, m in loaded for f in m.files for c in f.chunks),
+                chunks=frozenset(
+                    c.digest for s in loaded for f in s.manifest.files for c in f.chunks
+                ),
                 logical_bytes=sum(f.size for f in view.values()),
+                signers=frozenset(s.signer for s in loaded),
             )
         )
     return states, blocked
@@ -352,13 +362,16 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     candidates = tuple((info.key, info.size) for info in unreferenced if info.mtime < cutoff)
     young = [info.size for info in unreferenced if info.mtime >= cutoff]
     with_manifests = set(listing.live) | set(listing.dropped)
+    several = [s for s in kept if policy.compact and len(s.manifests) > 1]
+    refusals = {s.key_id: why for s in several if (why := compaction_refused(store, s.signers))}
     return Plan(
         now=now,
         policy=policy,
         keys=tuple(states),
         drop=tuple(drop),
         set_aside=tuple(set_aside),
-        compact=tuple(s for s in kept if policy.compact and len(s.manifests) > 1),
+        compact=tuple(s for s in several if s.key_id not in refusals),
+        uncompacted=tuple(sorted(refusals.items())),
         chunks=candidates,
         temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)),
         locks=tuple(_stale_locks(fs.root / constants.LOCKS_DIR, now - policy.lock_timeout)),
@@ -707,18 +720,49 @@ def _recover_trash(store: Store, cutoff: float, live: set[str], report: GcReport
     return restored
 
 
+def compaction_refused(store: Store, signers: Iterable[bytes | None]) -> str | None:
+    """Why gc may not merge manifests with these signers, or None when it may.
+
+    A merged manifest speaks for everything it merges, so it may only say what one signer
+    already said, signed by that signer: manifests of several signers stay apart (merging
+    them would launder one signer's files under another's name, or strip signatures), and
+    signed ones are merged only by a gc that holds that very key (docs/security.md).
+    Unsigned manifests merge into an unsigned one, as they always did."""
+    distinct = set(signers)
+    if len(distinct) > 1:
+        return "manifests of several signers are never merged"
+    signer = next(iter(distinct), None)
+    if signer is None:
+        return None
+    held = store.signing_key.public.raw if store.signing_key is not None else None
+    if signer != held:
+        from casstore.signing import PublicKey
+
+        return (
+            f"signed by {PublicKey(signer).short}…; gc merges signed manifests only with "
+            "their signer's key (--signing-key)"
+        )
+    return None
+
+
 def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     """Replace the manifests ``names`` of one key by a single merged manifest.
 
     gc publishes like any saver (docs/gc.md, S1-S2): every chunk the merged manifest
     lists is renewed first, so a concurrent sweep (another gc) gives it back; if one is
-    missing, the key is left uncompacted rather than published anew over a hole."""
+    missing, the key is left uncompacted rather than published anew over a hole. Signed
+    manifests are merged under their signer's signature, and only as
+    :func:`compaction_refused` allows, judged again on what is read now."""
     wanted = set(names)
-    loaded = [(n, m) for n, m in store.read_manifests(key_id)[0] if n in wanted]
+    loaded = [s for s in store.read_manifests(key_id)[0] if s.name in wanted]
     if len(loaded) < 2:
         return False
-    newest = max(m.created_at for _, m in loaded)
-    view = mf.merge(m for _, m in loaded)
+    if why := compaction_refused(store, (s.signer for s in loaded)):
+        log.info("gc: not compacting %s: %s", key_id, why)
+        return False
+    signed = loaded[0].signer is not None
+    newest = max(s.manifest.created_at for s in loaded)
+    view = mf.merge(s.manifest for s in loaded)
     for digest in {c.digest for f in view.values() for c in f.chunks}:
         try:
             present = store.backend.refresh(objects.chunk_key(digest))
@@ -729,7 +773,7 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
             return False
     merged = mf.Manifest(
         format=constants.MANIFEST_FORMAT_VERSION,
-        key=loaded[-1][1].key,
+        key=loaded[-1].manifest.key,
         # The newest merged time, not now: a manifest published during compaction is
         # newer than every file in here and must keep winning for the paths it names.
         created_at=newest,
@@ -738,9 +782,9 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     )
     mf.validate(merged)
     name = f"{constants.MANIFESTS_DIR}/{key_id}/{mf.new_manifest_name(newest)}"
-    store.backend.put_if_absent(name, mf.encode(merged))
-    for n, _ in loaded:
-        store.backend.delete(n)
+    store.backend.put_if_absent(name, mf.encode(merged, store.signing_key if signed else None))
+    for s in loaded:
+        store.backend.delete(s.name)
     return True
 
 

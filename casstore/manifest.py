@@ -3,6 +3,10 @@
 Manifests are immutable. One key may hold several (each save that adds files publishes
 one more); readers merge them, newest winning per path. Decoding is strict: an unknown
 format version, an unknown field or an unsafe path rejects the whole document.
+
+A signed manifest (format 2) wraps the exact bytes of a format-1 document with an ed25519
+signature of them: a reader that knows no signatures sees a newer format and ignores it
+(and its gc keeps its chunks), rather than using it without checking who wrote it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -22,6 +28,9 @@ from casstore import chunking, constants
 from casstore._version import __version__
 from casstore.errors import InvalidManifest, UnsafePath, UnsupportedManifest
 from casstore.keys import CacheKey
+
+if TYPE_CHECKING:
+    from casstore.signing import SigningKey
 
 
 class ChunkRef(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -57,6 +66,29 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+class Signature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    algorithm: str  # "ed25519"
+    public_key: bytes  # 32 raw bytes
+    signature: bytes  # 64 bytes, over signing.SIGNATURE_CONTEXT + the document's bytes
+
+
+class SignedEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Format 2: a format-1 document, byte for byte, and its signature."""
+
+    format: int
+    manifest: bytes
+    signature: Signature
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A manifest and who signed it: the public key whose signature was checked, or None
+    for an unsigned manifest."""
+
+    manifest: Manifest
+    signer: bytes | None
 
 
 class _Header(msgspec.Struct):
@@ -97,9 +129,24 @@ def new_manifest_name(created_at: float) -> str:
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode(m: Manifest) -> bytes:
-    """``MAGIC`` + BLAKE3-256 of the body + the msgpack body (see docs/format.md)."""
-    return seal(_encoder.encode(m))
+def encode(m: Manifest, signing_key: SigningKey | None = None) -> bytes:
+    """``MAGIC`` + BLAKE3-256 of the body + the msgpack body (see docs/format.md); with a
+    signing key, the body is a signed envelope (format 2) around the document."""
+    document = _encoder.encode(m)
+    if signing_key is None:
+        return seal(document)
+    from casstore import signing
+
+    envelope = SignedEnvelope(
+        format=constants.SIGNED_MANIFEST_FORMAT_VERSION,
+        manifest=document,
+        signature=Signature(
+            algorithm=signing.ALGORITHM,
+            public_key=signing_key.public.raw,
+            signature=signing_key.sign(document),
+        ),
+    )
+    return seal(_encoder.encode(envelope))
 
 
 def seal(body: bytes) -> bytes:
@@ -108,7 +155,14 @@ def seal(body: bytes) -> bytes:
 
 
 def decode(blob: bytes, *, source: str = "manifest") -> Manifest:
-    """Check, strictly decode and validate a manifest. Raises :class:`InvalidManifest`.
+    """Check, strictly decode and validate a manifest, signed or not (a signature is
+    verified). Raises :class:`InvalidManifest`."""
+    return decode_signed(blob, source=source).manifest
+
+
+def decode_signed(blob: bytes, *, source: str = "manifest") -> Decoded:
+    """Check, strictly decode and validate a manifest, and tell who signed it. Raises
+    :class:`InvalidManifest`; a signature that does not verify is one.
 
     The digest in the header makes any damaged byte an error rather than, say, a file
     restored under another name or mode.
@@ -121,7 +175,52 @@ def decode(blob: bytes, *, source: str = "manifest") -> Manifest:
     digest, body = blob[size : size + constants.DIGEST_SIZE], blob[size + constants.DIGEST_SIZE :]
     if chunking.digest(body) != digest:
         raise InvalidManifest(f"{source}: manifest is damaged (digest mismatch)")
-    return decode_body(body, source=source)
+    if _format_of(body, source) == constants.SIGNED_MANIFEST_FORMAT_VERSION:
+        return _open_envelope(body, source)
+    return Decoded(decode_body(body, source=source), None)
+
+
+def _format_of(body: bytes, source: str) -> int:
+    try:
+        return msgspec.msgpack.decode(body, type=_Header).format
+    except (msgspec.DecodeError, ValueError) as e:  # invalid UTF-8 raises ValueError
+        raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
+
+
+def _open_envelope(body: bytes, source: str) -> Decoded:
+    from casstore import signing
+
+    try:
+        envelope = msgspec.msgpack.decode(body, type=SignedEnvelope)
+    except msgspec.ValidationError as e:
+        if "unknown field" in str(e):
+            raise UnsupportedManifest(
+                f"{source}: signed manifest does not match this casstore's schema ({e}); "
+                "written by a newer casstore?"
+            ) from e
+        raise InvalidManifest(f"{source}: malformed signed manifest ({e})") from e
+    except (msgspec.DecodeError, ValueError) as e:
+        raise InvalidManifest(f"{source}: malformed signed manifest ({e})") from e
+    sig = envelope.signature
+    if sig.algorithm != signing.ALGORITHM:
+        raise UnsupportedManifest(
+            f"{source}: signed with {sig.algorithm!r}, which this casstore does not know; "
+            "upgrade casstore"
+        )
+    if not signing.verify(sig.public_key, sig.signature, envelope.manifest):
+        signer = (
+            signing.PublicKey(sig.public_key)
+            if len(sig.public_key) == signing.PUBLIC_KEY_SIZE
+            else "a malformed key"
+        )
+        raise InvalidManifest(
+            f"{source}: signature does not verify (claims signer {signer}): the manifest "
+            "was altered or forged"
+        )
+    # The signed document itself must be a plain format-1 manifest, not another envelope.
+    if _format_of(envelope.manifest, source) != constants.MANIFEST_FORMAT_VERSION:
+        raise InvalidManifest(f"{source}: a signed manifest must wrap a format-1 document")
+    return Decoded(decode_body(envelope.manifest, source=source), sig.public_key)
 
 
 def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
@@ -132,14 +231,11 @@ def decode_body(blob: bytes, *, source: str = "manifest") -> Manifest:
         raise InvalidManifest(f"{source}: not a casstore manifest ({e})") from e
     if header.format != constants.MANIFEST_FORMAT_VERSION:
         # Only a newer format may be a valid manifest this version cannot read.
-        error = (
-            UnsupportedManifest
-            if header.format > constants.MANIFEST_FORMAT_VERSION
-            else InvalidManifest
-        )
+        newest = constants.SIGNED_MANIFEST_FORMAT_VERSION
+        error = UnsupportedManifest if header.format > newest else InvalidManifest
         raise error(
             f"{source}: manifest format {header.format} is not supported by this casstore "
-            f"(reads format {constants.MANIFEST_FORMAT_VERSION}); upgrade casstore"
+            f"(reads formats {constants.MANIFEST_FORMAT_VERSION}-{newest}); upgrade casstore"
         )
     try:
         m = msgspec.msgpack.decode(blob, type=Manifest)

@@ -8,6 +8,7 @@ renamed into place only when complete. See docs/format.md for the exact protocol
 
 from __future__ import annotations
 
+import builtins
 import collections
 import itertools
 import json
@@ -21,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from casstore import chunking, constants, localfs, objects
 from casstore import manifest as mf
@@ -36,12 +37,16 @@ from casstore.errors import (
     FormatMismatch,
     InvalidManifest,
     NotFound,
+    NotTrusted,
     StoreUnavailable,
     UnsafePath,
 )
 from casstore.keys import CacheKey
 from casstore.locks import best_effort_lock
 from casstore.manifest import ChunkRef, FileEntry, Manifest
+
+if TYPE_CHECKING:
+    from casstore.signing import SigningKey, TrustedKeys
 
 log = logging.getLogger("casstore")
 _T = TypeVar("_T")
@@ -79,12 +84,23 @@ class LoadReport:
 
 
 @dataclass(frozen=True)
+class StoredManifest:
+    """A valid manifest of a key, its object name, and who signed it."""
+
+    name: str
+    manifest: Manifest
+    signer: bytes | None  # the ed25519 public key whose signature verified; None: unsigned
+
+
+@dataclass(frozen=True)
 class KeyInfo:
     key: CacheKey
     manifests: int
     files: int
     bytes: int
     last_saved: float
+    # Distinct signers of its manifests, oldest first (None: unsigned).
+    signers: tuple[builtins.bytes | None, ...] = ()
 
 
 class _Counter:
@@ -119,6 +135,9 @@ class Store:
 
     ``Store(root)`` opens the store at ``root`` on a POSIX filesystem, creating it if
     needed; ``Store(backend=...)`` opens one on any :class:`Backend`.
+
+    ``signing_key``: saves sign the manifests they publish. ``trusted``: loads use only
+    manifests signed by one of these keys (None: every valid manifest, signed or not).
     """
 
     def __init__(
@@ -129,6 +148,8 @@ class Store:
         threads: int = constants.DEFAULT_THREADS,
         fsync: bool = True,
         create: bool = True,
+        signing_key: SigningKey | None = None,
+        trusted: TrustedKeys | None = None,
     ) -> None:
         if backend is None:
             if root is None:
@@ -143,6 +164,9 @@ class Store:
         self.backend = backend
         self.root = Path(root) if root is not None else None
         self.threads = max(1, threads)
+        self.signing_key = signing_key
+        self.trusted = trusted
+        self._warned_unsigned = False
         self._check_layout(create)
 
     def __repr__(self) -> str:
@@ -204,23 +228,46 @@ class Store:
     def _manifest_prefix(key_id: str) -> str:
         return f"{constants.MANIFESTS_DIR}/{key_id}/"
 
-    def manifests(self, key: CacheKey) -> list[tuple[str, Manifest]]:
-        """Every valid manifest of ``key`` as (name, manifest), oldest first.
+    def manifests(self, key: CacheKey) -> list[StoredManifest]:
+        """Every valid manifest of ``key`` that this store trusts, oldest first.
 
-        Invalid manifests are logged and left out; raises :class:`InvalidManifest` when
-        manifests exist but none is valid, :class:`NotFound` when there are none.
+        Invalid manifests are logged and left out, and so are manifests no trusted key
+        signed (when the store has trusted keys), in one warning naming them and their
+        signers. Raises :class:`InvalidManifest` when manifests exist but none is valid,
+        :class:`NotTrusted` when valid ones exist but none is trusted, :class:`NotFound`
+        when there are none.
         """
         found, errors = self.read_manifests(key.id, key)
         if not found:
             if errors:
                 raise InvalidManifest(f"every manifest of key {key} is invalid: {errors[0]}")
             raise NotFound(f"no saved cache for key {key}")
-        return found
+        if self.trusted is None:
+            return found
+        trusted = [s for s in found if self.trusted.trusts(s.signer)]
+        ignored = [s for s in found if not self.trusted.trusts(s.signer)]
+        if ignored:
+            log.warning(
+                "ignoring %d manifests of %s that no trusted key signed (%s): %s",
+                len(ignored),
+                key,
+                self.trusted.source,
+                ", ".join(f"{s.name} ({signer_text(s.signer)})" for s in ignored),
+            )
+        if not trusted:
+            signers = ", ".join(sorted({signer_text(s.signer) for s in ignored}))
+            raise NotTrusted(
+                f"no manifest of key {key} is signed by a trusted key ({len(ignored)} "
+                f"ignored: {signers})"
+            )
+        return trusted
 
     def read_manifests(
         self, key_id: str, key: CacheKey | None = None
-    ) -> tuple[list[tuple[str, Manifest]], list[str]]:
-        """(valid manifests oldest first, errors) under ``manifests/<key_id>/``.
+    ) -> tuple[list[StoredManifest], list[str]]:
+        """(valid manifests oldest first, errors) under ``manifests/<key_id>/``, trusted or
+        not: signatures are verified (a bad one makes a manifest invalid), trust is
+        :meth:`manifests`' business.
 
         The key's directory is listed until two listings in a row name the same
         manifests, every one of them read. gc compacts a key by publishing the merged
@@ -233,7 +280,7 @@ class Store:
         repeat what they replaced).
         """
         prefix = self._manifest_prefix(key_id)
-        read: dict[str, Manifest | str] = {}  # name -> manifest, or why it is ignored
+        read: dict[str, StoredManifest | str] = {}  # name -> manifest, or why it is ignored
         previous: list[str] | None = None
         chosen: list[str] | None = None
         for _listing in range(_MANIFEST_LISTINGS):
@@ -254,30 +301,33 @@ class Store:
         if chosen is None:
             log.info("manifests of key %s kept changing while read; using all of them", key_id)
             chosen = list(read)
-        found = [(n, m) for n in chosen if isinstance(m := read[n], Manifest)]
+        found = [m for n in chosen if isinstance(m := read[n], StoredManifest)]
         errors = [m for n in chosen if isinstance(m := read[n], str)]
-        found.sort(key=lambda nm: (nm[1].created_at, nm[0]))
+        found.sort(key=lambda s: (s.manifest.created_at, s.name))
         return found, errors
 
-    def _read_manifest(self, name: str, key_id: str, key: CacheKey | None) -> Manifest | str | None:
-        """The manifest ``name``; a string saying why it is ignored (damaged, another
-        key's); None when it has vanished."""
+    def _read_manifest(
+        self, name: str, key_id: str, key: CacheKey | None
+    ) -> StoredManifest | str | None:
+        """The manifest ``name``; a string saying why it is ignored (damaged, forged,
+        another key's); None when it has vanished."""
         try:
             blob = self.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
-            m = mf.decode(blob, source=name)
+            decoded = mf.decode_signed(blob, source=name)
         except NotFound:
             return None
         except (InvalidManifest, CorruptObject) as e:
             log.warning("ignoring invalid manifest: %s", e)
             return str(e)
+        m = decoded.manifest
         if m.key.id != key_id or (key is not None and m.key != key):
             log.warning("ignoring %s: it belongs to key %s", name, m.key)
             return f"{name}: stored under the wrong key"
-        return m
+        return StoredManifest(name, m, decoded.signer)
 
     def files(self, key: CacheKey) -> dict[str, FileEntry]:
         """The merged view of ``key``: every file a load would restore."""
-        return mf.merge(m for _, m in self.manifests(key))
+        return mf.merge(s.manifest for s in self.manifests(key))
 
     def keys(self) -> Iterator[KeyInfo]:
         """One :class:`KeyInfo` per key that has at least one valid manifest."""
@@ -292,14 +342,15 @@ class Store:
             loaded, _errors = self.read_manifests(key_id)
             if not loaded:
                 continue
-            key = loaded[-1][1].key
-            view = mf.merge(m for _, m in loaded)
+            key = loaded[-1].manifest.key
+            view = mf.merge(s.manifest for s in loaded)
             yield KeyInfo(
                 key=key,
                 manifests=len(loaded),
                 files=len(view),
                 bytes=sum(f.size for f in view.values()),
-                last_saved=loaded[-1][1].created_at,
+                last_saved=loaded[-1].manifest.created_at,
+                signers=tuple({s.signer: None for s in loaded}),
             )
 
     def resolve(self, ref: str) -> CacheKey:
@@ -334,6 +385,13 @@ class Store:
         src = Path(src_dir)
         if not src.is_dir():
             raise NotFound(f"{src} is not a directory")
+        if self.trusted is not None and self.signing_key is None and not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning(
+                "saving unsigned manifests while trusting only signed ones (%s): loads "
+                "with these trusted keys will ignore this save; set CASSTORE_SIGNING_KEY",
+                self.trusted.source,
+            )
         report = SaveReport(key=key)
         local = list(localfs.scan_tree(src, report.skipped, exclude))
         report.files = len(local)
@@ -388,15 +446,22 @@ class Store:
         return report
 
     def _current_view(self, key: CacheKey) -> dict[str, FileEntry]:
-        try:
-            return self.files(key)
-        except (NotFound, InvalidManifest):
-            return {}
+        """What this saver's manifests already hold for ``key``: the manifests it would
+        sign (its own signer's), or every valid one when it does not sign.
+
+        A signed save must not skip a file because an unsigned or otherwise-signed
+        manifest lists it: loaders that trust only this saver's key would never get it.
+        """
+        found, _errors = self.read_manifests(key.id, key)
+        if self.signing_key is not None:
+            own = self.signing_key.public.raw
+            found = [s for s in found if s.signer == own]
+        return mf.merge(s.manifest for s in found)
 
     def _publish_manifest(self, key: CacheKey, files: list[FileEntry]) -> str:
         m = mf.new_manifest(key, files)
         name = self._manifest_prefix(key.id) + mf.new_manifest_name(m.created_at)
-        self.backend.put_if_absent(name, mf.encode(m))
+        self.backend.put_if_absent(name, mf.encode(m, self.signing_key))
         return name
 
     def _relist_lost(self, key: CacheKey, entries: list[FileEntry], report: SaveReport) -> None:
@@ -406,10 +471,7 @@ class Store:
         that view vanished since (``casstore rm``, or a gc dropping the key), the unchanged
         files would be lost although this replica holds them. Their chunks were renewed by
         this save, so listing them again is safe."""
-        try:
-            view = self.files(key)
-        except (NotFound, InvalidManifest):
-            view = {}
+        view = self._current_view(key)
         lost = [e for e in entries if e.path not in view]
         if lost:
             log.warning(
@@ -626,7 +688,7 @@ class Store:
         """
         started = time.monotonic()
         loaded = self.manifests(key)
-        view = mf.merge(m for _, m in loaded)
+        view = mf.merge(s.manifest for s in loaded)
         total = sum(f.size for f in view.values())
         if max_bytes is not None and total > max_bytes:
             raise CacheTooLarge(
@@ -952,3 +1014,12 @@ def _batches(
 
 def _with_mode(entry: FileEntry, mode: int) -> FileEntry:
     return FileEntry(entry.path, entry.size, mode, entry.digest, entry.chunks)
+
+
+def signer_text(signer: bytes | None) -> str:
+    """``signed by ed25519:…`` or ``unsigned``, for messages."""
+    if signer is None:
+        return "unsigned"
+    from casstore.signing import PublicKey
+
+    return f"signed by {PublicKey(signer)}"

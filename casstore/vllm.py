@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from casstore.compile_cache import OperationStatus, _is_transient, load_status, save_tree
+from casstore.compile_cache import (
+    OperationStatus,
+    _is_transient,
+    load_status,
+    open_store,
+    save_tree,
+)
 
 if TYPE_CHECKING:
     from casstore.config import Settings
@@ -88,6 +94,8 @@ class SidecarOptions:
     model: str | None = None
     root: Path | None = None  # store root (default: as the model.py calls)
     scope: str | None = None
+    signing_key: str | None = None  # default: $CASSTORE_SIGNING_KEY, as the model.py calls
+    trusted_keys: str | None = None  # default: $CASSTORE_TRUSTED_KEYS
 
 
 def restore_unit(rel: str) -> str | None:
@@ -178,19 +186,21 @@ class Sidecar:
         """Load the saved vLLM cache into the cache root, each hash directory
         all-or-nothing (:func:`restore_unit`), within ``MAX_CACHE_SIZE_MB``. Never raises."""
         try:
-            from casstore.errors import CacheTooLarge, NotFound, StoreUnavailable
-            from casstore.store import Store
+            from casstore.errors import CacheTooLarge, NotFound, NotTrusted, StoreUnavailable
 
             settings, key = self._tree()
             log.info("vllm: restoring %s into %s", key, self.options.cache_root)
             try:
-                store = Store(settings.root, create=False)
+                store = open_store(settings, create=False, trusted_keys=self.options.trusted_keys)
                 report = store.load(
                     key,
                     self.options.cache_root,
                     max_bytes=settings.max_cache_size_mb * 2**20,
                     group=restore_unit,
                 )
+            except NotTrusted as e:
+                log.warning("vllm: not restored: %s", e)
+                return OperationStatus.DOES_NOT_EXIST
             except (NotFound, StoreUnavailable) as e:
                 log.info("vllm: nothing to restore (%s)", e)
                 return OperationStatus.DOES_NOT_EXIST
@@ -213,12 +223,17 @@ class Sidecar:
         """Save what is new under the shared subtrees. Never raises."""
         try:
             from casstore.errors import CacheTooLarge
-            from casstore.store import Store
 
             settings, key = self._tree()
             if not self.options.cache_root.is_dir():
                 return OperationStatus.SKIPPED
-            store = Store(settings.root)
+            store = open_store(
+                settings,
+                create=True,
+                signing_key=self.options.signing_key,
+                trusted_keys=self.options.trusted_keys,
+                for_save=True,
+            )
             try:
                 report = save_tree(store, settings, self.options.cache_root, key, _excluded)
             except CacheTooLarge as e:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ from tests.seaweed import two_hosts, wait_visible
 # Every test runs as on a host without a GPU, a GPU runner included (tests/cpu_host.py).
 # Set at import, before test modules are collected: some compute a key at module level.
 keys.GPU_DEVICE_PATHS = ()
+# A developer's own signing or trust settings must not change what the tests see; tests of
+# signatures set them for themselves (and for the children they start).
+for _variable in ("CASSTORE_SIGNING_KEY", "CASSTORE_TRUSTED_KEYS"):
+    os.environ.pop(_variable, None)
 
 
 @pytest.fixture

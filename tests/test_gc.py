@@ -17,6 +17,7 @@ from casstore import CacheKey, InvalidManifest, NotFound, Store, audit, constant
 from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.locks import best_effort_lock
+from casstore.store import StoredManifest
 from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
 
 DAY = 86400.0
@@ -233,14 +234,14 @@ def test_loads_racing_compaction_restore_every_file_every_time(
     def compactor() -> None:
         try:
             while not stop.is_set():
-                merged = [n for n, _ in store.read_manifests(k.id)[0]]
+                merged = [s.name for s in store.read_manifests(k.id)[0]]
                 for entry in entries:
                     m = mf.new_manifest(k, [entry])
                     name = mf.new_manifest_name(m.created_at)
                     store.backend.put_if_absent(f"manifests/{k.id}/{name}", mf.encode(m))
                 for name in merged:
                     delete(name)
-                names = tuple(n for n, _ in store.read_manifests(k.id)[0])
+                names = tuple(s.name for s in store.read_manifests(k.id)[0])
                 assert gc_mod.compact_key(store, k.id, names)
         except BaseException as e:
             errors.append(e)
@@ -248,7 +249,7 @@ def test_loads_racing_compaction_restore_every_file_every_time(
     real_manifests = store.manifests
     raced = 0  # loads whose reading of the manifests overlapped deletions
 
-    def manifests(k: CacheKey) -> list[tuple[str, mf.Manifest]]:
+    def manifests(k: CacheKey) -> list[StoredManifest]:
         nonlocal raced
         before = deleted
         found = real_manifests(k)

@@ -42,8 +42,8 @@ def test_roundtrip() -> None:
 
 
 def test_unknown_format_version_is_a_clear_error() -> None:
-    with pytest.raises(InvalidManifest, match="format 2 is not supported"):
-        mf.decode(raw_manifest([raw_file("a")], fmt=2))
+    with pytest.raises(InvalidManifest, match="format 3 is not supported"):
+        mf.decode(raw_manifest([raw_file("a")], fmt=3))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_only_a_newer_format_or_an_unknown_field_is_unsupported() -> None:
         mf.decode(mf.seal(msgspec.msgpack.encode(doc)))
     assert not isinstance(bad_type.value, UnsupportedManifest)
     with pytest.raises(UnsupportedManifest):
-        mf.decode(raw_manifest([raw_file("a")], fmt=2))
+        mf.decode(raw_manifest([raw_file("a")], fmt=3))
     with pytest.raises(InvalidManifest) as older:
         mf.decode(raw_manifest([raw_file("a")], fmt=0))
     assert not isinstance(older.value, UnsupportedManifest)

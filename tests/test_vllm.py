@@ -122,7 +122,7 @@ def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path
     assert car.returncode == 0, car_log.text()
     store = Store(store_root)
     manifests = store.manifests(KEY)
-    first_time, first = manifests[0][1].created_at, manifests[0][1]
+    first_time, first = manifests[0].manifest.created_at, manifests[0].manifest
     # The first save waited for the half-written file to finish and the quiet period.
     assert first_time >= seen["slow_done"] + 1.0 - 0.2
     paths = {f.path for f in first.files}
@@ -130,7 +130,7 @@ def test_saves_after_quiet_then_incrementally_and_exits_with_the_server(tmp_path
     assert f"{AOT_NEW}/rank_0_0/model" in paths  # vLLM's ahead-of-time artifact
     assert not any("late_shape" in p for p in paths)
     # A later, incremental save holds only the late artifact.
-    later = [m for _, m in manifests[1:]]
+    later = [s.manifest for s in manifests[1:]]
     assert later and all(m.created_at >= seen["late_done"] for m in later)
     assert {f.path for m in later for f in m.files} == {late}
     # Only the shared tree is stored, without torch's temp files.
@@ -373,7 +373,7 @@ def stored(store_root: Path) -> dict[str, Any]:
 
 def manifest_paths(store_root: Path) -> list[set[str]]:
     """The paths each of the key's manifests lists, oldest first."""
-    return [{f.path for f in m.files} for _, m in Store(store_root).manifests(KEY)]
+    return [{f.path for f in s.manifest.files} for s in Store(store_root).manifests(KEY)]
 
 
 def digests(tree: dict[str, bytes]) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 One module per command group over :mod:`casstore.cli.common` (the app, global options,
 output, errors): :mod:`~casstore.cli.store_cmds` (save, load, ls, show, verify, stats, du),
-:mod:`~casstore.cli.gc_cmds` (rm, gc), :mod:`~casstore.cli.doctor` and
-:mod:`~casstore.cli.vllm_cmds`; :mod:`~casstore.cli.commands` registers them. Without the
-``cli`` extra, ``main`` prints one line saying how to install it.
+:mod:`~casstore.cli.gc_cmds` (rm, gc), :mod:`~casstore.cli.doctor`,
+:mod:`~casstore.cli.keygen` and :mod:`~casstore.cli.vllm_cmds`; :mod:`~casstore.cli.commands`
+registers them. Without the ``cli`` extra, ``main`` prints one line saying how to install it.
 
 Exit codes: 0 success; 1 error (one line on stderr); 2 usage error (a bad option value, a
 missing directory, a file where a directory is needed, a store root that is a URL); 3 key

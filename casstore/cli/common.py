@@ -34,7 +34,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from casstore import __version__, config
+from casstore import __version__, config, signing
 from casstore.errors import CasstoreError, InvalidManifest, NotFound, UnsupportedRoot
 from casstore.keys import CacheKey, detect_key, model_label
 from casstore.store import Store
@@ -215,8 +215,40 @@ def io_threads() -> int:
     return options.threads if options.threads is not None else config.threads()
 
 
-def open_store(create: bool = True) -> Store:
-    return Store(root_choice().path, threads=io_threads(), create=create)
+def open_store(
+    create: bool = True,
+    *,
+    signing_key: str | None = None,
+    trusted_keys: str | None = None,
+    sign: bool = False,
+    trust: bool = False,
+) -> Store:
+    """The store. ``sign``: saves sign with ``signing_key`` or $CASSTORE_SIGNING_KEY.
+    ``trust``: loads use only manifests signed by ``trusted_keys`` or
+    $CASSTORE_TRUSTED_KEYS (when either is set). Keys that cannot be read are an error,
+    before the store is opened or created."""
+    signer = signing.signing_key_from(signing_key) if sign else None
+    trusted = signing.trusted_keys_from(trusted_keys) if trust else None
+    return Store(
+        root_choice().path,
+        threads=io_threads(),
+        create=create,
+        signing_key=signer,
+        trusted=trusted,
+    )
+
+
+def configured_trust() -> signing.TrustedKeys | None:
+    """$CASSTORE_TRUSTED_KEYS, for commands that only report trust (ls, show, verify)."""
+    return signing.trusted_keys_from(None)
+
+
+def signer_label(signer: bytes | None, *, short: bool = False) -> str:
+    """``ed25519:…`` (``short``: its first characters), or ``unsigned``."""
+    if signer is None:
+        return "unsigned"
+    key = signing.PublicKey(signer)
+    return key.short if short else str(key)
 
 
 # --- option types shared by several commands ------------------------------------------------
@@ -252,6 +284,27 @@ TreeOpt = Annotated[
 ExtraOpt = Annotated[
     list[str] | None,
     typer.Option("--extra", metavar="NAME=VALUE", help="Extra key factor (repeatable)."),
+]
+SigningKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--signing-key",
+        metavar="PATH",
+        show_default=False,
+        help="Sign the manifests published with this private key (`casstore keygen`). "
+        "Default: $CASSTORE_SIGNING_KEY.",
+    ),
+]
+TrustedKeysOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trusted-keys",
+        metavar="KEYS",
+        show_default=False,
+        help="Use only manifests signed by these public keys: ed25519:... separated by "
+        "commas, or a file with one per line. Default: $CASSTORE_TRUSTED_KEYS; unset: "
+        "every manifest, signed or not.",
+    ),
 ]
 KeyRefArg = Annotated[
     str, typer.Argument(metavar="ID", help="Key id or unambiguous id prefix (from `ls`).")

@@ -2,8 +2,10 @@
 
 It reports the root and how it was chosen, the scope, whether the root holds a store,
 whether this user can create, renew and delete objects there (with a real probe file,
-removed afterwards), the free space, the publish primitive the filesystem supports, and
-the keys model.py and the vLLM sidecar would use here, with whether each is saved. It
+removed afterwards), the free space, the publish primitive the filesystem supports, the
+signing key and trusted keys the environment names (unreadable ones are problems: saves
+and loads fail closed on them), and the keys model.py and the vLLM sidecar would use
+here, with whether each is saved (by a trusted signer, when trust is configured). It
 exits 0 when nothing is wrong, else 1 with one line per problem on stderr.
 """
 
@@ -18,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from casstore import config, constants
+from casstore import config, constants, signing
 from casstore.backends.fs import FileSystemBackend
 from casstore.cli.common import (
     EXIT_ERROR,
@@ -35,7 +37,13 @@ from casstore.cli.common import (
     root_choice,
     say,
 )
-from casstore.errors import CasstoreError, InvalidManifest, NotFound, StoreUnavailable
+from casstore.errors import (
+    CasstoreError,
+    InvalidManifest,
+    NotFound,
+    NotTrusted,
+    StoreUnavailable,
+)
 from casstore.keys import CacheKey
 from casstore.store import Store
 
@@ -72,6 +80,8 @@ class Diagnosis:
     )
     free_bytes: int | None = None
     primitive: str | None = None
+    signing_key: str | None = None  # the public key saves here sign with
+    trusted_keys: int | None = None  # how many keys loads here trust (None: every manifest)
     keys: list[KeyCheck] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -203,6 +213,9 @@ def _keys(found: Diagnosis, store: Store | None, settings: config.Settings) -> N
             return False
         try:
             return bool(store.manifests(key))
+        except NotTrusted as e:
+            found.problems.append(str(e))
+            return False
         except NotFound:
             return False
         except InvalidManifest as e:
@@ -244,8 +257,26 @@ def diagnose(model: str | None) -> Diagnosis:
     store = _open(found, path)
     _probe(found, path)
     _space(found, path, settings.max_cache_size_mb * 2**20)
+    trusted = _trust(found)
+    if store is not None:
+        store.trusted = trusted
     _keys(found, store, settings)
     return found
+
+
+def _trust(found: Diagnosis) -> signing.TrustedKeys | None:
+    try:
+        key = signing.signing_key_from(None)
+        found.signing_key = str(key.public) if key else None
+    except CasstoreError as e:
+        found.problems.append(f"${signing.SIGNING_KEY_VARIABLE}: {e}; saves here fail")
+    try:
+        trusted = signing.trusted_keys_from(None)
+    except CasstoreError as e:
+        found.problems.append(f"${signing.TRUSTED_KEYS_VARIABLE}: {e}; loads here fail")
+        return None
+    found.trusted_keys = len(trusted.keys) if trusted else None
+    return trusted
 
 
 def doctor(
@@ -291,6 +322,13 @@ def _print(found: Diagnosis) -> None:
     out.print(f"free       {free}")
     out.print(f"publish    {found.primitive or '?'}")
     out.print(f"threads    {found.threads}")
+    out.print(f"signing    {found.signing_key or 'unsigned (no CASSTORE_SIGNING_KEY)'}")
+    trusted = (
+        f"{found.trusted_keys} keys: loads use only manifests they signed"
+        if found.trusted_keys
+        else "every manifest, signed or not (no CASSTORE_TRUSTED_KEYS)"
+    )
+    out.print(f"trust      {trusted}")
     out.print(f"keys of model {found.model}:")
     for k in found.keys:
         state = "saved" if k.exists else "not saved"

@@ -137,6 +137,17 @@ def gc(
         ),
     ] = False,
     compact: Annotated[bool, typer.Option(help="Merge each key's manifests into one.")] = True,
+    signing_key: Annotated[
+        str | None,
+        typer.Option(
+            "--signing-key",
+            metavar="PATH",
+            show_default=False,
+            help="Also merge the manifests this private key signed, signing the merged one "
+            "with it (gc never merges other signed manifests). Default: "
+            "$CASSTORE_SIGNING_KEY.",
+        ),
+    ] = None,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
     as_json: JsonOpt = False,
@@ -167,7 +178,7 @@ def gc(
         lock_timeout=settings.lock_timeout_seconds,
     )
     with errors():
-        store = open_store(create=False)
+        store = open_store(create=False, signing_key=signing_key, sign=True)
         with gc_mod.gc_lock(store) as held:
             if not held:
                 if as_json:
@@ -235,6 +246,8 @@ def _print_plan(plan: gc_mod.Plan) -> None:
             )
     if plan.compact:
         out.print(f"  compact {len(plan.compact)} keys with several manifests")
+    for key_id, why in plan.uncompacted:
+        out.print(f"  leave {key_id[:12]} uncompacted: {why}")
     grace = duration_text(plan.policy.grace)
     if plan.sweep_blocked:
         out.print(f"  delete no chunk: {plan.sweep_blocked}")

@@ -20,12 +20,15 @@ from casstore.cli.common import (
     KeyRefArg,
     ModelOpt,
     RootOpt,
+    SigningKeyOpt,
     ThreadsOpt,
     TorchOpt,
     TreeOpt,
+    TrustedKeysOpt,
     VerboseOpt,
     apply_globals,
     build_key,
+    configured_trust,
     emit_json,
     errors,
     fail,
@@ -37,6 +40,7 @@ from casstore.cli.common import (
     out,
     parse_size,
     progress,
+    signer_label,
     usage_error,
     warn,
 )
@@ -60,6 +64,7 @@ def save(
         int | None,
         typer.Option(min=0, metavar="N", help="Refuse trees larger than this many MiB."),
     ] = None,
+    signing_key: SigningKeyOpt = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
     threads: ThreadsOpt = None,
@@ -69,7 +74,7 @@ def save(
     apply_globals(root, threads, verbose)
     with errors():
         key = build_key(torch, arch, model, tree, extra)  # first: a key error creates no store
-        store = open_store()
+        store = open_store(signing_key=signing_key, sign=True)
         with progress("saving", not as_json) as on_progress:
             report = store.save(
                 directory,
@@ -87,12 +92,18 @@ def save(
                 "key": report.key,
                 "key_id": report.key.id,
                 "saved": saved,
+                "signer": str(store.signing_key.public) if store.signing_key else None,
             }
         )
     elif report.files == 0:
         out.print(f"nothing saved: {directory} holds no files")
     else:
-        out.print(f"saved {key}" if saved else f"nothing new: {key} already holds these files")
+        signed = f", signed by {store.signing_key.public}" if store.signing_key else ""
+        out.print(
+            f"saved {key}{signed}"
+            if saved
+            else f"nothing new: {key} already holds these files{signed}"
+        )
         out.print(
             f"  {report.files} files ({mib(report.bytes)}), {report.changed_files} new or "
             f"changed, {report.new_chunks} new chunks ({mib(report.new_bytes)}, "
@@ -144,16 +155,21 @@ def load(
             "Default: no cap.",
         ),
     ] = None,
+    trusted_keys: TrustedKeysOpt = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Restore a saved key into DIR, fetching only files not already present."""
+    """Restore a saved key into DIR, fetching only files not already present.
+
+    With trusted keys (--trusted-keys, $CASSTORE_TRUSTED_KEYS), only manifests they signed
+    are used; a key without one is not found (exit 3) and nothing is written.
+    """
     apply_globals(root, threads, verbose)
     max_bytes = parse_size(max_size, "--max-size") if max_size is not None else None
     with errors():
-        store = open_store(create=False)
+        store = open_store(create=False, trusted_keys=trusted_keys, trust=True)
         key = store.resolve(key_id) if key_id else build_key(torch, arch, model, tree, extra)
         _check_writable(directory)
         with progress("loading", not as_json) as on_progress:
@@ -207,6 +223,7 @@ def list_keys(
                     "bytes": i.bytes,
                     "last_saved": iso_time(i.last_saved),
                     "last_used": iso_time(used[i.key.id]),
+                    "signers": [signer_label(s) for s in i.signers],
                 }
                 for i in infos
             ]
@@ -224,6 +241,7 @@ def list_keys(
         "saves",
         "last saved",
         "last used",
+        "signed by",
     )
     for i in infos:
         table.add_row(
@@ -237,6 +255,7 @@ def list_keys(
             str(i.manifests),
             local_time(i.last_saved),
             local_time(used[i.key.id]),
+            ", ".join(signer_label(s, short=True) for s in i.signers),
         )
     out.print(table)
 
@@ -249,13 +268,19 @@ def show(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Show one key: its factors, manifests and files."""
+    """Show one key: its factors, manifests (who signed each, and whether
+    $CASSTORE_TRUSTED_KEYS trusts it) and files (the view of every valid manifest)."""
     apply_globals(root, threads, verbose)
     with errors():
         store = open_store(create=False)
+        trust = configured_trust()
         key = store.resolve(ref)
         loaded = store.manifests(key)
         view = store.files(key)
+
+    def trusted(signer: bytes | None) -> bool | None:
+        return None if trust is None else trust.trusts(signer)
+
     if as_json:
         emit_json(
             {
@@ -263,12 +288,14 @@ def show(
                 "key": key,
                 "manifests": [
                     {
-                        "name": n,
-                        "created_at": iso_time(m.created_at),
-                        "producer": m.producer,
-                        "files": len(m.files),
+                        "name": s.name,
+                        "created_at": iso_time(s.manifest.created_at),
+                        "producer": s.manifest.producer,
+                        "files": len(s.manifest.files),
+                        "signer": None if s.signer is None else signer_label(s.signer),
+                        "trusted": trusted(s.signer),
                     }
-                    for n, m in loaded
+                    for s in loaded
                 ],
                 "files": [
                     {
@@ -294,11 +321,14 @@ def show(
     out.print(
         f"{len(view)} files, {mib(sum(f.size for f in view.values()))}, {len(loaded)} manifests:"
     )
-    for name, m in loaded:
+    for s in loaded:
+        m = s.manifest
         p = m.producer
+        verdict = {None: "", True: ", trusted", False: ", NOT trusted"}[trusted(s.signer)]
         out.print(
-            f"  {name.rsplit('/', 1)[-1]}  {local_time(m.created_at)}  {len(m.files)} files  "
-            f"from {p.host} (casstore {p.casstore}, python {p.python})"
+            f"  {s.name.rsplit('/', 1)[-1]}  {local_time(m.created_at)}  {len(m.files)} files  "
+            f"from {p.host} (casstore {p.casstore}, python {p.python})  "
+            f"{signer_label(s.signer)}{verdict}"
         )
     if files:
         for f in view.values():
@@ -309,6 +339,7 @@ def verify(
     repair: Annotated[
         bool, typer.Option("--repair", help="Move damaged objects into quarantine/.")
     ] = False,
+    trusted_keys: TrustedKeysOpt = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
     threads: ThreadsOpt = None,
@@ -316,14 +347,20 @@ def verify(
 ) -> None:
     """Re-hash every chunk and check every manifest; exit 4 if anything is damaged.
 
+    A manifest whose signature does not verify is damaged (forged or altered). With
+    trusted keys (--trusted-keys, $CASSTORE_TRUSTED_KEYS), valid manifests they do not
+    trust are listed too (not damage: loads ignore them).
+
     With --repair, damaged chunks and manifests are moved to quarantine/; the next save
     that holds a quarantined chunk's bytes uploads it again.
     """
     apply_globals(root, threads, verbose)
     with errors():
-        store = open_store(create=False)
+        store = open_store(create=False, trusted_keys=trusted_keys, trust=True)
         with progress("verifying", not as_json) as on_progress:
-            report = audit.verify(store, threads=io_threads(), progress=on_progress)
+            report = audit.verify(
+                store, threads=io_threads(), progress=on_progress, trusted=store.trusted
+            )
         repaired = audit.repair(store, report) if repair else None
     if as_json:
         emit_json(
@@ -343,6 +380,10 @@ def verify(
             out.print(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
         for name, digest in report.missing_chunks:
             out.print(f"  {name} references missing chunk {digest}")
+        for signer, count in sorted(report.signers.items()):
+            out.print(f"  {count} manifests {'' if signer == 'unsigned' else 'signed by '}{signer}")
+        for name, signer in report.untrusted_manifests:
+            out.print(f"  not trusted ({signer}): {name}")
         out.print("ok" if report.ok else "[red]damaged[/red]")
         if repaired is not None:
             out.print(

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from casstore import config
-from casstore.cli.common import RootOpt, VerboseOpt, apply_globals, options, say, usage_error
+from casstore.cli.common import (
+    RootOpt,
+    SigningKeyOpt,
+    TrustedKeysOpt,
+    VerboseOpt,
+    apply_globals,
+    options,
+    say,
+    usage_error,
+)
 
 if TYPE_CHECKING:
     from casstore.vllm import Sidecar
@@ -84,6 +93,8 @@ class SidecarArgs:
     quiet: float | None = None
     poll: float | None = None
     pid: int | None = None
+    signing_key: str | None = None
+    trusted_keys: str | None = None
 
     def merged(self, later: SidecarArgs) -> SidecarArgs:
         """These options, overridden by those given in ``later``."""
@@ -127,6 +138,8 @@ def _sidecar(args: SidecarArgs) -> Sidecar:
             pid=args.pid,
             model=args.model,
             root=config.root_path(options.root) if options.root is not None else None,
+            signing_key=args.signing_key,
+            trusted_keys=args.trusted_keys,
         )
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,6 +162,8 @@ def vllm_main(
     poll: PollOpt = None,
     pid: PidOpt = None,
     model: ModelOpt = None,
+    signing_key: SigningKeyOpt = None,
+    trusted_keys: TrustedKeysOpt = None,
     root: RootOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -158,7 +173,7 @@ def vllm_main(
     """
     apply_globals(root, None, verbose)
     _refuse_threads()
-    args = SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid)
+    args = SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid, signing_key, trusted_keys)
     if ctx.invoked_subcommand is not None:
         ctx.obj = args
         return
@@ -171,6 +186,7 @@ def vllm_restore(
     ctx: typer.Context,
     cache_dir: CacheDirOpt = None,
     model: ModelOpt = None,
+    trusted_keys: TrustedKeysOpt = None,
     root: RootOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -178,13 +194,13 @@ def vllm_restore(
     starts even where casstore cannot run)."""
     apply_globals(root, None, verbose)
     group = _group_args(ctx)
-    ignored = dataclasses.replace(group, cache_dir=None, model=None).given()
+    ignored = dataclasses.replace(group, cache_dir=None, model=None, trusted_keys=None).given()
     if ignored:
         usage_error(
             f"{', '.join(ignored)} does not apply to `casstore vllm restore` "
-            "(it takes --cache-dir and --model)"
+            "(it takes --cache-dir, --model and --trusted-keys)"
         )
-    args = group.merged(SidecarArgs(cache_dir=cache_dir, model=model))
+    args = group.merged(SidecarArgs(cache_dir=cache_dir, model=model, trusted_keys=trusted_keys))
     _unattended_logging()
     status = _sidecar(args).restore()
     say("casstore vllm restore", "", status.name)
@@ -200,11 +216,15 @@ def vllm_watch(
     poll: PollOpt = None,
     pid: PidOpt = None,
     model: ModelOpt = None,
+    signing_key: SigningKeyOpt = None,
+    trusted_keys: TrustedKeysOpt = None,
     root: RootOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Watch and save only (after a blocking `casstore vllm restore`)."""
     apply_globals(root, None, verbose)
-    args = _group_args(ctx).merged(SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid))
+    args = _group_args(ctx).merged(
+        SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid, signing_key, trusted_keys)
+    )
     _unattended_logging()
     raise typer.Exit(_sidecar(args).watch())
