@@ -584,7 +584,7 @@ def test_an_unrenewable_chunk_is_never_republished_from_unverified_bytes(
 ) -> None:
     """A lying chunk list (the file's digest matches, a chunk's does not) plus a chunk this
     user cannot renew: the local bytes must not replace the shared chunk."""
-    victim_data = os.urandom(50_000)
+    victim_data = os.urandom(30_000)  # under the minimum chunk: always one chunk
     write_tree(tmp_path / "victim", {"v.so": victim_data})
     victim = CacheKey(torch="t", arch="a", model="victim")
     store.save(tmp_path / "victim", victim)
