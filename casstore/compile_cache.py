@@ -222,14 +222,16 @@ def load_compile_cache(
             log.warning("compile cache not restored: %s", e)
             return OperationStatus.DOES_NOT_EXIST
         except NotFound:
-            log.info("no compile cache saved for %s", main.key)
+            from casstore.explain import log_miss
+
+            log_miss(store, main.key, "load_compile_cache")
             return OperationStatus.DOES_NOT_EXIST
         except CacheTooLarge as e:
             log.error("compile cache not restored: %s (raise MAX_CACHE_SIZE_MB)", e)
             return OperationStatus.ERROR
         for extra in trees[1:]:
             try:
-                r = store.load(extra.key, extra.path, max_bytes=cap)
+                r = store.load(extra.key, extra.path, max_bytes=cap, record_miss=False)
                 log.info("%s: %d files restored, %d present", extra.name, r.written, r.skipped)
             except NotFound:
                 pass

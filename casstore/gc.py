@@ -30,13 +30,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casstore import constants, objects
+from casstore import constants, objects, usage
 from casstore import manifest as mf
+from casstore.backends.base import ObjectInfo
 from casstore.backends.fs import FileSystemBackend
 from casstore.errors import CannotRenew, CasstoreError, UnsupportedManifest
 from casstore.keys import CacheKey
 from casstore.locks import exclusive_unless_busy, remove_if_unheld
-from casstore.store import Store
+from casstore.store import Store, StoredManifest
 
 log = logging.getLogger("casstore")
 
@@ -67,6 +68,7 @@ class Policy:
     compact: bool = True  # merge each key's manifests into one
     temp_timeout: float = 60.0  # CLEANUP_INCOMPLETE_TIMEOUT_SECONDS
     lock_timeout: float = 30.0  # CLEANUP_LOCK_TIMEOUT_SECONDS
+    usage_retention: float = usage.DEFAULT_RETENTION  # keep load/save records this long
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,13 @@ class KeyState:
     chunks: frozenset[bytes]  # digests referenced by the merged view
     logical_bytes: int
     signers: frozenset[bytes | None] = frozenset()  # who signed its manifests (None: unsigned)
+    # Whether a key gc was told to trust (--trusted-keys) signed one of its manifests;
+    # True when gc was given no trusted keys.
+    trusted: bool = True
+    # What --keep-last and --max-size rank by: last_used without trusted keys; with them,
+    # the newest manifest a trusted key signed, since access markers and other manifests
+    # are anyone's to write.
+    rank_time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class GcReport:
     locks_removed: int = 0
     markers_removed: int = 0
     trash_restored: int = 0
+    usage_records_merged: int = 0  # load/save records merged into one object per day
+    usage_objects_deleted: int = 0  # merged records, and records past the retention
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -241,7 +252,13 @@ def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeySt
         view = mf.merge(s.manifest for s in loaded)
         marker = store.backend.stat(Store.access_key(key_id))
         newest = loaded[-1].manifest
-        last_used = max([newest.created_at] + ([marker.mtime] if marker else []))
+        if store.trusted is None:
+            trusted, rank_time = True, min(last_used_of(loaded, marker), now)
+        else:
+            signed = [s for s in loaded if store.trusted.trusts(s.signer)]
+            trusted = bool(signed)
+            rank_time = min(signed[-1].manifest.created_at, now) if signed else 0.0
+        last_used = last_used_of(loaded, marker)
         states.append(
             KeyState(
                 key_id=key_id,
@@ -256,9 +273,16 @@ def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeySt
                 ),
                 logical_bytes=sum(f.size for f in view.values()),
                 signers=frozenset(s.signer for s in loaded),
+                trusted=trusted,
+                rank_time=rank_time,
             )
         )
     return states, blocked
+
+
+def last_used_of(loaded: list[StoredManifest], marker: ObjectInfo | None) -> float:
+    """The newer of a key's newest manifest and its access marker."""
+    return max([loaded[-1].manifest.created_at] + ([marker.mtime] if marker else []))
 
 
 def _set_aside(
@@ -305,7 +329,9 @@ def _retention(
         for s in states:
             groups[(s.key.model, s.key.extra.get("tree", ""))].append(s)
         for (model, _tree), members in groups.items():
-            members.sort(key=lambda s: s.last_used, reverse=True)
+            # Keys no trusted key signed never take one of the N places: otherwise anyone
+            # who can write the store could push trusted keys out by saving newer ones.
+            members.sort(key=lambda s: (s.trusted, s.rank_time), reverse=True)
             for s in members[policy.keep_last :]:
                 dropped.setdefault(
                     s.key_id, DroppedKey(s, f"older than the {policy.keep_last} newest of {model}")
@@ -317,7 +343,8 @@ def _retention(
             for d in s.chunks:
                 refs[d] += 1
         live = sum(sizes.get(d, 0) for d in refs)
-        for s in sorted(kept, key=lambda s: s.last_used):  # least recently used first
+        # Least recently used first; keys no trusted key signed before every trusted one.
+        for s in sorted(kept, key=lambda s: (s.trusted, s.rank_time)):
             if live <= policy.max_size:
                 break
             for d in s.chunks:
@@ -342,9 +369,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     states, blocked = _key_states(store, listing, now)
     drop = _retention(states, sizes, policy, now)
     dropped_ids = {d.state.key_id for d in drop}
-    set_aside, aside_blocked = _set_aside(
-        store, listing, {s.key_id for s in states}, dropped_ids, now - policy.grace
-    )
+    # Saved again since set aside: by a trusted key, when gc was given trusted keys.
+    saved = {s.key_id for s in states if s.trusted}
+    set_aside, aside_blocked = _set_aside(store, listing, saved, dropped_ids, now - policy.grace)
     blocked = blocked or aside_blocked
     kept = [s for s in states if s.key_id not in dropped_ids]
     # Live: every kept key, every key set aside by this run (deleted only by the next
@@ -491,6 +518,13 @@ def execute(
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
     report.markers_removed = sum(1 for m in p.orphan_markers if _remove_orphan_marker(store, m))
+    # 7. Usage history: one object per finished day; nothing past the retention.
+    try:
+        merged = usage.compact(store.backend, now=p.now, retention=p.policy.usage_retention)
+        report.usage_records_merged = merged.records_merged
+        report.usage_objects_deleted = merged.objects_deleted
+    except Exception as e:  # the history is informational: it never fails gc
+        report.errors.append(f"usage history: {type(e).__name__}: {e}")
     report.seconds = time.monotonic() - started
     log.info(
         "gc: set aside %d keys, deleted %d set aside earlier, restored %d, compacted %d, "
@@ -740,7 +774,7 @@ def compaction_refused(store: Store, signers: Iterable[bytes | None]) -> str | N
 
         return (
             f"signed by {PublicKey(signer).short}…; gc merges signed manifests only with "
-            "their signer's key (--signing-key)"
+            "their signer's key (gc --signing-key)"
         )
     return None
 
@@ -754,10 +788,14 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     manifests are merged under their signer's signature, and only as
     :func:`compaction_refused` allows, judged again on what is read now."""
     wanted = set(names)
-    loaded = [s for s in store.read_manifests(key_id)[0] if s.name in wanted]
+    current = store.read_manifests(key_id)[0]
+    loaded = [s for s in current if s.name in wanted]
     if len(loaded) < 2:
         return False
-    if why := compaction_refused(store, (s.signer for s in loaded)):
+    # Every manifest the key holds now counts, published since planning included: merging
+    # one signer's manifests dates their older files anew, which could reorder them
+    # against another signer's manifest stamped in between.
+    if why := compaction_refused(store, (s.signer for s in current)):
         log.info("gc: not compacting %s: %s", key_id, why)
         return False
     signed = loaded[0].signer is not None

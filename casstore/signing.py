@@ -131,6 +131,12 @@ def generate(path: str | os.PathLike[str]) -> PublicKey:
         os.unlink(target)
         raise
     os.close(fd)
+    # The key's name must survive a crash too, once its public key has been printed.
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return SigningKey(key, os.fspath(target)).public
 
 
@@ -191,16 +197,34 @@ def parse_trusted_keys(value: str, source: str = "trusted keys") -> TrustedKeys:
     return TrustedKeys(frozenset(k.raw for k in keys), source)
 
 
-def signing_key_from(option: str | None) -> SigningKey | None:
-    """The key ``option`` names, else ``$CASSTORE_SIGNING_KEY``'s, else None (unsigned)."""
-    path = option or os.environ.get(SIGNING_KEY_VARIABLE, "").strip()
-    return load_signing_key(path) if path else None
+def _setting(option: str | None, option_name: str, variable: str | None) -> tuple[str, str] | None:
+    """(value, where it came from) of ``option``, else of ``$variable``; None when neither
+    is set. Set but blank is an error, not "unset": an empty ``--trusted-keys "$KEYS"`` or
+    a variable from a missing secret must never quietly turn trust or signing off."""
+    if option is not None:
+        value, source = option, option_name
+    elif variable is not None and variable in os.environ:
+        value, source = os.environ[variable], f"${variable}"
+    else:
+        return None
+    if not value.strip():
+        raise InvalidKey(f"{source} is set but empty (unset it to go without)")
+    return value.strip(), source
 
 
-def trusted_keys_from(option: str | None) -> TrustedKeys | None:
-    """The keys ``option`` gives, else ``$CASSTORE_TRUSTED_KEYS``'s, else None (every
-    manifest is used, signed or not)."""
-    if option:
-        return parse_trusted_keys(option, "--trusted-keys")
-    value = os.environ.get(TRUSTED_KEYS_VARIABLE, "").strip()
-    return parse_trusted_keys(value, f"${TRUSTED_KEYS_VARIABLE}") if value else None
+def signing_key_from(
+    option: str | None, variable: str | None = SIGNING_KEY_VARIABLE
+) -> SigningKey | None:
+    """The key ``option`` names, else ``$variable``'s (``$CASSTORE_SIGNING_KEY``), else
+    None (unsigned)."""
+    found = _setting(option, "--signing-key", variable)
+    return load_signing_key(found[0]) if found else None
+
+
+def trusted_keys_from(
+    option: str | None, variable: str | None = TRUSTED_KEYS_VARIABLE
+) -> TrustedKeys | None:
+    """The keys ``option`` gives, else ``$variable``'s (``$CASSTORE_TRUSTED_KEYS``), else
+    None (every manifest is used, signed or not)."""
+    found = _setting(option, "--trusted-keys", variable)
+    return parse_trusted_keys(*found) if found else None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from casstore import chunking, constants, localfs, objects
+from casstore import chunking, constants, localfs, objects, usage
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("casstore")
 _T = TypeVar("_T")
+# Manifests larger than this are not read to explain a miss (a key's key is in any of them).
+_EXPLAIN_MANIFEST_BYTES = 4 * 2**20
 
 #: ``progress(done_bytes, total_bytes)``; called from worker threads.
 ProgressCallback = Callable[[int, int], None]
@@ -138,6 +140,7 @@ class Store:
 
     ``signing_key``: saves sign the manifests they publish. ``trusted``: loads use only
     manifests signed by one of these keys (None: every valid manifest, signed or not).
+    ``record_usage``: each load and save leaves a small usage record (:mod:`casstore.usage`).
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Store:
         create: bool = True,
         signing_key: SigningKey | None = None,
         trusted: TrustedKeys | None = None,
+        record_usage: bool = True,
     ) -> None:
         if backend is None:
             if root is None:
@@ -166,6 +170,7 @@ class Store:
         self.threads = max(1, threads)
         self.signing_key = signing_key
         self.trusted = trusted
+        self.record_usage = record_usage
         self._warned_unsigned = False
         self._check_layout(create)
 
@@ -252,7 +257,7 @@ class Store:
                 len(ignored),
                 key,
                 self.trusted.source,
-                ", ".join(f"{s.name} ({signer_text(s.signer)})" for s in ignored),
+                ", ".join(f"{shown(s.name)} ({signer_text(s.signer)})" for s in ignored),
             )
         if not trusted:
             signers = ", ".join(sorted({signer_text(s.signer) for s in ignored}))
@@ -313,7 +318,7 @@ class Store:
         another key's); None when it has vanished."""
         try:
             blob = self.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
-            decoded = mf.decode_signed(blob, source=name)
+            decoded = mf.decode_signed(blob, source=shown(name))
         except NotFound:
             return None
         except (InvalidManifest, CorruptObject) as e:
@@ -321,8 +326,8 @@ class Store:
             return str(e)
         m = decoded.manifest
         if m.key.id != key_id or (key is not None and m.key != key):
-            log.warning("ignoring %s: it belongs to key %s", name, m.key)
-            return f"{name}: stored under the wrong key"
+            log.warning("ignoring %s: it belongs to key %s", shown(name), m.key)
+            return f"{shown(name)}: stored under the wrong key"
         return StoredManifest(name, m, decoded.signer)
 
     def files(self, key: CacheKey) -> dict[str, FileEntry]:
@@ -352,6 +357,39 @@ class Store:
                 last_saved=loaded[-1].manifest.created_at,
                 signers=tuple({s.signer: None for s in loaded}),
             )
+
+    def stored_keys(self, *, budget: float | None = None) -> tuple[list[CacheKey], bool]:
+        """The key of every key directory, read from its newest manifest that decodes (one
+        small read per key, not a merge), and whether all were read within ``budget``
+        seconds. For explaining a miss on a load's path: bounded in time whatever the
+        store holds (the deadline is checked at every listed name and every read, and only
+        manifests up to 4 MiB are read), and silent about what it skips."""
+        end = None if budget is None else time.monotonic() + budget
+
+        def late() -> bool:
+            return end is not None and time.monotonic() > end
+
+        names: dict[str, list[str]] = collections.defaultdict(list)
+        for info in self.backend.list(f"{constants.MANIFESTS_DIR}/"):
+            if late():
+                return [], False
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2].endswith(constants.MANIFEST_SUFFIX):
+                names[parts[1]].append(info.key)
+        found: list[CacheKey] = []
+        for key_id in sorted(names):
+            for name in sorted(names[key_id], reverse=True):
+                if late():
+                    return found, False
+                try:
+                    blob = self.backend.get(name, max_bytes=_EXPLAIN_MANIFEST_BYTES)
+                    key = mf.decode(blob, source=shown(name)).key
+                except Exception:  # anything a damaged or hostile manifest raises
+                    continue
+                if key.id == key_id:
+                    found.append(key)
+                    break
+        return found, True
 
     def resolve(self, ref: str) -> CacheKey:
         """A key from its id or an unambiguous id prefix (as ``casstore ls`` prints)."""
@@ -434,6 +472,16 @@ class Store:
             if current:
                 self._relist_lost(key, entries, report)
         report.seconds = time.monotonic() - started
+        if self.record_usage:
+            usage.record(
+                self.backend,
+                "save",
+                usage.SAVE_SAVED if report.manifest else usage.SAVE_UNCHANGED,
+                key,
+                files=report.changed_files,
+                nbytes=report.new_bytes,
+                seconds=report.seconds,
+            )
         log.info(
             "saved %s: %d files, %d changed, %d new chunks (%.1f MiB) in %.2fs",
             key,
@@ -670,6 +718,7 @@ class Store:
         max_bytes: int | None = None,
         group: Callable[[str], str | None] | None = None,
         progress: ProgressCallback | None = None,
+        record_miss: bool = True,
     ) -> LoadReport:
         """Restore ``key`` into ``dest_dir``. Raises :class:`NotFound` for an unknown key.
 
@@ -685,9 +734,17 @@ class Store:
         present and identical counts as fetched). Otherwise every temp of the group is
         discarded, none of its files is written, and all of them are reported in
         ``missing``. Files whose group is None are restored one by one.
+
+        ``record_miss=False``: a key with no manifest leaves no usage record (an optional
+        side tree, absent by design, is not a miss).
         """
         started = time.monotonic()
-        loaded = self.manifests(key)
+        try:
+            loaded = self.manifests(key)
+        except NotFound:  # NotTrusted included
+            if self.record_usage and record_miss:
+                usage.record(self.backend, "load", usage.LOAD_MISS, key)
+            raise
         view = mf.merge(s.manifest for s in loaded)
         total = sum(f.size for f in view.values())
         if max_bytes is not None and total > max_bytes:
@@ -823,6 +880,16 @@ class Store:
                             staged.discard()
         report.missing.sort()
         report.seconds = time.monotonic() - started
+        if self.record_usage:
+            usage.record(
+                self.backend,
+                "load",
+                usage.LOAD_PARTIAL if report.missing else usage.LOAD_COMPLETE,
+                key,
+                files=report.written,
+                nbytes=report.bytes_written,
+                seconds=report.seconds,
+            )
         log.info(
             "loaded %s: %d written, %d already present, %d missing in %.2fs",
             key,
@@ -1023,3 +1090,10 @@ def signer_text(signer: bytes | None) -> str:
     from casstore.signing import PublicKey
 
     return f"signed by {PublicKey(signer)}"
+
+
+def shown(name: str) -> str:
+    """An object name for a message: as it is when printable, else escaped. Names come
+    from listings anyone who can write the store controls; a newline in one must not
+    forge a line of the log."""
+    return name if name.isprintable() else ascii(name)

@@ -201,7 +201,12 @@ class Sidecar:
             except NotTrusted as e:
                 log.warning("vllm: not restored: %s", e)
                 return OperationStatus.DOES_NOT_EXIST
-            except (NotFound, StoreUnavailable) as e:
+            except NotFound:
+                from casstore.explain import log_miss
+
+                log_miss(store, key, "vllm")
+                return OperationStatus.DOES_NOT_EXIST
+            except StoreUnavailable as e:
                 log.info("vllm: nothing to restore (%s)", e)
                 return OperationStatus.DOES_NOT_EXIST
             except CacheTooLarge as e:

@@ -203,3 +203,19 @@ def test_only_regular_files_are_objects(tmp_path: Path) -> None:
         b.get("chunks/ab/fifo.zst", max_bytes=100)
     with pytest.raises(CorruptObject, match="not a regular file"):
         b.get("chunks/ab/fifo.zst")
+
+
+def test_delete_never_follows_a_directory_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """gc lists, then deletes: a writer who swaps a store directory for a symlink in
+    between must not make it unlink a file outside the store."""
+    backend = FileSystemBackend(tmp_path / "store")
+    backend.put_if_absent("usage/2026-01-01/a.rec", b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.rec").write_bytes(b"precious")
+    day = tmp_path / "store" / "usage" / "2026-01-01"
+    (day / "a.rec").unlink()
+    day.rmdir()
+    day.symlink_to(outside)
+    assert backend.delete("usage/2026-01-01/a.rec") is False
+    assert (outside / "a.rec").read_bytes() == b"precious"

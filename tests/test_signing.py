@@ -20,7 +20,7 @@ from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.errors import InvalidKey, NotTrusted, UnsupportedManifest
 from tests import cpu_host
-from tests.helpers import KEY, manifest_files, read_tree, write_tree
+from tests.helpers import KEY, chunk_files, manifest_files, read_tree, write_tree
 
 KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "signed"]
 CLI_KEY = CacheKey(torch="2.13.0+cpu", arch="sm_90", model="signed", extra={"tree": "inductor"})
@@ -570,3 +570,142 @@ def test_doctor_reports_the_signing_key_and_trust_and_fails_on_unreadable_ones(
     problems = [line for line in proc.stderr.splitlines() if line.startswith("problem:")]
     assert any("CASSTORE_SIGNING_KEY" in p and "saves here fail" in p for p in problems)
     assert any("CASSTORE_TRUSTED_KEYS" in p and "loads here fail" in p for p in problems)
+
+
+# --- found by review: each seen failing on the first version of signatures ------------------
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_trusted_keys_set_but_empty_fail_closed(tmp_path: Path, value: str) -> None:
+    """An empty `--trusted-keys "$KEYS"` or a variable from a missing secret must not turn
+    trust off: the load fails and writes nothing."""
+    root = tmp_path / "store"
+    write_tree(tmp_path / "src", {"a.py": b"anyone's"})
+    assert cli(root, "save", str(tmp_path / "src"), *KEY_ARGS).returncode == 0
+    by_env = cli(
+        root, "load", str(tmp_path / "r1"), *KEY_ARGS, env={"CASSTORE_TRUSTED_KEYS": value}
+    )
+    assert by_env.returncode == 1 and "set but empty" in by_env.stderr, by_env.stderr
+    by_option = cli(root, "load", str(tmp_path / "r2"), *KEY_ARGS, "--trusted-keys", value)
+    assert by_option.returncode == 1 and "set but empty" in by_option.stderr
+    loaded = model_py("load", tmp_path / "r3", root, {"CASSTORE_TRUSTED_KEYS": value})
+    assert loaded.stdout.strip() == "ERROR", loaded.stderr
+    assert not any((tmp_path / d).exists() for d in ("r1", "r2", "r3"))
+    signed = cli(
+        root, "save", str(tmp_path / "src"), *KEY_ARGS, env={"CASSTORE_SIGNING_KEY": value}
+    )
+    assert signed.returncode == 1 and "set but empty" in signed.stderr
+
+
+def aged_save(
+    root: Path, src: Path, key: CacheKey, signer: signing.SigningKey | None, at: float
+) -> None:
+    """A save of ``key`` that looks ``at`` seconds old to gc (manifest time and marker)."""
+    write_tree(src, {"f.py": os.urandom(64)})
+    store = Store(root, signing_key=signer)
+    store.save(src, key)
+    for path in (root / "manifests" / key.id).iterdir():
+        blob = path.read_bytes()
+        decoded = mf.decode_signed(blob)
+        aged = msgspec.structs.replace(decoded.manifest, created_at=at)
+        path.write_bytes(mf.encode(aged, signer))
+    os.utime(root / Store.access_key(key.id), (at, at))
+
+
+def test_writers_without_a_trusted_key_cannot_push_trusted_keys_out(
+    tmp_path: Path, writers: dict[str, signing.SigningKey]
+) -> None:
+    """gc given the trusted keys ranks keys nobody trusted signed after every trusted one:
+    a newer unsigned sibling key cannot make --keep-last or --max-size drop a trusted key,
+    nor bring back a trusted key gc set aside."""
+    import time
+
+    root = tmp_path / "store"
+    now = time.time()
+    good = CacheKey(torch="2.13.0", arch="a", model="m", extra={"tree": "inductor"})
+    evil = CacheKey(torch="2.13.0 ", arch="a", model="m", extra={"tree": "inductor"})
+    aged_save(root, tmp_path / "g", good, writers["trusted"], now - 3 * 86400)
+    aged_save(root, tmp_path / "e", evil, None, now + 86400)  # clock "ahead" on purpose
+    trusting = Store(root, trusted=trust(writers["trusted"].public))
+    room_for_one = max(p.stat().st_size for p in chunk_files(root))
+    for policy in (gc_mod.Policy(keep_last=1), gc_mod.Policy(max_size=room_for_one)):
+        dropped = {d.state.key.torch for d in gc_mod.plan(trusting, policy).drop}
+        assert "2.13.0" not in dropped, (policy, dropped)
+    # Without trusted keys gc cannot tell them apart: the newest wins, as documented.
+    plain = {d.state.key.torch for d in gc_mod.plan(Store(root), gc_mod.Policy(keep_last=1)).drop}
+    assert plain == {"2.13.0"}
+    # A trusted key set aside by retention does not come back for an unsigned save of it.
+    aside = gc_mod.plan(trusting, gc_mod.Policy(max_age=86400))
+    assert [d.state.key for d in aside.drop] == [good]
+    gc_mod.execute(trusting, aside)
+    write_tree(tmp_path / "u", {"f.py": b"unsigned"})
+    Store(root).save(tmp_path / "u", good)
+    later = gc_mod.plan(trusting, gc_mod.Policy(), now=time.time() + 7200)
+    assert [(a.key_id, a.restore) for a in later.set_aside] == [(good.id, False)]
+    assert [a.restore for a in gc_mod.plan(Store(root), gc_mod.Policy()).set_aside] == [True]
+
+
+def test_show_prints_what_writers_wrote_literally(
+    tmp_path: Path, writers: dict[str, signing.SigningKey]
+) -> None:
+    """Text from a manifest (its producer host) cannot restyle or hide show's verdict."""
+    root = tmp_path / "store"
+    write_tree(tmp_path / "src", {"a.py": b"x"})
+    Store(root).save(tmp_path / "src", CLI_KEY)
+    (path,) = manifest_files(root)
+    m = mf.decode(path.read_bytes())
+    fake = f"ci  {writers['trusted'].public}, trusted[conceal]"
+    forged = msgspec.structs.replace(m, producer=msgspec.structs.replace(m.producer, host=fake))
+    path.write_bytes(mf.encode(forged))
+    env = {"CASSTORE_TRUSTED_KEYS": str(writers["trusted"].public), "FORCE_COLOR": "1"}
+    shown = cli(root, "show", CLI_KEY.id, env=env)
+    assert "[conceal]" in shown.stdout and "\x1b[8m" not in shown.stdout, shown.stdout
+    assert "unsigned, NOT trusted" in shown.stdout
+
+
+def test_a_newline_in_a_manifest_name_cannot_forge_a_log_line(
+    tmp_path: Path, writers: dict[str, signing.SigningKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "store"
+    save_as(root, tmp_path / "a", {"a.py": b"1"}, writers["trusted"])
+    (path,) = manifest_files(root)
+    (path.parent / "x\ncasstore: all manifests verified.manifest").write_bytes(
+        mf.encode(mf.decode(path.read_bytes()))
+    )
+    caplog.clear()
+    Store(root, trusted=trust(writers["trusted"].public)).load(KEY, tmp_path / "out")
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_compaction_refuses_when_another_signer_published_since_planning(
+    tmp_path: Path, writers: dict[str, signing.SigningKey]
+) -> None:
+    root = tmp_path / "store"
+    three_saves(root, tmp_path, writers["trusted"])
+    store = Store(root, signing_key=writers["trusted"])
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    assert [s.key_id for s in plan.compact] == [KEY.id]
+    save_as(root, tmp_path / "late", {"late.py": b"other"}, writers["other"])
+    assert gc_mod.execute(store, plan).keys_compacted == 0
+    assert len(manifest_files(root)) == 4
+
+
+def test_an_untrusted_save_or_a_touched_marker_cannot_reorder_trusted_keys(
+    tmp_path: Path, writers: dict[str, signing.SigningKey]
+) -> None:
+    """With trusted keys, gc ranks by the newest *trusted* save: an unsigned manifest added
+    to an old trusted key, or its access marker touched, does not make it the newest."""
+    import time
+
+    root = tmp_path / "store"
+    now = time.time()
+    old = CacheKey(torch="2.0", arch="a", model="m", extra={"tree": "inductor"})
+    new = CacheKey(torch="2.1", arch="a", model="m", extra={"tree": "inductor"})
+    aged_save(root, tmp_path / "o", old, writers["trusted"], now - 3 * 86400)
+    aged_save(root, tmp_path / "n", new, writers["trusted"], now - 86400)
+    write_tree(tmp_path / "u", {"evil.py": b"x"})
+    Store(root).save(tmp_path / "u", old)  # unsigned, now
+    os.utime(root / Store.access_key(old.id), (now, now))
+    trusting = Store(root, trusted=trust(writers["trusted"].public))
+    dropped = [d.state.key for d in gc_mod.plan(trusting, gc_mod.Policy(keep_last=1)).drop]
+    assert dropped == [old]

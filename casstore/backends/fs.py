@@ -245,11 +245,34 @@ class FileSystemBackend(Backend):
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> bool:
+        """Unlink ``key``, walking down from the root one directory at a time without
+        following symlinks: anyone who can write the store could swap a directory for a
+        symlink between gc's listing and its delete, and gc must never unlink outside the
+        store. A key under a symlinked directory is not in the store: False."""
+        parts = self._path(key)[len(self._root) :].strip("/").split("/")
         try:
-            os.unlink(self._path(key))
+            dir_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            for part in parts[:-1]:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    child = os.open(part, flags, dir_fd=dir_fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    return False
+                except OSError as e:
+                    if e.errno == errno.ELOOP:  # a symlink
+                        return False
+                    raise
+                os.close(dir_fd)
+                dir_fd = child
+            os.unlink(parts[-1], dir_fd=dir_fd)
             return True
         except FileNotFoundError:
             return False
+        finally:
+            os.close(dir_fd)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = prefix.rstrip("/")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from casstore.cli import doctor, gc_cmds, keygen, store_cmds, vllm_cmds
+from casstore.cli import doctor, explain_cmd, gc_cmds, keygen, store_cmds, vllm_cmds
 from casstore.cli.common import app, main
 
 app.command()(store_cmds.save)
@@ -15,6 +15,7 @@ app.command()(store_cmds.du)
 app.command()(gc_cmds.rm)
 app.command()(gc_cmds.gc)
 app.command()(doctor.doctor)
+app.command("explain")(explain_cmd.explain_cmd)
 app.command()(keygen.keygen)
 app.add_typer(vllm_cmds.app, name="vllm")
 

@@ -55,8 +55,17 @@ app = typer.Typer(
 )
 
 # Off a terminal, rich would wrap tables at 80 columns; scripts want whole lines.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+# markup=False: what is printed includes text anyone who can write the store chose (a
+# manifest's producer host, object names); rich markup in it ("[conceal]") must print as
+# it is, never restyle or hide what follows. Styles go through rich.text.Text.
+out = Console(
+    soft_wrap=True,
+    width=None if sys.stdout.isatty() else 1000,
+    highlight=False,
+    markup=False,
+    emoji=False,  # ":a:" in a model label (org:a:v1) is text, not an emoji code
+)
+err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
 @dataclasses.dataclass
@@ -222,13 +231,16 @@ def open_store(
     trusted_keys: str | None = None,
     sign: bool = False,
     trust: bool = False,
+    signing_variable: str = signing.SIGNING_KEY_VARIABLE,
+    trust_variable: str = signing.TRUSTED_KEYS_VARIABLE,
 ) -> Store:
-    """The store. ``sign``: saves sign with ``signing_key`` or $CASSTORE_SIGNING_KEY.
-    ``trust``: loads use only manifests signed by ``trusted_keys`` or
-    $CASSTORE_TRUSTED_KEYS (when either is set). Keys that cannot be read are an error,
-    before the store is opened or created."""
-    signer = signing.signing_key_from(signing_key) if sign else None
-    trusted = signing.trusted_keys_from(trusted_keys) if trust else None
+    """The store. ``sign``: saves sign with ``signing_key`` or $CASSTORE_SIGNING_KEY
+    (``signing_variable``). ``trust``: loads use only manifests signed by ``trusted_keys``
+    or $CASSTORE_TRUSTED_KEYS (``trust_variable``), when either is set. Keys that cannot
+    be read, or a setting given but empty, are an error, before the store is opened or
+    created."""
+    signer = signing.signing_key_from(signing_key, signing_variable) if sign else None
+    trusted = signing.trusted_keys_from(trusted_keys, trust_variable) if trust else None
     return Store(
         root_choice().path,
         threads=io_threads(),
@@ -236,11 +248,6 @@ def open_store(
         signing_key=signer,
         trusted=trusted,
     )
-
-
-def configured_trust() -> signing.TrustedKeys | None:
-    """$CASSTORE_TRUSTED_KEYS, for commands that only report trust (ls, show, verify)."""
-    return signing.trusted_keys_from(None)
 
 
 def signer_label(signer: bytes | None, *, short: bool = False) -> str:

@@ -40,6 +40,8 @@ from casstore.cli.common import (
 # A grace shorter than this could let gc delete chunks a slow save has just written.
 GRACE_FLOOR_SECONDS = 600.0
 BUSY_MESSAGE = "another gc is running on this store; nothing done"
+GC_SIGNING_KEY_VARIABLE = "CASSTORE_GC_SIGNING_KEY"
+GC_TRUSTED_KEYS_VARIABLE = "CASSTORE_GC_TRUSTED_KEYS"
 
 
 def rm(
@@ -137,15 +139,35 @@ def gc(
         ),
     ] = False,
     compact: Annotated[bool, typer.Option(help="Merge each key's manifests into one.")] = True,
+    usage_retention: Annotated[
+        str,
+        typer.Option(
+            envvar="CASSTORE_GC_USAGE_RETENTION",
+            metavar="DURATION",
+            help="Keep load and save records (stats --since, ls) this long.",
+        ),
+    ] = "90d",
     signing_key: Annotated[
         str | None,
         typer.Option(
             "--signing-key",
+            envvar=GC_SIGNING_KEY_VARIABLE,
             metavar="PATH",
             show_default=False,
             help="Also merge the manifests this private key signed, signing the merged one "
-            "with it (gc never merges other signed manifests). Default: "
-            "$CASSTORE_SIGNING_KEY.",
+            "with it (gc never merges other signed manifests).",
+        ),
+    ] = None,
+    trusted_keys: Annotated[
+        str | None,
+        typer.Option(
+            "--trusted-keys",
+            envvar=GC_TRUSTED_KEYS_VARIABLE,
+            metavar="KEYS",
+            show_default=False,
+            help="Every public key any deployment trusts (ed25519:..., or a file): "
+            "--keep-last and --max-size then rank keys by their newest manifest one of "
+            "these signed (not by markers or other manifests, which anyone can write).",
         ),
     ] = None,
     dry_run: DryRunOpt = False,
@@ -174,11 +196,22 @@ def gc(
         keep_last=keep_last,
         grace=grace_s,
         compact=compact,
+        usage_retention=parse_duration(usage_retention, "--usage-retention"),
         temp_timeout=settings.incomplete_timeout_seconds,
         lock_timeout=settings.lock_timeout_seconds,
     )
     with errors():
-        store = open_store(create=False, signing_key=signing_key, sign=True)
+        # gc is an organisation-wide job: it reads only its own variables, never a
+        # deployment's $CASSTORE_SIGNING_KEY or $CASSTORE_TRUSTED_KEYS.
+        store = open_store(
+            create=False,
+            signing_key=signing_key,
+            trusted_keys=trusted_keys,
+            sign=True,
+            trust=True,
+            signing_variable=GC_SIGNING_KEY_VARIABLE,
+            trust_variable=GC_TRUSTED_KEYS_VARIABLE,
+        )
         with gc_mod.gc_lock(store) as held:
             if not held:
                 if as_json:

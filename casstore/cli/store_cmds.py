@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from casstore import audit, constants
+from casstore import audit, constants, usage
 from casstore.cli.common import (
     EXIT_INCOMPLETE,
     ArchOpt,
@@ -28,7 +31,7 @@ from casstore.cli.common import (
     VerboseOpt,
     apply_globals,
     build_key,
-    configured_trust,
+    duration_text,
     emit_json,
     errors,
     fail,
@@ -38,12 +41,15 @@ from casstore.cli.common import (
     mib,
     open_store,
     out,
+    parse_duration,
     parse_size,
     progress,
     signer_label,
     usage_error,
     warn,
 )
+from casstore.manifest import merge
+from casstore.signing import trusted_keys_from
 from casstore.store import KeyInfo, Store
 
 # Extra factors in the order `ls` shows them; any other follows, by name.
@@ -212,6 +218,8 @@ def list_keys(
         store = open_store(create=False)
         infos = list(store.keys())
         used = {i.key.id: _last_used(store, i) for i in infos}
+        uses = usage.by_key(usage.read(store.backend))
+    no_use = usage.KeyUse()
     if as_json:
         emit_json(
             [
@@ -223,6 +231,10 @@ def list_keys(
                     "bytes": i.bytes,
                     "last_saved": iso_time(i.last_saved),
                     "last_used": iso_time(used[i.key.id]),
+                    "loads": uses.get(i.key.id, no_use).loads,
+                    "last_load": iso_time(last)
+                    if (last := uses.get(i.key.id, no_use).last_load)
+                    else None,
                     "signers": [signer_label(s) for s in i.signers],
                 }
                 for i in infos
@@ -239,6 +251,7 @@ def list_keys(
         "files",
         "size",
         "saves",
+        "loads",
         "last saved",
         "last used",
         "signed by",
@@ -253,6 +266,7 @@ def list_keys(
             str(i.files),
             mib(i.bytes),
             str(i.manifests),
+            str(uses.get(i.key.id, no_use).loads),
             local_time(i.last_saved),
             local_time(used[i.key.id]),
             ", ".join(signer_label(s, short=True) for s in i.signers),
@@ -263,23 +277,26 @@ def list_keys(
 def show(
     ref: KeyRefArg,
     files: Annotated[bool, typer.Option("--files", help="List every file.")] = False,
+    trusted_keys: TrustedKeysOpt = None,
     as_json: JsonOpt = False,
     root: RootOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Show one key: its factors, manifests (who signed each, and whether
-    $CASSTORE_TRUSTED_KEYS trusts it) and files (the view of every valid manifest)."""
+    """Show one key: its factors, its manifests (who signed each and, with trusted keys,
+    whether they trust it) and its files: what a load would restore (with trusted keys,
+    from the manifests they trust only)."""
     apply_globals(root, threads, verbose)
     with errors():
         store = open_store(create=False)
-        trust = configured_trust()
+        trust = trusted_keys_from(trusted_keys)
         key = store.resolve(ref)
         loaded = store.manifests(key)
-        view = store.files(key)
 
     def trusted(signer: bytes | None) -> bool | None:
         return None if trust is None else trust.trusts(signer)
+
+    view = merge(s.manifest for s in loaded if trusted(s.signer) is not False)
 
     if as_json:
         emit_json(
@@ -384,7 +401,7 @@ def verify(
             out.print(f"  {count} manifests {'' if signer == 'unsigned' else 'signed by '}{signer}")
         for name, signer in report.untrusted_manifests:
             out.print(f"  not trusted ({signer}): {name}")
-        out.print("ok" if report.ok else "[red]damaged[/red]")
+        out.print(Text("ok") if report.ok else Text("damaged", style="red"))
         if repaired is not None:
             out.print(
                 f"quarantined {repaired.chunks_quarantined} chunks and "
@@ -398,26 +415,63 @@ def stats(
     by: Annotated[
         str | None, typer.Option("--by", metavar="model", help="Break usage down: 'model'.")
     ] = None,
+    since: Annotated[
+        str,
+        typer.Option(
+            metavar="DURATION",
+            help="Window of the load and save figures (7d, 12h, 30d).",
+        ),
+    ] = "7d",
+    prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--prometheus",
+            help="Print the figures in Prometheus' text format (for node_exporter's "
+            "textfile collector).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     root: RootOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Chunks, stored bytes, logical bytes and the dedup ratio (--by model: who uses it)."""
+    """Chunks, stored bytes, logical bytes, dedup ratio, and loads and saves over a window:
+    restores complete, partial and missed, bytes served (--by model: who uses the space)."""
     apply_globals(root, threads, verbose)
     if by is not None:
         if by != "model":
             usage_error(f"--by accepts 'model', not {by!r}")
         _usage(as_json)
         return
+    window = parse_duration(since, "--since")
     with errors():
-        s = audit.stats(open_store(create=False))
+        store = open_store(create=False)
+        s = audit.stats(store)
+        start = time.time() - window
+        summary = usage.summarize(usage.read(store.backend, since=start), start)
+    if prometheus:
+        from casstore.prometheus import exposition
+
+        # Written as it is: no console may rewrite a byte of the exposition format.
+        sys.stdout.write(exposition(str(store.root), s, summary, since.strip()))
+        return
     if as_json:
         emit_json(
             {
                 **dataclasses.asdict(s),
                 "dedup_ratio": s.dedup_ratio,
                 "compression_ratio": s.compression_ratio,
+                "usage": {
+                    "since": iso_time(start),
+                    "loads": summary.loads,
+                    "restores": summary.restores,
+                    "hit_rate": summary.hit_rate,
+                    "files_restored": summary.files_restored,
+                    "bytes_served": summary.bytes_served,
+                    "saves": summary.saves,
+                    "bytes_saved": summary.bytes_saved,
+                    "models": summary.models,
+                },
             }
         )
         return
@@ -427,6 +481,19 @@ def stats(
     out.print(f"unique         {mib(s.unique_bytes)} (distinct chunk bytes)")
     out.print(f"logical        {mib(s.logical_bytes)} (what loads write)")
     out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
+    loads = summary.loads
+    rate = f", hit rate {summary.hit_rate:.0%}" if summary.hit_rate is not None else ""
+    out.print(f"since {local_time(start)} ({duration_text(window)}):")
+    out.print(
+        f"  loads        {summary.restores}: {loads[usage.LOAD_COMPLETE]} complete, "
+        f"{loads[usage.LOAD_PARTIAL]} partial, {loads[usage.LOAD_MISS]} missed{rate}"
+    )
+    out.print(f"  served       {mib(summary.bytes_served)} in {summary.files_restored} files")
+    out.print(
+        f"  saves        {sum(summary.saves.values())}: {summary.saves[usage.SAVE_SAVED]} "
+        f"saved, {summary.saves[usage.SAVE_UNCHANGED]} unchanged; "
+        f"{mib(summary.bytes_saved)} new"
+    )
 
 
 def du(
