@@ -62,7 +62,7 @@ class _Tree:
 _TRANSIENT = re.compile(r"(^|/)\.[^/]*\.tmp$|\.lock$|(^|/)\.tmp-[^/]*$")
 
 
-def _is_transient(rel: str) -> bool:
+def is_transient(rel: str) -> bool:
     return _TRANSIENT.search(rel) is not None
 
 
@@ -138,7 +138,7 @@ def save_tree(
     settings: Settings,
     path: Path,
     key: CacheKey,
-    exclude: Callable[[str], bool] = _is_transient,
+    exclude: Callable[[str], bool] = is_transient,
 ) -> SaveReport:
     """``store.save`` under the configured size cap and lock timeout."""
     return store.save(

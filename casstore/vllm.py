@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from casstore.compile_cache import (
     OperationStatus,
-    _is_transient,
+    is_transient,
     load_status,
     open_store,
     save_tree,
@@ -123,7 +123,7 @@ def _shared(rel: str) -> bool:
 def _excluded(rel: str) -> bool:
     """What a save leaves out: everything outside the shared subtrees, and transient
     files (torch's ``.tmp``, lock files)."""
-    return not _shared(rel) or _is_transient(rel)
+    return not _shared(rel) or is_transient(rel)
 
 
 def snapshot(cache_root: Path) -> Snapshot:

@@ -14,7 +14,7 @@ import pytest
 from casstore import OperationStatus, Store, load_compile_cache, save_compile_cache
 from casstore import config as cfg
 from casstore import keys as keys_mod
-from casstore.compile_cache import _is_transient
+from casstore.compile_cache import is_transient
 from demo.replica import start_replica
 from tests.helpers import read_tree, temp_files, write_tree
 
@@ -161,8 +161,8 @@ def test_torch_transient_files_are_not_saved(tmp_path: Path) -> None:
     save_compile_cache(cache_dir=a, root=tmp_path / "store")
     load_compile_cache(cache_dir=tmp_path / "B", root=tmp_path / "store")
     assert list(read_tree(tmp_path / "B")) == ["fxgraph/x"]
-    assert _is_transient("a/.1.2.tmp") and _is_transient("x.lock")
-    assert not _is_transient("fxgraph/ab.tmpl") and not _is_transient("lockfile")
+    assert is_transient("a/.1.2.tmp") and is_transient("x.lock")
+    assert not is_transient("fxgraph/ab.tmpl") and not is_transient("lockfile")
 
 
 def test_size_cap_from_env_is_an_error_before_upload(
