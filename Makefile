@@ -27,6 +27,7 @@ bench:
 	$(BIN)/python -m benchmarks.bench_compile
 	$(BIN)/python -m benchmarks.bench_gc
 	$(BIN)/python -m benchmarks.bench_load
+	$(BIN)/python -m benchmarks.bench_s3_clients
 
 demo:
 	$(BIN)/python -m demo.run_demo

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from casstore.backends.base import Backend
-from casstore.errors import CorruptObject, NotFound
+from casstore.errors import CannotRenew, CorruptObject, NotFound
 
 
 class BackendConformance:
@@ -52,10 +52,24 @@ class BackendConformance:
         backend.put_if_absent("chunks/000/a.zst", b"a")
         before = backend.stat("chunks/000/a.zst")
         assert before is not None
+        if not backend.renews_age:
+            # Never "present" without renewing: a backend that cannot renew says so.
+            with pytest.raises(CannotRenew):
+                backend.refresh("chunks/000/a.zst")
+            return
         time.sleep(0.02)
         assert backend.refresh("chunks/000/a.zst") is True
         after = backend.stat("chunks/000/a.zst")
         assert after is not None and after.mtime > before.mtime
+
+    def test_republish_renews_age_with_the_same_bytes(self, backend: Backend) -> None:
+        backend.put_if_absent("access/k", b"")
+        before = backend.stat("access/k")
+        assert before is not None
+        time.sleep(1.1)  # object stores date objects to the second
+        backend.republish("access/k", b"")
+        after = backend.stat("access/k")
+        assert after is not None and after.mtime > before.mtime and backend.get("access/k") == b""
 
     def test_delete(self, backend: Backend) -> None:
         backend.put_if_absent("d/x", b"1")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from casstore import Store, keys
-from tests.seaweed import two_hosts, wait_visible
+from tests.seaweed import create_bucket, s3_gateway, two_hosts, wait_visible
 
 # Every test runs as on a host without a GPU, a GPU runner included (tests/cpu_host.py).
 # Set at import, before test modules are collected: some compute a key at module level.
@@ -46,3 +46,31 @@ def shared_dirs(hosts: tuple[Path, Path], request: pytest.FixtureRequest) -> tup
     a.mkdir()
     wait_visible(b)
     return a, b
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SeaweedFS S3 gateway with one bucket, ``casstore``, one per test session (per
+    xdist worker). One bucket for all: the gateway gives every bucket volumes of its own,
+    and runs out of them after a few dozen buckets."""
+    with s3_gateway(tmp_path_factory.mktemp("seaweedfs-s3")) as endpoint:
+        create_bucket(endpoint, S3_BUCKET)
+        yield endpoint
+
+
+S3_BUCKET = "casstore"
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3://casstore/<a fresh prefix>``, with the AWS variables pointing at the gateway
+    (for this process and the children it starts)."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "casstore-test",
+        "AWS_SECRET_ACCESS_KEY": "casstore-test-secret",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return f"s3://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}"

@@ -100,6 +100,8 @@ class SeaweedFS:
     mounts: list[Path] = field(default_factory=list)
     filer: str = ""
     filer_grpc: int = 0
+    s3: bool = False  # also serve the S3 gateway
+    s3_endpoint: str = ""  # http://127.0.0.1:PORT when s3
 
     def start(self, attempts: int = 5) -> None:
         for attempt in range(1, attempts + 1):
@@ -112,8 +114,8 @@ class SeaweedFS:
     def _start_server(self) -> bool:
         """Start ``weed server`` on fresh ports. True once it answers and holds every one of
         its ports itself; False if it exited (e.g. a port was taken meanwhile)."""
-        ports = _free_ports(6)
-        master, volume, filer, mg, vg, fg = ports
+        ports = _free_ports(8 if self.s3 else 6)
+        master, volume, filer, mg, vg, fg = ports[:6]
         data = self.workdir / "data"
         shutil.rmtree(data, ignore_errors=True)  # nothing of a failed try's state
         data.mkdir(parents=True)
@@ -136,8 +138,22 @@ class SeaweedFS:
                 f"-filer.port.grpc={fg}",
                 "-volume.max=50",
                 "-master.volumeSizeLimitMB=256",
+                # The gateway's side servers (Iceberg, Lance) default to fixed ports: off.
+                *(
+                    [
+                        "-s3",
+                        f"-s3.port={ports[6]}",
+                        f"-s3.port.grpc={ports[7]}",
+                        "-s3.port.iceberg=0",
+                        "-s3.port.lance=0",
+                    ]
+                    if self.s3
+                    else []
+                ),
             ],
         )
+        if self.s3:
+            self.s3_endpoint = f"http://127.0.0.1:{ports[6]}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -146,6 +162,8 @@ class SeaweedFS:
             if _listens_on_all(proc.pid, ports):
                 try:
                     urllib.request.urlopen(f"http://{self.filer}/", timeout=2).read()
+                    if self.s3:
+                        urllib.request.urlopen(self.s3_endpoint, timeout=2).read()
                     return True
                 except OSError:
                     pass
@@ -223,3 +241,20 @@ def wait_visible(path: Path, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not become visible")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def s3_gateway(workdir: Path) -> Iterator[str]:
+    """A fresh SeaweedFS serving its S3 gateway on loopback: yields the endpoint URL."""
+    fs = SeaweedFS(workdir, s3=True)
+    try:
+        fs.start()
+        yield fs.s3_endpoint
+    finally:
+        fs.stop()
+
+
+def create_bucket(endpoint: str, name: str) -> None:
+    """Buckets of this gateway are created with a plain PUT."""
+    request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
+    urllib.request.urlopen(request, timeout=10).read()

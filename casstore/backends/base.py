@@ -30,6 +30,11 @@ class ObjectInfo:
 class Backend(abc.ABC):
     """An object store for casstore. Implementations must be thread-safe."""
 
+    #: Whether :meth:`refresh` renews an object's age in place (a filesystem's utime).
+    #: Object stores cannot: savers protect the chunks they reuse with an intent object
+    #: instead, and gc honours intents (docs/gc.md).
+    renews_age: bool = True
+
     @abc.abstractmethod
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes. Raises :class:`casstore.NotFound` when absent, and
