@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from casstore.config import Settings
+    from casstore.config import Settings, StoreRoot
     from casstore.keys import CacheKey
     from casstore.store import LoadReport, SaveReport, Store
 
@@ -133,6 +133,33 @@ def open_store(
     )
 
 
+def no_store_yet(root: StoreRoot) -> bool:
+    """Whether ``root`` is where a first save would start a store: a missing or empty
+    directory (lost+found and temp files aside), or an empty bucket prefix. A bucket that
+    cannot be reached raises."""
+    if isinstance(root, str):
+        from casstore.backends.s3 import S3Backend
+
+        backend = S3Backend(root)
+        backend.check()
+        return not any(True for _ in backend.list(""))
+    from casstore.backends.fs import FileSystemBackend
+
+    return not root.exists() or (root.is_dir() and not FileSystemBackend(root).holds_other_files())
+
+
+def save_slot_dir(root: StoreRoot) -> Path:
+    """Where the ``MAX_CONCURRENT_SAVES`` slots of ``root`` are: its locks/ directory, or
+    for an object store (which has no locks) a directory of this host's, per store."""
+    if isinstance(root, Path):
+        return root / "locks"
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "casstore-save-slots" / digest
+
+
 def save_tree(
     store: Store,
     settings: Settings,
@@ -204,14 +231,10 @@ def load_compile_cache(
             store = open_store(settings, create=False)
         except StoreUnavailable:
             # No store yet, where a save would start one (a missing directory, or one
-            # holding nothing but lost+found and temp files): nothing saved. The rule is
-            # the store's own, so load and save agree on what is not a store.
-            from casstore.backends.fs import FileSystemBackend
-
-            fresh = not settings.root.exists() or (
-                settings.root.is_dir() and not FileSystemBackend(settings.root).holds_other_files()
-            )
-            if not fresh:
+            # holding nothing but lost+found and temp files; an empty bucket prefix):
+            # nothing saved. The rule is the store's own, so load and save agree on what
+            # is not a store.
+            if not no_store_yet(settings.root):
                 raise
             log.info("no store at %s yet", settings.root)
             return OperationStatus.DOES_NOT_EXIST
@@ -286,9 +309,10 @@ def save_compile_cache(
             log.info("%s is missing or empty; nothing to save", main.path)
             return OperationStatus.SKIPPED
         store = open_store(settings, create=True, for_save=True)
-        lock_dir = settings.root / "locks"
         with save_slot(
-            lock_dir, settings.max_concurrent_saves, settings.lock_timeout_seconds
+            save_slot_dir(settings.root),
+            settings.max_concurrent_saves,
+            settings.lock_timeout_seconds,
         ) as held:
             if not held:
                 log.warning(

@@ -3,8 +3,9 @@
 The variables and defaults of b10-transfer are accepted with the same meaning, so a
 deployment configured for it works unchanged. An invalid value never fails: it is logged
 once, naming the variable and the fallback used. The one exception is a store root that is
-a URL (``s3://…``): no fallback would store where the operator meant, so it is an error
-(:class:`UnsupportedRoot`). See docs/compile-cache.md.
+a URL of a kind casstore does not store to (anything but ``s3://``): no fallback would
+store where the operator meant, so it is an error (:class:`UnsupportedRoot`). See
+docs/compile-cache.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casstore import constants
-from casstore.errors import UnsupportedRoot
+from casstore.errors import StoreUnavailable, UnsupportedRoot
 
 log = logging.getLogger("casstore")
 
@@ -37,22 +38,42 @@ STRICT_WORK_DIR_PREFIXES = ("/app/", "/tmp/", "/cache/")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+#: A store root: a directory, or an ``s3://BUCKET/PREFIX`` URL (kept as a string).
+StoreRoot = Path | str
+
+
 def check_root(raw: str | os.PathLike[str], variable: str | None = None) -> None:
     """Raise :class:`UnsupportedRoot` when ``raw`` (read from ``variable``, if named) is a
-    URL: casstore stores only on a mounted filesystem. Call it on the raw value, before it
-    becomes a Path."""
+    URL casstore cannot store to (anything but a well-formed ``s3://BUCKET[/PREFIX]``).
+    Call it on the raw value, before it becomes a Path."""
+    from casstore.backends.s3 import SCHEME, parse_url
+
+    text = os.fspath(raw)
+    if not (isinstance(text, str) and _URL_RE.match(text)):
+        return
+    source = f" (from ${variable})" if variable else ""
+    if not text.startswith(SCHEME):
+        raise UnsupportedRoot(
+            f"store root {text}{source} is a URL casstore cannot store to; give a "
+            "filesystem path or an s3://BUCKET/PREFIX URL (any S3-compatible service)"
+        )
+    try:
+        parse_url(text)
+    except StoreUnavailable as e:
+        raise UnsupportedRoot(f"store root {text}{source}: {e}") from None
+
+
+def is_url(root: StoreRoot) -> bool:
+    return isinstance(root, str)
+
+
+def root_path(raw: str | os.PathLike[str], variable: str | None = None) -> StoreRoot:
+    """``raw`` as a store root: a path (``~`` expanded), or an ``s3://`` URL as it is;
+    another URL is an error."""
+    check_root(raw, variable)
     text = os.fspath(raw)
     if isinstance(text, str) and _URL_RE.match(text):
-        source = f" (from ${variable})" if variable else ""
-        raise UnsupportedRoot(
-            f"store root {text}{source} is a URL; casstore stores only on a mounted "
-            "filesystem (mount the bucket and give its path)"
-        )
-
-
-def root_path(raw: str | os.PathLike[str], variable: str | None = None) -> Path:
-    """``raw`` as a store root path (``~`` expanded); a URL is an error."""
-    check_root(raw, variable)
+        return text.rstrip("/")
     return Path(raw).expanduser()
 
 
@@ -67,7 +88,7 @@ class RootChoice:
     """A store root and where it came from: ``argument``, ``CASSTORE_ROOT``,
     ``B10FS_CACHE_DIR``, ``scope volume`` or ``local fallback``."""
 
-    path: Path
+    path: StoreRoot
     source: str
     scope: str
     mount: str  # the scope's volume, mounted or not
@@ -116,7 +137,7 @@ def choose_root(
     return RootChoice(fallback, ROOT_LOCAL_FALLBACK, scope, mount)
 
 
-def default_root(scope: str = ORG_SCOPE) -> Path:
+def default_root(scope: str = ORG_SCOPE) -> StoreRoot:
     """The store root :func:`choose_root` picks when no root is given."""
     return choose_root(scope=scope).path
 
@@ -195,7 +216,7 @@ INCOMPLETE_TIMEOUT_CAP_SECONDS = 24 * 3600
 
 @dataclass(frozen=True)
 class Settings:
-    root: Path
+    root: StoreRoot
     cache_dir: Path
     triton_cache_dir: Path | None  # only when set apart from the inductor cache dir
     local_work_dir: Path

@@ -54,7 +54,7 @@ class StoreUnavailable(CasstoreError, OSError):
 
 
 class UnsupportedRoot(StoreUnavailable):
-    """The store root is a URL (``s3://…``): casstore stores only on a mounted filesystem."""
+    """The store root is a URL casstore cannot store to (anything but ``s3://``)."""
 
 
 class InvalidKey(CasstoreError, ValueError):

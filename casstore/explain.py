@@ -167,7 +167,7 @@ class Explanation:
     trees: list[TreeReport]
 
 
-def _open(path: Path) -> Store | None:
+def _open(path: config.StoreRoot) -> Store | None:
     from casstore.errors import StoreUnavailable
     from casstore.store import Store
 

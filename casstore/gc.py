@@ -26,7 +26,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from casstore import manifest as mf
 from casstore.backends.base import ObjectInfo
 from casstore.backends.fs import FileSystemBackend
 from casstore.errors import CannotRenew, CasstoreError, UnsupportedManifest
+from casstore.intents import Active
+from casstore.intents import active as active_intents
 from casstore.keys import CacheKey
 from casstore.locks import exclusive_unless_busy, remove_if_unheld
 from casstore.store import Store, StoredManifest
@@ -81,6 +83,7 @@ class KeyState:
     chunks: frozenset[bytes]  # digests referenced by the merged view
     logical_bytes: int
     signers: frozenset[bytes | None] = frozenset()  # who signed its manifests (None: unsigned)
+    marker_tag: str | None = None  # the marker's ETag, on an object store (whole seconds)
     # Whether a key gc was told to trust (--trusted-keys) signed one of its manifests;
     # True when gc was given no trusted keys.
     trusted: bool = True
@@ -129,6 +132,16 @@ class Plan:
     grace_kept_bytes: int = 0
     # Kept keys with several manifests that gc may not merge, and why (signatures).
     uncompacted: tuple[tuple[str, str], ...] = ()
+    # Object stores: the store's own clock when planned (objects are dated by it, not by
+    # this host), and this host's monotonic clock then, to tell the store's time later.
+    store_clock: float | None = None
+    planned_at: float = 0.0
+
+    def store_now(self) -> float:
+        """The store's clock now (object stores), else this host's."""
+        if self.store_clock is None:
+            return time.time()
+        return self.store_clock + (time.monotonic() - self.planned_at)
 
     @property
     def cutoff(self) -> float:
@@ -193,10 +206,10 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _fs(store: Store) -> FileSystemBackend:
-    if not isinstance(store.backend, FileSystemBackend):
-        raise CasstoreError("gc needs a filesystem store")
-    return store.backend
+def _fs(store: Store) -> FileSystemBackend | None:
+    """The filesystem backend, or None for an object store (no temp files, no locks, no
+    renames: its sweep protects reused chunks with intents instead, intents.py)."""
+    return store.backend if isinstance(store.backend, FileSystemBackend) else None
 
 
 # --- plan ------------------------------------------------------------------------------
@@ -266,6 +279,7 @@ def _key_states(store: Store, listing: _Listing, now: float) -> tuple[list[KeySt
                 manifests=tuple(s.name for s in loaded),
                 last_used=min(last_used, now),
                 marker_mtime=marker.mtime if marker else None,
+                marker_tag=marker.tag if marker else None,
                 # Every manifest's chunks, shadowed entries too: if the newer manifest
                 # goes (quarantine, a crashed compaction), the older must still load.
                 chunks=frozenset(
@@ -384,7 +398,10 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         if a.restore or not a.due:
             live.update(a.chunks)
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
-    cutoff = now - policy.grace
+    # Chunk ages against the clock that dated them: the store's own, on an object store.
+    store_clock = _store_clock(store) if fs is None else None
+    planned_at = time.monotonic()
+    cutoff = (store_clock if store_clock is not None else now) - policy.grace
     unreferenced = [info for info, d in chunk_infos if d not in live]
     candidates = tuple((info.key, info.size) for info in unreferenced if info.mtime < cutoff)
     young = [info.size for info in unreferenced if info.mtime >= cutoff]
@@ -400,8 +417,12 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         compact=tuple(s for s in several if s.key_id not in refusals),
         uncompacted=tuple(sorted(refusals.items())),
         chunks=candidates,
-        temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)),
-        locks=tuple(_stale_locks(fs.root / constants.LOCKS_DIR, now - policy.lock_timeout)),
+        temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)) if fs else (),
+        locks=(
+            tuple(_stale_locks(fs.root / constants.LOCKS_DIR, now - policy.lock_timeout))
+            if fs
+            else ()
+        ),
         orphan_markers=tuple(
             info.key
             for info in store.backend.list(f"{constants.ACCESS_DIR}/")
@@ -413,6 +434,8 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         live_chunks=len(kept_live),
         live_bytes=sum(sizes.get(d, 0) for d in kept_live),
         sweep_blocked=blocked,
+        store_clock=store_clock,
+        planned_at=planned_at,
         grace_kept=len(young),
         grace_kept_bytes=sum(young),
     )
@@ -509,11 +532,16 @@ def execute(
     # 5. Sweep, through trash/.
     live = protected | {c.hex() for s in p.keys for c in s.chunks}
     live |= {c.hex() for a in p.set_aside if a.restore or not a.due for c in a.chunks}
-    report.trash_restored += _recover_trash(store, p.cutoff, live, report)
+    if fs is not None:
+        report.trash_restored += _recover_trash(store, p.cutoff, live, report)
+    else:
+        report.trash_restored += _recover_object_trash(store, p, live, report)
     if p.sweep_blocked:
         report.errors.append(p.sweep_blocked)
-    else:
+    elif fs is not None:
         _sweep(fs, p, protected, report, threads, progress)
+    else:
+        _sweep_object_store(store, p, protected, report, threads, progress)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
@@ -576,6 +604,126 @@ def _sweep(
     _remove_empty_dir(fs.root / run_trash)
 
 
+# Candidates an object-store sweep moves to trash before it looks at the intents again.
+OBJECT_SWEEP_BATCH = 256
+
+
+def _sweep_object_store(
+    store: Store,
+    p: Plan,
+    protected: set[str],
+    report: GcReport,
+    threads: int,
+    progress: ProgressCallback | None,
+) -> None:
+    """The sweep where objects cannot be renewed (intents.py): each batch of candidates is
+    moved to trash/, then the intents and the manifests published since planning are read
+    again, and every trashed chunk one of them lists goes back; the rest is deleted.
+
+    A saver publishes its intent before it looks for a chunk; this looks at the intents
+    after moving the chunk away. If the saver looked first, its intent is visible here and
+    the chunk goes back; if this moved first, the saver finds the chunk missing and
+    uploads it. Either way no manifest lists a chunk that is gone for good."""
+    backend = store.backend
+    run_trash = f"{constants.TRASH_DIR}/{trash_run_name(p.cutoff)}"
+    todo = [(k, size) for k, size in p.chunks if objects.digest_from_key(k) not in protected]
+    report.chunks_kept_late += len(p.chunks) - len(todo)
+    done = 0
+
+    def wanted(intents: Active, late: set[str], key: str) -> bool:
+        hexd = objects.digest_from_key(key)
+        return hexd is not None and (intents.protects(bytes.fromhex(hexd)) or hexd in late)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(todo), OBJECT_SWEEP_BATCH):
+            # Candidates a save announced or listed already are not even moved: the window
+            # in which a load finds one only in trash/ stays for races, which are rare.
+            intents = active_intents(backend, _intent_expiry(p))
+            late = _chunks_of_new_manifests(store, p.seen_manifests)
+            batch = []
+            for key, size in todo[start : start + OBJECT_SWEEP_BATCH]:
+                if wanted(intents, late, key):
+                    report.chunks_kept_late += 1
+                else:
+                    batch.append((key, size))
+
+            def to_trash(item: tuple[str, int]) -> tuple[str, int, str] | None:
+                key, size = item
+                trash_key = f"{run_trash}/{key.rsplit('/', 1)[-1]}"
+                return (key, size, trash_key) if backend.move(key, trash_key) else None
+
+            moved = [m for m in pool.map(to_trash, batch) if m is not None]
+            intents = active_intents(backend, _intent_expiry(p))
+            late = _chunks_of_new_manifests(store, p.seen_manifests)
+
+            def settle(
+                item: tuple[str, int, str],
+                intents: Active = intents,
+                late: set[str] = late,
+            ) -> str:
+                key, _size, trash_key = item
+                if wanted(intents, late, key):
+                    if not backend.move(trash_key, key):  # a saver uploaded it again
+                        backend.delete(trash_key)
+                    return "kept"
+                backend.delete(trash_key)
+                return "deleted"
+
+            for (_key, size, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
+                if outcome == "deleted":
+                    report.chunks_deleted += 1
+                    report.bytes_freed += size
+                else:
+                    report.chunks_kept_late += 1
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(todo))
+    # Intents older than the grace belong to saves that died (or were slower than the
+    # grace, and are unprotected anyway): withdraw them.
+    for name in active_intents(backend, _intent_expiry(p)).expired:
+        backend.delete(name)
+
+
+def _intent_expiry(p: Plan) -> float:
+    """Intents dated before this (the store's clock) are older than the grace: expired.
+    A second of slack: object stores date objects to the second."""
+    return p.store_now() - p.policy.grace - 1.0
+
+
+def _store_clock(store: Store) -> float:
+    """The object store's clock: the date it gives a probe object written now. Its
+    objects are dated by it, and this host's clock may differ by any amount."""
+    name = f"{constants.LOCKS_DIR}/gc-clock-{uuid.uuid4().hex}"
+    store.backend.put_if_absent(name, b"")
+    try:
+        info = store.backend.stat(name)
+    finally:
+        store.backend.delete(name)
+    return info.mtime if info is not None else time.time()
+
+
+def _recover_object_trash(store: Store, p: Plan, live: set[str], report: GcReport) -> int:
+    """Finish the sweeps of object-store gc runs that crashed between moving a chunk to
+    trash/ and settling it: a trashed chunk goes back when a live manifest or an intent
+    lists it, else it is deleted. Runs younger than 10 minutes may be another gc's."""
+    backend = store.backend
+    intents = active_intents(backend, _intent_expiry(p))
+    restored = 0
+    for info in list(backend.list(f"{constants.TRASH_DIR}/")):
+        if info.mtime >= p.store_now() - 600:
+            continue
+        hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
+        try:
+            wanted = hexd is not None and (hexd in live or intents.protects(bytes.fromhex(hexd)))
+            if wanted and hexd is not None and backend.move(info.key, objects.chunk_key(hexd)):
+                restored += 1
+                continue
+            backend.delete(info.key)
+        except (OSError, CasstoreError) as e:
+            report.errors.append(f"trash {info.key}: {e}")
+    return restored
+
+
 def _used_since_plan(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
     """Whether a replica saved (a manifest that was not there when gc planned) or loaded
     (the access marker changed) ``state``'s key since planning. Compares against what the
@@ -588,7 +736,8 @@ def _used_since_plan(store: Store, state: KeyState, seen: frozenset[str]) -> boo
     ):
         return True
     marker = store.backend.stat(Store.access_key(state.key_id))
-    return (marker.mtime if marker else None) != state.marker_mtime
+    now = (marker.mtime, marker.tag) if marker else (None, None)
+    return now != (state.marker_mtime, state.marker_tag)
 
 
 def _set_key_aside(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
@@ -715,7 +864,7 @@ def _recover_trash(store: Store, cutoff: float, live: set[str], report: GcReport
     cannot be removed (another gc finishing the same run) is skipped, never fatal."""
     fs = _fs(store)
     restored = 0
-    if not _real_dir(fs.root / constants.TRASH_DIR):
+    if fs is None or not _real_dir(fs.root / constants.TRASH_DIR):
         return 0
     try:
         runs = list(os.scandir(fs.root / constants.TRASH_DIR))
@@ -902,5 +1051,9 @@ def _remove_empty_dir(path: Path) -> None:
 def gc_lock(store: Store) -> AbstractContextManager[bool]:
     """Only one gc at a time per store: False when another gc holds the lock. Where the
     lock cannot be taken at all, True: a gc that silently never ran would let the store
-    fill up, and the lock only avoids duplicate work."""
-    return exclusive_unless_busy(_fs(store).root / constants.LOCKS_DIR / "gc.lock")
+    fill up, and the lock only avoids duplicate work. An object store has no locks: run
+    its gc from one place (docs/gc.md)."""
+    fs = _fs(store)
+    if fs is None:
+        return nullcontext(True)
+    return exclusive_unless_busy(fs.root / constants.LOCKS_DIR / "gc.lock")

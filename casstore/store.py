@@ -28,6 +28,7 @@ from casstore import chunking, constants, localfs, objects, usage
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
+from casstore.backends.s3 import is_s3_url
 from casstore.config import check_root
 from casstore.errors import (
     CacheTooLarge,
@@ -41,6 +42,7 @@ from casstore.errors import (
     StoreUnavailable,
     UnsafePath,
 )
+from casstore.intents import Intent
 from casstore.keys import CacheKey
 from casstore.locks import best_effort_lock
 from casstore.manifest import ChunkRef, FileEntry, Manifest
@@ -155,18 +157,28 @@ class Store:
         trusted: TrustedKeys | None = None,
         record_usage: bool = True,
     ) -> None:
+        self.root: Path | None = None  # the directory of a filesystem store
         if backend is None:
             if root is None:
                 raise TypeError("Store() needs a root path or a backend")
             check_root(root)  # before Path() turns "s3://b/x" into a local "s3:/b/x"
-            fs = FileSystemBackend(root, fsync=fsync)
-            if create:
-                fs.ensure_root()
-            elif not fs.root.is_dir():
-                raise StoreUnavailable(f"no store at {fs.root}")
-            backend = fs
+            if is_s3_url(os.fspath(root)):
+                from casstore.backends.s3 import S3Backend
+
+                s3 = S3Backend(os.fspath(root))
+                s3.check()  # a missing bucket or refused credentials: one clear error now
+                backend = s3
+            else:
+                fs = FileSystemBackend(root, fsync=fsync)
+                if create:
+                    fs.ensure_root()
+                elif not fs.root.is_dir():
+                    raise StoreUnavailable(f"no store at {fs.root}")
+                backend = fs
+                self.root = fs.root
+        elif isinstance(backend, FileSystemBackend):
+            self.root = backend.root
         self.backend = backend
-        self.root = Path(root) if root is not None else None
         self.threads = max(1, threads)
         self.signing_key = signing_key
         self.trusted = trusted
@@ -176,6 +188,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.backend.describe()})"
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as a user names it: its directory, or its ``s3://`` URL."""
+        return str(self.root) if self.root is not None else self.backend.describe()
 
     # --- layout ----------------------------------------------------------------------------
 
@@ -461,16 +478,25 @@ class Store:
             # Read the current view under the lock: a replica that waited for another's
             # upload of the same key then finds nothing left to do.
             current = self._current_view(key)
-            entries = self._upload(local, current, report, progress)
-            changed = [e for e in entries if current.get(e.path) != e]
-            report.changed_files = len(changed)
-            report.chunks = sum(len(e.chunks) for e in changed)
-            if changed:
-                # Every chunk of every listed file is present now: _upload returned only
-                # entries whose chunks were found or written (or renewed).
-                report.manifest = self._publish_manifest(key, changed)
-            if current:
-                self._relist_lost(key, entries, report)
+            # An object store cannot renew the chunks this save reuses: announce them
+            # before looking for any, so that gc gives back any it deletes (intents.py).
+            intent = None if self.backend.renews_age else Intent(self.backend)
+            try:
+                if intent is not None:
+                    intent.announce(_digests_of(local))
+                entries = self._upload(local, current, report, progress, intent)
+                changed = [e for e in entries if current.get(e.path) != e]
+                report.changed_files = len(changed)
+                report.chunks = sum(len(e.chunks) for e in changed)
+                if changed:
+                    # Every chunk of every listed file is present now: _upload returned
+                    # only entries whose chunks were found or written (or renewed).
+                    report.manifest = self._publish_manifest(key, changed)
+                if current:
+                    self._relist_lost(key, entries, report)
+            finally:
+                if intent is not None:
+                    intent.close()
         report.seconds = time.monotonic() - started
         if self.record_usage:
             usage.record(
@@ -543,7 +569,10 @@ class Store:
             try:
                 found = self.backend.refresh(marker)
             except CannotRenew:
-                self.backend.republish(marker, b"")
+                # New bytes where times are whole seconds (object stores): gc tells a use
+                # during its run by the marker's ETag changing.
+                content = b"" if self.backend.renews_age else str(time.time_ns()).encode()
+                self.backend.republish(marker, content)
                 found = True
             if not found:
                 self.backend.put_if_absent(marker, b"")
@@ -604,12 +633,26 @@ class Store:
         entry = FileEntry(f.rel, before.st_size, f.mode, whole.digest(), tuple(refs))
         return old if old == entry else entry
 
+    def _refresh_chunk(self, key: str, data: memoryview, ref: ChunkRef, trusted: bool) -> bool:
+        """Whether the chunk is present, renewing its age for gc's grace (refresh())."""
+        try:
+            return self.backend.refresh(key)
+        except CannotRenew:
+            # Another user's object this user cannot touch: a fresh copy of the same
+            # bytes gets a new age. If even that is refused, the save fails here,
+            # before any manifest lists a chunk that gc could sweep.
+            if not trusted and chunking.digest(data) != ref.digest:
+                raise _ChunkListMismatch(ref.digest.hex()) from None
+            self._republish(key, objects.encode_chunk(data))
+            return True
+
     def _upload(
         self,
         local: list[localfs.LocalFile],
         current: dict[str, FileEntry],
         report: SaveReport,
         progress: ProgressCallback | None,
+        intent: Intent | None = None,
     ) -> list[FileEntry]:
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
@@ -622,17 +665,13 @@ class Store:
             if ref.digest in present:
                 return
             key = objects.chunk_key(ref.digest)
-            # refresh() both checks presence and renews the chunk's age for gc's grace.
-            try:
-                found = self.backend.refresh(key)
-            except CannotRenew:
-                # Another user's object this user cannot touch: a fresh copy of the same
-                # bytes gets a new age. If even that is refused, the save fails here,
-                # before any manifest lists a chunk that gc could sweep.
-                if not trusted and chunking.digest(data) != ref.digest:
-                    raise _ChunkListMismatch(ref.digest.hex()) from None
-                self._republish(key, objects.encode_chunk(data))
-                found = True
+            if intent is not None:
+                # Announced before looking (a file changed since the first pass, say).
+                if not intent.covers(ref.digest):
+                    intent.announce([ref.digest])
+                found = self.backend.stat(key) is not None
+            else:
+                found = self._refresh_chunk(key, data, ref, trusted)
             if not found:
                 if not trusted and chunking.digest(data) != ref.digest:
                     raise _ChunkListMismatch(ref.digest.hex())
@@ -763,6 +802,7 @@ class Store:
             raise StoreUnavailable(f"destination {dest} is not a directory")
         counter = _Counter(total, progress)
         stats_lock = threading.Lock()
+        trash = _Trash(self.backend)
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
         groups: dict[str, _Group] = {}
@@ -828,7 +868,9 @@ class Store:
             def stage(entry: FileEntry, publish: bool) -> tuple[_Staged | None, str, int]:
                 """(staged file, outcome, bytes fetched); ``publish``: rename it at once."""
                 try:
-                    staged, fetched = self._stage_file(dest_str, entry, chunk_pool, made_dirs)
+                    staged, fetched = self._stage_file(
+                        dest_str, entry, chunk_pool, made_dirs, trash
+                    )
                     if staged is None:
                         return None, "missing", fetched
                     return staged, staged.publish() if publish else "staged", fetched
@@ -912,7 +954,12 @@ class Store:
         return report
 
     def _stage_file(
-        self, dest: str, entry: FileEntry, chunk_pool: ThreadPoolExecutor, made_dirs: set[str]
+        self,
+        dest: str,
+        entry: FileEntry,
+        chunk_pool: ThreadPoolExecutor,
+        made_dirs: set[str],
+        trash: _Trash,
     ) -> tuple[_Staged | None, int]:
         """Fetch and verify ``entry`` into a temp file beside its target, or find the target
         already in place with identical bytes. ``(None, bytes fetched)`` when a chunk is
@@ -944,9 +991,15 @@ class Store:
                 os.ftruncate(fd, entry.size)
 
             def fetch(ref: ChunkRef, offset: int) -> int:
-                blob = self.backend.get(
-                    objects.chunk_key(ref.digest), max_bytes=constants.MAX_CHUNK_OBJECT_BYTES
-                )
+                try:
+                    blob = self.backend.get(
+                        objects.chunk_key(ref.digest), max_bytes=constants.MAX_CHUNK_OBJECT_BYTES
+                    )
+                except NotFound:
+                    # gc may be sweeping it this very moment, about to give it back to a
+                    # save that just listed it: its copy in trash/ has the same bytes
+                    # (verified below like any other).
+                    blob = trash.get(ref.digest)
                 data = objects.decode_chunk(blob, ref.digest, ref.size)
                 view = memoryview(data)
                 while view:
@@ -971,6 +1024,29 @@ class Store:
             if not complete:
                 _unlink_quietly(tmp)
         return _Staged(target, tmp, mode), fetched
+
+
+class _Trash:
+    """Chunks gc moved to trash/ and has not settled yet, looked up by digest: listed once
+    per load, on its first missing chunk (a load that finds every chunk never lists)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._index: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> bytes:
+        with self._lock:
+            if self._index is None:
+                self._index = {}
+                for info in self._backend.list(f"{constants.TRASH_DIR}/"):
+                    hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
+                    if hexd is not None:
+                        self._index[hexd] = info.key
+            name = self._index.get(digest.hex())
+        if name is None:
+            raise NotFound(f"no object {objects.chunk_key(digest)}")
+        return self._backend.get(name, max_bytes=constants.MAX_CHUNK_OBJECT_BYTES)
 
 
 @dataclass
@@ -1097,3 +1173,22 @@ def shown(name: str) -> str:
     from listings anyone who can write the store controls; a newline in one must not
     forge a line of the log."""
     return name if name.isprintable() else ascii(name)
+
+
+def _digests_of(local: list[localfs.LocalFile]) -> set[bytes]:
+    """The chunk digests of the files, as a save will cut them: the first pass of a save
+    to an object store, which announces them before looking for any (cheap: cutting and
+    hashing run at GB/s; files changed since are announced one chunk at a time)."""
+    found: set[bytes] = set()
+    for f in local:
+        if f.size >= constants.STREAM_MIN_FILE_SIZE:
+            try:
+                with open(f.path, "rb", buffering=0) as stream:
+                    found.update(digest for digest, _ in chunking.cut_stream(stream))
+            except OSError:
+                continue
+        else:
+            data = localfs.read_stable(f)
+            if data is not None:
+                found.update(c.digest for c in chunking.cut(memoryview(data)))
+    return found

@@ -44,12 +44,13 @@ from casstore.compile_cache import (
     OperationStatus,
     is_transient,
     load_status,
+    no_store_yet,
     open_store,
     save_tree,
 )
 
 if TYPE_CHECKING:
-    from casstore.config import Settings
+    from casstore.config import Settings, StoreRoot
     from casstore.keys import CacheKey
 
 log = logging.getLogger("casstore")
@@ -92,7 +93,7 @@ class SidecarOptions:
     retry_max: float = 300.0  # the longest wait before retrying a failed save
     pid: int | None = None  # exit when this process exits
     model: str | None = None
-    root: Path | None = None  # store root (default: as the model.py calls)
+    root: StoreRoot | None = None  # store root (default: as the model.py calls)
     scope: str | None = None
     signing_key: str | None = None  # default: $CASSTORE_SIGNING_KEY, as the model.py calls
     trusted_keys: str | None = None  # default: $CASSTORE_TRUSTED_KEYS
@@ -207,6 +208,10 @@ class Sidecar:
                 log_miss(store, key, "vllm")
                 return OperationStatus.DOES_NOT_EXIST
             except StoreUnavailable as e:
+                # No store yet (where a first save would start one) is nothing to restore;
+                # a store that cannot be reached (a missing bucket, say) is an error.
+                if not no_store_yet(settings.root):
+                    raise
                 log.info("vllm: nothing to restore (%s)", e)
                 return OperationStatus.DOES_NOT_EXIST
             except CacheTooLarge as e:

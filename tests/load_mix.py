@@ -32,7 +32,7 @@ class MixResult:
 
 
 def run_mix(
-    roots: list[Path],
+    roots: list[Path] | list[str],
     work: Path,
     seconds: float,
     *,

@@ -250,7 +250,8 @@ def test_undeterminable_gpu_arch_is_a_one_line_error(
 
 @pytest.mark.parametrize("via", ["--root", "CASSTORE_ROOT", "B10FS_CACHE_DIR"])
 def test_url_root_is_a_usage_error(tmp_path: Path, via: str) -> None:
-    url = "s3://bucket/cas"
+    """A URL casstore cannot store to (only s3:// is one it can)."""
+    url = "gs://bucket/cas"
     env = {k: v for k, v in os.environ.items() if k not in ("CASSTORE_ROOT", "B10FS_CACHE_DIR")}
     args = ["--root", url] if via == "--root" else []
     if via != "--root":
@@ -266,7 +267,7 @@ def test_url_root_is_a_usage_error(tmp_path: Path, via: str) -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error:") and url in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "s3:").exists()
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_load_max_size_refuses_an_oversized_key_before_writing(

@@ -456,11 +456,12 @@ def test_undeterminable_gpu_arch_is_an_error_everywhere(
 def test_url_roots_are_errors_and_create_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via: str
 ) -> None:
-    """``s3://bucket/x`` is not a path: Path() would make it the local directory ``s3:``."""
+    """``gs://bucket/x`` is not a path (Path() would make it the local directory ``gs:``)
+    nor a store casstore can reach (only ``s3://`` is)."""
     from casstore.errors import StoreUnavailable, UnsupportedRoot
     from casstore.vllm import Sidecar, SidecarOptions
 
-    url = "s3://bucket/cas"
+    url = "gs://bucket/cas"
     monkeypatch.chdir(tmp_path)
     fake_cache(tmp_path / "A")
     root: str | None = url if via == "argument" else None
@@ -472,9 +473,9 @@ def test_url_roots_are_errors_and_create_nothing(
     if root is None:
         assert sidecar.restore() is OperationStatus.ERROR
         assert sidecar.save() is OperationStatus.ERROR
-    with pytest.raises(UnsupportedRoot, match="s3://bucket/cas"):
+    with pytest.raises(UnsupportedRoot, match="gs://bucket/cas"):
         cfg.read_settings(root=root)
-    with pytest.raises(StoreUnavailable, match="s3://bucket/cas"):
+    with pytest.raises(StoreUnavailable, match="gs://bucket/cas"):
         Store(url)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "tmpdir"]
 

@@ -25,6 +25,9 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch: last publish or refresh
+    # What tells two versions of an object apart where mtime cannot (an object store's
+    # times are whole seconds): its ETag. None on a filesystem (nanosecond mtimes).
+    tag: str | None = None
 
 
 class Backend(abc.ABC):

@@ -235,7 +235,9 @@ class S3Backend(Backend):
             return None
         except Exception as e:
             raise self._fail(e, f"stat {key}") from e
-        return ObjectInfo(key, int(meta["size"]), meta["last_modified"].timestamp())
+        return ObjectInfo(
+            key, int(meta["size"]), meta["last_modified"].timestamp(), meta.get("e_tag")
+        )
 
     def delete(self, key: str) -> bool:
         import obstore
@@ -261,7 +263,12 @@ class S3Backend(Backend):
                     path = str(meta["path"])
                     if base and not path.startswith(base + "/"):
                         continue  # obstore prefixes match whole segments; be exact
-                    yield ObjectInfo(path, int(meta["size"]), meta["last_modified"].timestamp())
+                    yield ObjectInfo(
+                        path,
+                        int(meta["size"]),
+                        meta["last_modified"].timestamp(),
+                        meta.get("e_tag"),
+                    )
         except Exception as e:
             raise self._fail(e, f"list {prefix or '/'}") from e
 

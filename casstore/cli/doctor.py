@@ -145,6 +145,50 @@ def _open(found: Diagnosis, path: Path) -> Store | None:
     return store
 
 
+def _open_object_store(found: Diagnosis, url: str) -> Store | None:
+    """The store at ``url``, or None; sets ``found.store``, and probes create, renew
+    (republish: object stores cannot renew in place) and delete with a real object."""
+    from casstore.backends.s3 import S3Backend
+
+    try:
+        backend = S3Backend(url)
+        backend.check()
+    except (CasstoreError, OSError) as e:
+        found.problems.append(str(e))
+        return None
+    store: Store | None = None
+    try:
+        store = Store(url, threads=found.threads, create=False)
+        found.store = STORE_OK
+    except StoreUnavailable:
+        empty = not any(True for _ in backend.list(""))
+        found.store = STORE_EMPTY if empty else STORE_FOREIGN
+        if not empty:
+            found.problems.append(
+                f"{url} is not a casstore (no {constants.LAYOUT_FILE}) and holds other "
+                "objects; point the store root at a new or empty prefix"
+            )
+    except (CasstoreError, OSError) as e:
+        found.problems.append(f"store {url} cannot be used: {e}")
+        return None
+    name = f"{constants.LOCKS_DIR}/doctor-{uuid.uuid4().hex}"
+    steps: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("create", lambda: backend.put_if_absent(name, b"")),
+        ("renew", lambda: backend.republish(name, b"")),
+        ("delete", lambda: backend.delete(name)),
+    )
+    for step, action in steps:
+        try:
+            action()
+            found.permissions[step] = True
+        except (CasstoreError, OSError) as e:
+            found.permissions[step] = False
+            found.problems.append(f"cannot {step} objects in {url}: {e}")
+            break
+    found.primitive = "conditional put (If-None-Match)" if found.permissions["create"] else None
+    return store
+
+
 def _probe(found: Diagnosis, path: Path) -> None:
     """Create, renew and delete a probe object where the store puts its objects."""
     if found.store == STORE_MISSING:
@@ -254,9 +298,12 @@ def diagnose(model: str | None) -> Diagnosis:
             "or set CASSTORE_ROOT)"
         )
     settings = config.read_settings(root=path, scope=choice.scope)
-    store = _open(found, path)
-    _probe(found, path)
-    _space(found, path, settings.max_cache_size_mb * 2**20)
+    if isinstance(path, str):
+        store = _open_object_store(found, path)
+    else:
+        store = _open(found, path)
+        _probe(found, path)
+        _space(found, path, settings.max_cache_size_mb * 2**20)
     trusted = _trust(found)
     if store is not None:
         store.trusted = trusted

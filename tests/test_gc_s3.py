@@ -1,0 +1,164 @@
+"""gc on a real S3 gateway (SeaweedFS), where objects cannot be renamed atomically nor
+renewed: sweeps through trash/ settled against the savers' intents."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from casstore import CacheKey, Store, objects
+from casstore import gc as gc_mod
+from casstore.intents import Intent
+from tests.helpers import read_tree, write_tree
+from tests.load_mix import run_mix
+from tests.stress_worker import seed_aged_garbage
+from tests.test_gc_stress import assert_every_save_loads
+
+KEEP = CacheKey(torch="t", arch="a", model="keep")
+GONE = CacheKey(torch="t", arch="a", model="gone")
+
+
+def two_keys(root: str, tmp_path: Path) -> tuple[Store, dict[str, bytes], bytes]:
+    """KEEP and GONE share one file; GONE's own file becomes garbage once it is removed.
+    Returns the store, KEEP's files and the digest of GONE's own chunk."""
+    shared = os.urandom(3000)
+    keep = {"shared.py": shared, "keep.py": os.urandom(3000)}
+    write_tree(tmp_path / "keep", keep)
+    write_tree(tmp_path / "gone", {"shared.py": shared, "gone.py": os.urandom(3000)})
+    store = Store(root)
+    store.save(tmp_path / "keep", KEEP)
+    store.save(tmp_path / "gone", GONE)
+    garbage = store.files(GONE)["gone.py"].chunks[0].digest
+    gc_mod.remove_key(store, GONE)
+    time.sleep(1.1)  # object stores date objects to the second: let grace 0 see them old
+    return store, keep, garbage
+
+
+def present(store: Store, digest: bytes) -> bool:
+    return store.backend.stat(objects.chunk_key(digest)) is not None
+
+
+def test_gc_sweeps_garbage_and_keeps_live_chunks(s3_url: str, tmp_path: Path) -> None:
+    store, keep, garbage = two_keys(s3_url, tmp_path)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert report.errors == [] and report.chunks_deleted == 1
+    assert not present(store, garbage)
+    assert Store(s3_url, create=False).load(KEEP, tmp_path / "out").missing == []
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "out").items()} == keep
+    assert list(store.backend.list("trash/")) == []
+
+
+def test_a_saver_that_looked_first_gets_its_chunk_back(s3_url: str, tmp_path: Path) -> None:
+    """A save announced the garbage chunk and found it present before gc moved it away:
+    gc reads the intent after the move and gives the chunk back."""
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    intent = Intent(store.backend)
+    intent.announce([garbage])
+    assert present(store, garbage)  # what the saver saw
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert report.chunks_deleted == 0 and report.chunks_kept_late >= 1
+    assert present(store, garbage)
+    intent.close()
+    time.sleep(1.1)  # given back means written anew: it ages from now
+    again = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert again.chunks_deleted == 1 and not present(store, garbage)
+
+
+def test_intents_of_dead_saves_expire_after_the_grace(s3_url: str, tmp_path: Path) -> None:
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    Intent(store.backend).announce([garbage])  # a saver that died: never withdrawn
+    kept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
+    assert kept.chunks_deleted == 0 and list(store.backend.list("intents/"))
+    time.sleep(1.1)
+    swept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert swept.chunks_deleted == 1 and list(store.backend.list("intents/")) == []
+
+
+def test_a_set_aside_copied_but_not_deleted_is_whole_again(s3_url: str, tmp_path: Path) -> None:
+    """S3 has no rename: gc's move is a copy then a delete. A crash in between leaves the
+    manifest under both names; the next run keeps the key and drops the copy."""
+    store, _keep, _garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    (name,) = [i.key for i in backend.list(f"manifests/{KEEP.id}/")]
+    copy = gc_mod.dropped_name(name, time.time())
+    backend.put_if_absent(copy, backend.get(name))
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert report.keys_restored == 1 and backend.stat(copy) is None
+    assert Store(s3_url, create=False).load(KEEP, tmp_path / "out").missing == []
+
+
+def test_a_crashed_sweep_is_finished_by_the_next_run(s3_url: str, tmp_path: Path) -> None:
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    live = store.files(KEEP)["keep.py"].chunks[0].digest
+    run = "trash/20260101T000000-c0-deadbeef"
+    for digest in (live, garbage):
+        key = objects.chunk_key(digest)
+        assert backend.move(key, f"{run}/{key.rsplit('/', 1)[-1]}")
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    later = dataclasses.replace(plan, store_clock=(plan.store_clock or 0) + 700)  # run aged
+    report = gc_mod.execute(store, later)
+    assert report.trash_restored == 1 and present(store, live) and not present(store, garbage)
+    assert list(backend.list("trash/")) == []
+
+
+@pytest.mark.slow
+def test_gc_sweeps_while_savers_reuse_the_chunks_it_sweeps_on_s3(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The concurrent saver/loader/gc mix of test_gc_stress.py on S3: savers reuse chunks
+    gc sees as garbage, gc loops with a short grace; no completed save and no load may
+    miss a file, and gc must really delete."""
+    grace = 8.0
+    old_chunks = tmp_path / "old-chunks"
+    monkeypatch.setenv("CASSTORE_TEST_OLD_CHUNKS", str(old_chunks))
+    garbage = seed_aged_garbage(Store(s3_url), tmp_path / "seed", keys=3, filler=150)
+    assert garbage > 0 and old_chunks.exists()
+    time.sleep(grace + 1.5)  # the seeded chunks age past the grace (no utime on S3)
+    mix = run_mix([s3_url], tmp_path / "work", 10.0, savers=2, loaders=2, gc_grace=grace)
+    assert mix.errors == []
+    assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
+    assert mix.total("chunks_deleted") > 0, "gc must really sweep"
+    assert mix.total("bad") == 0 and mix.total("misses") == 0
+    assert_every_save_loads(Store(s3_url, create=False), mix, tmp_path)
+
+
+def test_a_saver_that_looks_between_gcs_check_and_its_move_gets_the_chunk_back(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race itself: gc checked the intents (none), then a save announces the garbage
+    chunk and finds it present, then gc moves it to trash. gc reads the intents again
+    after moving, and gives it back."""
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    key = objects.chunk_key(garbage)
+    real_move = backend.move
+    seen: list[bool] = []
+    intent = Intent(backend)
+
+    def move(src: str, dst: str) -> bool:
+        if src == key and dst.startswith("trash/") and not seen:
+            intent.announce([garbage])  # the saver, between gc's check and its move
+            seen.append(backend.stat(key) is not None)
+        return real_move(src, dst)
+
+    monkeypatch.setattr(backend, "move", move)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert seen == [True]  # the saver found it, so it will list it without uploading
+    assert report.chunks_deleted == 0 and present(store, garbage)
+    intent.close()
+
+
+def test_a_load_finds_a_chunk_gc_holds_in_trash(s3_url: str, tmp_path: Path) -> None:
+    """Between gc's move to trash and its giving the chunk back, a load of a save that just
+    listed it reads the trashed copy (verified like any chunk) instead of missing."""
+    store, keep, _garbage = two_keys(s3_url, tmp_path)
+    key = objects.chunk_key(store.files(KEEP)["keep.py"].chunks[0].digest)
+    assert store.backend.move(key, f"trash/run-in-progress/{key.rsplit('/', 1)[-1]}")
+    report = Store(s3_url, create=False).load(KEEP, tmp_path / "out")
+    assert report.missing == []
+    assert (tmp_path / "out" / "keep.py").read_bytes() == keep["keep.py"]

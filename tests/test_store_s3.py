@@ -1,0 +1,203 @@
+"""The store on a real S3 gateway (SeaweedFS): saves, loads, dedup, damage through the S3
+API, hostile manifests, and the intents that protect reused chunks from gc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from casstore import CacheKey, Store, audit, constants
+from casstore import manifest as mf
+from casstore.backends.s3 import S3Backend
+from casstore.errors import StoreUnavailable
+from casstore.intents import INTENTS_DIR
+from tests.helpers import KEY, read_tree, write_tree
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    files = {f"fx/{i:03d}.py": os.urandom(3000) for i in range(40)}
+    files["big.so"] = os.urandom(6 * 2**20)  # streamed: over the 4 MiB threshold
+    files["empty"] = b""
+    write_tree(root, files)
+    return files
+
+
+def test_save_and_load_through_s3(s3_url: str, tmp_path: Path) -> None:
+    files = tree(tmp_path / "src")
+    store = Store(s3_url)
+    report = store.save(tmp_path / "src", KEY)
+    assert report.manifest and report.changed_files == len(files)
+    loaded = Store(s3_url, create=False).load(KEY, tmp_path / "dst")
+    assert loaded.missing == [] and loaded.written == len(files)
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "dst").items()} == files
+    # No intent is left behind, and a second save of the same tree uploads nothing.
+    backend = S3Backend(s3_url)
+    assert list(backend.list(f"{INTENTS_DIR}/")) == []
+    again = store.save(tmp_path / "src", KEY)
+    assert again.manifest is None and again.new_chunks == 0
+
+
+def test_dedup_across_keys_and_verify(s3_url: str, tmp_path: Path) -> None:
+    files = tree(tmp_path / "src")
+    store = Store(s3_url)
+    store.save(tmp_path / "src", KEY)
+    other = CacheKey(torch="t", arch="a", model="other")
+    assert store.save(tmp_path / "src", other).new_chunks == 0
+    report = audit.verify(store)
+    assert report.ok and report.manifests == 2
+    assert sum(1 for _ in store.keys()) == 2 and len(files) == len(store.files(other))
+
+
+def test_damage_through_the_s3_api_is_a_miss_never_wrong_bytes(s3_url: str, tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", {"a.py": b"a" * 5000, "b.py": b"b" * 5000})
+    store = Store(s3_url)
+    store.save(tmp_path / "src", KEY)
+    backend = S3Backend(s3_url)
+    ref_a = store.files(KEY)["a.py"].chunks[0]
+    ref_b = store.files(KEY)["b.py"].chunks[0]
+    backend.republish(f"chunks/{ref_a.digest.hex()[:2]}/{ref_a.digest.hex()}.zst", b"garbage")
+    backend.delete(f"chunks/{ref_b.digest.hex()[:2]}/{ref_b.digest.hex()}.zst")
+    report = Store(s3_url, create=False).load(KEY, tmp_path / "dst")
+    assert sorted(report.missing) == ["a.py", "b.py"]
+    assert not (tmp_path / "dst" / "a.py").exists()
+    found = audit.verify(store)
+    assert len(found.corrupt) == 1 and len(found.missing_chunks) == 2  # corrupt counts too
+    audit.repair(store, found)
+    # The next save heals the store from its local bytes.
+    store.save(tmp_path / "src", KEY)
+    assert Store(s3_url, create=False).load(KEY, tmp_path / "dst2").missing == []
+
+
+def test_hostile_manifests_written_through_s3_write_nothing_outside(
+    s3_url: str, tmp_path: Path
+) -> None:
+    import msgspec
+
+    store = Store(s3_url)
+    write_tree(tmp_path / "src", {"ok.py": b"x"})
+    store.save(tmp_path / "src", KEY)
+    doc = msgspec.to_builtins(mf.new_manifest(KEY, []), builtin_types=(bytes,))
+    doc["files"] = [
+        {"path": "../escape", "size": 0, "mode": 0o644, "digest": b"\0" * 32, "chunks": []}
+    ]
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(2e9)}"
+    S3Backend(s3_url).put_if_absent(name, mf.seal(msgspec.msgpack.encode(doc)))
+    report = Store(s3_url, create=False).load(KEY, tmp_path / "dst" / "inner")
+    assert report.missing == [] and not (tmp_path / "dst" / "escape").exists()
+
+
+def test_a_missing_bucket_and_a_fresh_prefix(s3_url: str) -> None:
+    with pytest.raises(StoreUnavailable, match="no-such-bucket"):
+        Store("s3://no-such-bucket/x")
+    with pytest.raises(StoreUnavailable, match="not a casstore"):
+        Store(s3_url, create=False)
+
+
+def test_every_chunk_a_save_looks_for_was_announced_first(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order gc relies on: an intent listing a chunk exists before the save checks
+    whether that chunk is present."""
+    files = tree(tmp_path / "src")
+    store = Store(s3_url)
+    backend = store.backend
+    announced: set[str] = set()
+    late: list[str] = []
+    real_put, real_stat = backend.put_if_absent, backend.stat
+
+    def put(key: str, data: bytes) -> bool:
+        if key.startswith(f"{INTENTS_DIR}/"):
+            import msgspec
+
+            announced.update(d.hex() for d in msgspec.msgpack.decode(data))
+        return real_put(key, data)
+
+    def stat(key: str):  # type: ignore[no-untyped-def]
+        if key.startswith("chunks/") and key.rsplit("/", 1)[-1][:-4] not in announced:
+            late.append(key)
+        return real_stat(key)
+
+    monkeypatch.setattr(backend, "put_if_absent", put)
+    monkeypatch.setattr(backend, "stat", stat)
+    store.save(tmp_path / "src", KEY)
+    assert late == [] and len(announced) >= len(files) - 1
+
+
+# --- s3:// roots wherever a root is accepted --------------------------------------------------
+
+
+def run_cli(root: str, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests import cpu_host
+
+    env = {k: v for k, v in os.environ.items() if k != "CASSTORE_ROOT"}
+    return subprocess.run(
+        [*cpu_host.cli(), *args],
+        capture_output=True,
+        text=True,
+        env={**env, "CASSTORE_ROOT": root},
+    )
+
+
+def test_the_cli_on_an_s3_root(s3_url: str, tmp_path: Path) -> None:
+    files = tree(tmp_path / "src")
+    key_args = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "s3"]
+    saved = run_cli(s3_url, "save", str(tmp_path / "src"), *key_args, "--json")
+    assert saved.returncode == 0, saved.stderr
+    assert json.loads(saved.stdout)["saved"] is True
+    loaded = run_cli(s3_url, "load", str(tmp_path / "dst"), *key_args, "--json")
+    assert loaded.returncode == 0, loaded.stderr
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "dst").items()} == files
+    (listed,) = json.loads(run_cli(s3_url, "ls", "--json").stdout)
+    assert listed["files"] == len(files) and listed["loads"] == 1
+    assert json.loads(run_cli(s3_url, "verify", "--json").stdout)["ok"] is True
+    stats = json.loads(run_cli(s3_url, "stats", "--json").stdout)
+    assert stats["keys"] == 1 and stats["usage"]["loads"]["complete"] == 1
+    assert run_cli(s3_url, "show", listed["key_id"][:8]).returncode == 0
+    gc = run_cli(s3_url, "gc", "--grace", "1h", "-y", "--json")
+    assert gc.returncode == 0 and json.loads(gc.stdout)["executed"] is True, gc.stderr
+    doctor = json.loads(run_cli(s3_url, "doctor", "--json").stdout)
+    assert doctor["store"] == "ok" and doctor["permissions"] == {
+        "create": True,
+        "renew": True,
+        "delete": True,
+    }
+    rm = run_cli(s3_url, "rm", listed["key_id"], "-y")
+    assert rm.returncode == 0 and json.loads(run_cli(s3_url, "ls", "--json").stdout) == []
+
+
+def test_cli_errors_on_s3_are_one_line(s3_url: str, tmp_path: Path) -> None:
+    missing = run_cli("s3://no-such-bucket/cas", "ls")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no-such-bucket" in missing.stderr
+    fresh = run_cli(s3_url, "load", str(tmp_path / "d"), "--model", "x")
+    assert fresh.returncode == 1 and "not a casstore" in fresh.stderr
+
+
+def test_model_py_and_the_sidecar_on_an_s3_root(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from casstore import OperationStatus, load_compile_cache, save_compile_cache
+    from casstore.vllm import Sidecar, SidecarOptions
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    cache = tmp_path / "cache"
+    assert load_compile_cache(cache_dir=cache, root=s3_url) is OperationStatus.DOES_NOT_EXIST
+    write_tree(cache, {"fxgraph/a/entry": os.urandom(4000), "aotautograd/b": b"x"})
+    assert save_compile_cache(cache_dir=cache, root=s3_url) is OperationStatus.SUCCESS
+    monkeypatch.setenv("CASSTORE_ROOT", s3_url)
+    assert load_compile_cache(cache_dir=tmp_path / "c2") is OperationStatus.SUCCESS
+    assert read_tree(tmp_path / "c2") == read_tree(cache)
+    bad = "s3://no-such-bucket/cas"
+    assert load_compile_cache(cache_dir=tmp_path / "c3", root=bad) is OperationStatus.ERROR
+    vcache = tmp_path / "vllm"
+    write_tree(vcache, {"torch_compile_cache/1/rank_0_0/computation_graph.py": b"g"})
+    assert Sidecar(SidecarOptions(cache_root=vcache, root=s3_url)).save().name == "SUCCESS"
+    restored = Sidecar(SidecarOptions(cache_root=tmp_path / "v2", root=s3_url)).restore()
+    assert restored is OperationStatus.SUCCESS
+    unreachable = Sidecar(SidecarOptions(cache_root=tmp_path / "v3", root=bad)).restore()
+    assert unreachable is OperationStatus.ERROR
