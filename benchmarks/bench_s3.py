@@ -47,14 +47,16 @@ def _counting(store: Store) -> Counter[str]:
     """Count the backend's requests (a listing counts once per call)."""
     counts: Counter[str] = Counter()
     backend = store.backend
+
+    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
     for name in ("get", "put_if_absent", "stat", "delete", "list", "republish", "move"):
-        real = getattr(backend, name)
-
-        def wrapped(*args: object, _real: Callable[..., object] = real, _n: str = name) -> object:
-            counts[_n] += 1
-            return _real(*args)
-
-        setattr(backend, name, wrapped)
+        setattr(backend, name, counted(name, getattr(backend, name)))
     return counts
 
 

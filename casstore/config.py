@@ -285,7 +285,11 @@ def model_fingerprint(model: str | None) -> str:
     return model_label(model or os.environ.get("CASSTORE_MODEL") or "default")
 
 
-def threads() -> int:
+def threads() -> int | None:
+    """``$CASSTORE_THREADS``; None when unset (each store then picks its default: more
+    for an object store than for a filesystem)."""
+    if not (os.environ.get("CASSTORE_THREADS") or "").strip():
+        return None
     return _env_int("CASSTORE_THREADS", constants.DEFAULT_THREADS, 1, 256)
 
 

@@ -71,3 +71,5 @@ ORG_CACHE_MOUNT = "/cache/org"
 DEFAULT_ORG_ROOT = "/cache/org/cas"
 # I/O threads: enough to hide network-filesystem latency, few enough not to thrash 2 cores.
 DEFAULT_THREADS = min(32, 4 * (os.cpu_count() or 2))
+# At least this many for an object store (s3://): each request waits a network round trip.
+OBJECT_STORE_THREADS = 32

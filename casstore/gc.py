@@ -27,14 +27,21 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from casstore import constants, objects, usage
 from casstore import manifest as mf
 from casstore.backends.base import ObjectInfo
 from casstore.backends.fs import FileSystemBackend
-from casstore.errors import CannotRenew, CasstoreError, UnsupportedManifest
+from casstore.errors import (
+    CannotRenew,
+    CasstoreError,
+    CorruptObject,
+    InvalidManifest,
+    NotFound,
+    UnsupportedManifest,
+)
 from casstore.intents import Active
 from casstore.intents import active as active_intents
 from casstore.keys import CacheKey
@@ -320,7 +327,12 @@ def _set_aside(
             except UnsupportedManifest as e:
                 blocked = blocked or f"{e}; not sweeping any chunk until casstore is upgraded"
                 continue
-            except (CasstoreError, OSError):
+            except (NotFound, InvalidManifest, CorruptObject):
+                continue  # gone, or nothing can ever load it
+            except (CasstoreError, OSError) as e:
+                # Unreadable now (a timeout, a 5xx): its key may come back, so its chunks
+                # must not be swept on a guess.
+                blocked = blocked or f"cannot read set-aside manifest {name}: {e}"
                 continue
             chunks.update(c.digest for f in m.files for c in f.chunks)
         restore = key_id in saved and key_id not in dropping
@@ -370,7 +382,8 @@ def _retention(
 
 
 def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
-    """Decide what gc would do. Reads the store; changes nothing."""
+    """Decide what gc would do. Reads the store and changes nothing, but for one probe
+    object on an object store, written and deleted to read the store's clock."""
     fs = _fs(store)
     now = time.time() if now is None else now
     chunk_infos = [
@@ -527,21 +540,29 @@ def execute(
                 report.keys_compacted += 1
         except Exception as e:  # one key's trouble never stops the rest of gc
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
-    # 4. Protect the chunks of every manifest published since planning.
-    protected |= _chunks_of_new_manifests(store, p.seen_manifests)
+    # 4. Protect the chunks of every manifest published since planning. One that cannot
+    #    be read now could list any chunk: then nothing is swept this run.
+    new_manifests = _NewManifests()
+    late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
+    if late is None:
+        p = replace(
+            p, sweep_blocked=p.sweep_blocked or "a manifest published during gc cannot be read"
+        )
+    else:
+        protected |= late
     # 5. Sweep, through trash/.
     live = protected | {c.hex() for s in p.keys for c in s.chunks}
     live |= {c.hex() for a in p.set_aside if a.restore or not a.due for c in a.chunks}
     if fs is not None:
         report.trash_restored += _recover_trash(store, p.cutoff, live, report)
     else:
-        report.trash_restored += _recover_object_trash(store, p, live, report)
+        report.trash_restored += _recover_object_trash(store, p, live, report, new_manifests)
     if p.sweep_blocked:
         report.errors.append(p.sweep_blocked)
     elif fs is not None:
         _sweep(fs, p, protected, report, threads, progress)
     else:
-        _sweep_object_store(store, p, protected, report, threads, progress)
+        _sweep_object_store(store, p, protected, report, threads, progress, new_manifests)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
@@ -615,6 +636,7 @@ def _sweep_object_store(
     report: GcReport,
     threads: int,
     progress: ProgressCallback | None,
+    new_manifests: _NewManifests,
 ) -> None:
     """The sweep where objects cannot be renewed (intents.py): each batch of candidates is
     moved to trash/, then the intents and the manifests published since planning are read
@@ -630,16 +652,19 @@ def _sweep_object_store(
     report.chunks_kept_late += len(p.chunks) - len(todo)
     done = 0
 
-    def wanted(intents: Active, late: set[str], key: str) -> bool:
+    def wanted(intents: Active, late: set[str] | None, key: str) -> bool:
+        """Listed by an intent or a new manifest; None (a manifest not judged): all are."""
         hexd = objects.digest_from_key(key)
-        return hexd is not None and (intents.protects(bytes.fromhex(hexd)) or hexd in late)
+        if late is None or hexd is None:
+            return True
+        return intents.protects(bytes.fromhex(hexd)) or hexd in late
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, len(todo), OBJECT_SWEEP_BATCH):
             # Candidates a save announced or listed already are not even moved: the window
             # in which a load finds one only in trash/ stays for races, which are rare.
             intents = active_intents(backend, _intent_expiry(p))
-            late = _chunks_of_new_manifests(store, p.seen_manifests)
+            late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
             batch = []
             for key, size in todo[start : start + OBJECT_SWEEP_BATCH]:
                 if wanted(intents, late, key):
@@ -654,27 +679,39 @@ def _sweep_object_store(
 
             moved = [m for m in pool.map(to_trash, batch) if m is not None]
             intents = active_intents(backend, _intent_expiry(p))
-            late = _chunks_of_new_manifests(store, p.seen_manifests)
+            late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
 
             def settle(
                 item: tuple[str, int, str],
                 intents: Active = intents,
-                late: set[str] = late,
+                late: set[str] | None = late,
             ) -> str:
                 key, _size, trash_key = item
-                if wanted(intents, late, key):
-                    if not backend.move(trash_key, key):  # a saver uploaded it again
-                        backend.delete(trash_key)
+                if not wanted(intents, late, key):
+                    backend.delete(trash_key)
+                    return "deleted"
+                if backend.move(trash_key, key):
                     return "kept"
-                backend.delete(trash_key)
-                return "deleted"
+                # Not given back: either a saver uploaded it again (the trash copy is
+                # redundant), or the trash copy is gone (another gc finished this run):
+                # then the chunk is lost, and that must be said, never counted as kept.
+                if backend.stat(key) is not None:
+                    backend.delete(trash_key)
+                    return "kept"
+                return "lost"
 
-            for (_key, size, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
+            for (key, size, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
                 if outcome == "deleted":
                     report.chunks_deleted += 1
                     report.bytes_freed += size
-                else:
+                elif outcome == "kept":
                     report.chunks_kept_late += 1
+                else:
+                    report.errors.append(
+                        f"{key}: listed by a save, but its trash copy vanished before gc could "
+                        "give it back (a second gc on this store?); the next save of that "
+                        "file uploads it again"
+                    )
             done += len(batch)
             if progress is not None:
                 progress(done, len(todo))
@@ -702,19 +739,29 @@ def _store_clock(store: Store) -> float:
     return info.mtime if info is not None else time.time()
 
 
-def _recover_object_trash(store: Store, p: Plan, live: set[str], report: GcReport) -> int:
+def _recover_object_trash(
+    store: Store, p: Plan, live: set[str], report: GcReport, new_manifests: _NewManifests
+) -> int:
     """Finish the sweeps of object-store gc runs that crashed between moving a chunk to
-    trash/ and settling it: a trashed chunk goes back when a live manifest or an intent
-    lists it, else it is deleted. Runs younger than 10 minutes may be another gc's."""
+    trash/ and settling it: a trashed chunk goes back when a live manifest, an intent or a
+    manifest published since planning lists it (intents read first, then manifests, as
+    the sweep does), else it is deleted. Runs younger than 10 minutes may be another
+    gc's."""
     backend = store.backend
     intents = active_intents(backend, _intent_expiry(p))
+    late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
     restored = 0
     for info in list(backend.list(f"{constants.TRASH_DIR}/")):
         if info.mtime >= p.store_now() - 600:
             continue
         hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
         try:
-            wanted = hexd is not None and (hexd in live or intents.protects(bytes.fromhex(hexd)))
+            wanted = hexd is not None and (
+                late is None
+                or hexd in live
+                or hexd in late
+                or intents.protects(bytes.fromhex(hexd))
+            )
             if wanted and hexd is not None and backend.move(info.key, objects.chunk_key(hexd)):
                 restored += 1
                 continue
@@ -812,17 +859,41 @@ def _remove_orphan_marker(store: Store, marker: str) -> bool:
     return store.backend.delete(marker)
 
 
-def _chunks_of_new_manifests(store: Store, seen: frozenset[str]) -> set[str]:
+@dataclass
+class _NewManifests:
+    """The chunks of the manifests published since planning, read again and again during
+    a sweep: manifests are immutable, so each is read once (``read``: name -> chunks)."""
+
+    read: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def _chunks_of_new_manifests(
+    store: Store, seen: frozenset[str], cache: _NewManifests | None = None
+) -> set[str] | None:
+    """Hex digests of the chunks every manifest published since planning lists; None when
+    one of them could not be judged (unreadable now, or from a newer casstore): the
+    caller then protects everything. Only a manifest deleted since the listing, or one
+    nothing can ever load (damaged, hostile), is skipped."""
+    cache = cache if cache is not None else _NewManifests()
     protected: set[str] = set()
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
         if info.key in seen or not info.key.endswith(constants.MANIFEST_SUFFIX):
             continue
-        try:
-            blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
-            m = mf.decode(blob, source=info.key)
-        except CasstoreError:  # NotFound included: deleted since the listing
-            continue
-        protected.update(c.digest.hex() for f in m.files for c in f.chunks)
+        if info.key not in cache.read:
+            try:
+                blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
+                m = mf.decode(blob, source=info.key)
+            except NotFound:
+                continue  # deleted since the listing
+            except UnsupportedManifest:
+                return None
+            except (InvalidManifest, CorruptObject):
+                continue  # nothing can ever load it
+            except (CasstoreError, OSError) as e:
+                log.warning("gc: cannot read new manifest %s (%s): protecting all", info.key, e)
+                return None
+            cache.read[info.key] = frozenset(c.digest.hex() for f in m.files for c in f.chunks)
+        protected |= cache.read[info.key]
     return protected
 
 

@@ -8,7 +8,8 @@ it to ``trash/`` first; after each batch it lists the intents (and the manifests
 since it planned) and puts back every trashed chunk one of them lists. A saver that found
 a chunk present had published its intent before looking, and gc looks at the intents after
 deleting: whichever comes first, the chunk is either seen missing by the saver (which
-uploads it from its local bytes) or given back by gc. The saver deletes its intents when
+uploads it from its local bytes) or given back by gc (docs/gc.md says what that needs,
+and what gc does where an intent or a manifest cannot be read). The saver deletes its intents when
 it is done; gc deletes intents older than its grace period (a save slower than the grace
 is unprotected, as on a filesystem).
 

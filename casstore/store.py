@@ -150,7 +150,7 @@ class Store:
         root: str | os.PathLike[str] | None = None,
         *,
         backend: Backend | None = None,
-        threads: int = constants.DEFAULT_THREADS,
+        threads: int | None = None,
         fsync: bool = True,
         create: bool = True,
         signing_key: SigningKey | None = None,
@@ -179,6 +179,11 @@ class Store:
         elif isinstance(backend, FileSystemBackend):
             self.root = backend.root
         self.backend = backend
+        if threads is None:
+            # An object store answers each request after a network round trip, not a
+            # disk seek: more requests in flight pay off (docs/s3-benchmarks.md).
+            network = not isinstance(self.backend, FileSystemBackend)
+            threads = constants.OBJECT_STORE_THREADS if network else constants.DEFAULT_THREADS
         self.threads = max(1, threads)
         self.signing_key = signing_key
         self.trusted = trusted
@@ -1027,26 +1032,42 @@ class Store:
 
 
 class _Trash:
-    """Chunks gc moved to trash/ and has not settled yet, looked up by digest: listed once
-    per load, on its first missing chunk (a load that finds every chunk never lists)."""
+    """Chunks gc moved to trash/ and has not settled yet, looked up by digest: listed on a
+    load's first missing chunk (a load that finds every chunk never lists), listed again
+    once when a later miss is not in that listing, and the chunk's own name tried again
+    when its trash copy vanished meanwhile (gc gave it back)."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._index: dict[str, str] | None = None
+        self._relisted = False
         self._lock = threading.Lock()
 
+    def _list(self) -> dict[str, str]:
+        index = {}
+        for info in self._backend.list(f"{constants.TRASH_DIR}/"):
+            hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
+            if hexd is not None:
+                index[hexd] = info.key
+        return index
+
     def get(self, digest: bytes) -> bytes:
+        hexd = digest.hex()
         with self._lock:
             if self._index is None:
-                self._index = {}
-                for info in self._backend.list(f"{constants.TRASH_DIR}/"):
-                    hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
-                    if hexd is not None:
-                        self._index[hexd] = info.key
-            name = self._index.get(digest.hex())
-        if name is None:
-            raise NotFound(f"no object {objects.chunk_key(digest)}")
-        return self._backend.get(name, max_bytes=constants.MAX_CHUNK_OBJECT_BYTES)
+                self._index = self._list()
+            elif hexd not in self._index and not self._relisted:
+                self._relisted = True
+                self._index = self._list()
+            name = self._index.get(hexd)
+        limit = constants.MAX_CHUNK_OBJECT_BYTES
+        if name is not None:
+            try:
+                return self._backend.get(name, max_bytes=limit)
+            except NotFound:
+                pass
+        # Given back (or re-uploaded) between the first look and now.
+        return self._backend.get(objects.chunk_key(digest), max_bytes=limit)
 
 
 @dataclass

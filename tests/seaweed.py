@@ -101,6 +101,7 @@ class SeaweedFS:
     filer: str = ""
     filer_grpc: int = 0
     s3: bool = False  # also serve the S3 gateway
+    keep_data: bool = False  # start on the data a previous server left (a restart)
     s3_endpoint: str = ""  # http://127.0.0.1:PORT when s3
 
     def start(self, attempts: int = 5) -> None:
@@ -117,8 +118,9 @@ class SeaweedFS:
         ports = _free_ports(8 if self.s3 else 6)
         master, volume, filer, mg, vg, fg = ports[:6]
         data = self.workdir / "data"
-        shutil.rmtree(data, ignore_errors=True)  # nothing of a failed try's state
-        data.mkdir(parents=True)
+        if not self.keep_data:
+            shutil.rmtree(data, ignore_errors=True)  # nothing of a failed try's state
+        data.mkdir(parents=True, exist_ok=True)
         self.filer = f"127.0.0.1:{filer}"
         self.filer_grpc = fg
         proc = self._spawn(

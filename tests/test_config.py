@@ -27,7 +27,13 @@ CAPPED: list[tuple[str, int, int, Callable[[], int]]] = [
         86_400,
         lambda: cfg.read_settings().incomplete_timeout_seconds,
     ),
-    ("CASSTORE_THREADS", constants.DEFAULT_THREADS, 256, cfg.threads),
+    # Unset or empty: None, and a filesystem store then uses the default.
+    (
+        "CASSTORE_THREADS",
+        constants.DEFAULT_THREADS,
+        256,
+        lambda: cfg.threads() or constants.DEFAULT_THREADS,
+    ),
 ]
 FLOOR = 1
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from casstore import CacheKey, Store, objects
 from casstore import gc as gc_mod
+from casstore import intents as intents_mod
+from casstore import manifest as mf
+from casstore.backends.base import ObjectInfo
+from casstore.errors import StoreUnavailable
 from casstore.intents import Intent
 from tests.helpers import read_tree, write_tree
 from tests.load_mix import run_mix
@@ -162,3 +167,124 @@ def test_a_load_finds_a_chunk_gc_holds_in_trash(s3_url: str, tmp_path: Path) -> 
     report = Store(s3_url, create=False).load(KEEP, tmp_path / "out")
     assert report.missing == []
     assert (tmp_path / "out" / "keep.py").read_bytes() == keep["keep.py"]
+
+
+# --- found by review, each seen failing before its fix -------------------------------------
+
+
+NEW = CacheKey(torch="t", arch="a", model="new")
+
+
+def publish_listing(store: Store, digest: bytes, size: int) -> str:
+    """What a save does at its end: publish a manifest listing a chunk it found present."""
+    entry = mf.FileEntry("gone.py", size, 0o644, b"\1" * 32, (mf.ChunkRef(digest, size),))
+    m = mf.new_manifest(NEW, [entry])
+    name = f"manifests/{NEW.id}/{mf.new_manifest_name(m.created_at)}"
+    store.backend.put_if_absent(name, mf.encode(m))
+    return name
+
+
+def test_a_new_manifest_gc_cannot_read_keeps_the_batch(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save looks at the chunk between gc's check and its move, then publishes and
+    withdraws its intent before gc reads again; that read of its manifest fails (a
+    timeout): gc must keep the chunk, not judge the manifest absent."""
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    key = objects.chunk_key(garbage)
+    real_move, real_get = backend.move, backend.get
+    published: list[str] = []
+
+    def move(src: str, dst: str) -> bool:
+        if src == key and not published:
+            intent = Intent(backend)
+            intent.announce([garbage])
+            assert backend.stat(key) is not None  # the saver finds it present
+            moved = real_move(src, dst)
+            published.append(publish_listing(store, garbage, 3000))
+            intent.close()
+            return moved
+        return real_move(src, dst)
+
+    def get(name: str, **kwargs: int | None) -> bytes:
+        if name in published:
+            raise StoreUnavailable(f"{name}: simulated timeout")
+        return real_get(name, **kwargs)
+
+    monkeypatch.setattr(backend, "move", move)
+    monkeypatch.setattr(backend, "get", get)
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    monkeypatch.undo()
+    assert present(store, garbage)
+
+
+def test_recovery_reads_the_manifests_published_since_planning(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed sweep left a chunk in trash/ that a running save had looked at; the save
+    publishes and withdraws its intent after gc's step 4, before recovery reads the
+    intents: the manifest must still protect the chunk."""
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    key = objects.chunk_key(garbage)
+    intent = Intent(backend)
+    intent.announce([garbage])
+    assert backend.move(key, f"trash/20260101T000000-c0-deadbeef/{key.rsplit('/', 1)[-1]}")
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    later = dataclasses.replace(plan, store_clock=(plan.store_clock or 0) + 700)
+    real_active = intents_mod.active
+    calls: list[int] = []
+
+    def active(backend_: object, younger_than: float) -> object:
+        if not calls:
+            publish_listing(store, garbage, 3000)
+            intent.close()
+        calls.append(1)
+        return real_active(backend_, younger_than)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("casstore.gc.active_intents", active)
+    report = gc_mod.execute(store, later)
+    assert report.trash_restored == 1 and present(store, garbage)
+
+
+def test_a_trash_copy_that_vanished_is_an_error_not_a_kept_chunk(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _keep, garbage = two_keys(s3_url, tmp_path)
+    backend = store.backend
+    key = objects.chunk_key(garbage)
+    intent = Intent(backend)
+    real_move = backend.move
+
+    def move(src: str, dst: str) -> bool:
+        moved = real_move(src, dst)
+        if src == key:
+            intent.announce([garbage])  # a saver between gc's check and its move
+            backend.delete(dst)  # and a second gc's recovery deleting the copy
+        return moved
+
+    monkeypatch.setattr(backend, "move", move)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    assert report.chunks_kept_late == 0 and any("vanished" in e for e in report.errors)
+    intent.close()
+
+
+def test_a_load_reads_the_chunk_again_when_gc_gives_it_back_meanwhile(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _keep, _garbage = two_keys(s3_url, tmp_path)
+    key = objects.chunk_key(store.files(KEEP)["keep.py"].chunks[0].digest)
+    trash_key = f"trash/20990101T000000-c0-feedface/{key.rsplit('/', 1)[-1]}"
+    assert store.backend.move(key, trash_key)
+    loader = Store(s3_url, create=False)
+    real_list = loader.backend.list
+
+    def listing(prefix: str) -> Iterator[ObjectInfo]:
+        found = list(real_list(prefix))
+        if prefix == "trash/":
+            assert store.backend.move(trash_key, key)  # gc gives it back right now
+        return iter(found)
+
+    monkeypatch.setattr(loader.backend, "list", listing)
+    assert loader.load(KEEP, tmp_path / "out").missing == []

@@ -15,7 +15,7 @@ from casstore import manifest as mf
 from casstore.backends.s3 import S3Backend
 from casstore.errors import StoreUnavailable
 from casstore.intents import INTENTS_DIR
-from tests.helpers import KEY, read_tree, write_tree
+from tests.helpers import KEY, read_tree, wait_until, write_tree
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -201,3 +201,82 @@ def test_model_py_and_the_sidecar_on_an_s3_root(
     assert restored is OperationStatus.SUCCESS
     unreachable = Sidecar(SidecarOptions(cache_root=tmp_path / "v3", root=bad)).restore()
     assert unreachable is OperationStatus.ERROR
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_save_leaves_a_store_that_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object store dies (SIGKILL) while a save uploads: the save fails with one error
+    in bounded time, never hangs; after a restart on the same data the store verifies,
+    the key is either absent or whole, and the next save completes it."""
+    import signal
+    import sys
+    import time
+
+    from tests.seaweed import SeaweedFS, create_bucket
+
+    files = {f"f{i:04d}.bin": os.urandom(40_000) for i in range(600)}
+    write_tree(tmp_path / "src", files)
+    server = SeaweedFS(tmp_path / "sw", s3=True)
+    server.start()
+    try:
+        create_bucket(server.s3_endpoint, "casstore")
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": server.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_REGION": "us-east-1",
+        }
+        code = (
+            "import sys\nfrom casstore import Store\nfrom tests.helpers import KEY\n"
+            "Store(sys.argv[1]).save(sys.argv[2], KEY)\n"
+        )
+        saver = subprocess.Popen(
+            [sys.executable, "-c", code, "s3://casstore/cas", str(tmp_path / "src")],
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "sw" / "data").rglob("*.dat")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # some chunks in
+        for proc in server.procs:
+            proc.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _out, err = saver.communicate(timeout=300)
+        assert saver.returncode != 0 and time.monotonic() - started < 240
+        assert "StoreUnavailable" in err or "cannot" in err, err[-2000:]
+    finally:
+        server.stop()
+    restarted = SeaweedFS(tmp_path / "sw", s3=True, keep_data=True)
+    restarted.start()
+    try:
+        for name, value in {
+            "AWS_ENDPOINT_URL": restarted.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(name, value)
+
+        def reopened() -> bool:
+            try:
+                Store("s3://casstore/cas")
+            except StoreUnavailable:
+                return False  # the volume servers come back after the gateway
+            return True
+
+        wait_until(reopened, 90, "the restarted gateway to serve the store")
+        store = Store("s3://casstore/cas")
+        assert audit.verify(store).ok
+        with pytest.raises(Exception, match="no saved cache"):
+            store.load(KEY, tmp_path / "partial")
+        store.save(tmp_path / "src", KEY)
+        report = Store("s3://casstore/cas", create=False).load(KEY, tmp_path / "dst")
+        assert report.missing == [] and len(read_tree(tmp_path / "dst")) == len(files)
+    finally:
+        restarted.stop()

@@ -6,8 +6,10 @@ AWS variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``)
 or, when ``AWS_PROFILE`` is set or no key is in the environment, the static credentials of
 that profile in ``~/.aws/credentials`` and ``~/.aws/config``. A plain ``http://`` endpoint
-is allowed because the URL says so. Every request has bounded timeouts and retries: an
-unreachable endpoint is an error in seconds, never a hang.
+is allowed because the URL says so. Every request has bounded timeouts and retries
+(connect 5 s; a request at most 60 s; 3 retries within 60 s): a refused or unreachable
+endpoint is an error in seconds, and one that accepts connections but never answers in
+about a minute, never a hang.
 
 What each operation relies on (docs/format.md, "Object stores"):
 
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from obstore.store import S3Store
 
 SCHEME = "s3://"
-# Bounded everywhere: a dead endpoint fails a call within about CONNECT x RETRIES.
+# Bounded everywhere: a refused connection fails within about CONNECT x RETRIES, a server
+# that never answers within REQUEST_TIMEOUT (retries stop at RETRY_TIMEOUT).
 CONNECT_TIMEOUT = timedelta(seconds=5)
 REQUEST_TIMEOUT = timedelta(seconds=60)
 MAX_RETRIES = 3
@@ -150,6 +153,8 @@ class S3Backend(Backend):
     renews_age = False
 
     def __init__(self, url: str, *, env: dict[str, str] | None = None) -> None:
+        # Whether the service honoured If-None-Match (None: no publish yet); doctor shows it.
+        self.conditional_puts: bool | None = None
         self.location = parse_url(url)
         self.url = self.location.url
         self._store = _store(self.location, dict(os.environ) if env is None else env)
@@ -194,10 +199,13 @@ class S3Backend(Backend):
         _check_key(key)
         try:
             obstore.put(self._store, key, data, mode="create")
+            self.conditional_puts = True
             return True
         except AlreadyExistsError:
+            self.conditional_puts = True
             return False
         except NotSupportedError:
+            self.conditional_puts = False
             # A service without conditional writes: names are content digests or unique,
             # so a lost race can only replace an object with the same bytes.
             if self.stat(key) is not None:

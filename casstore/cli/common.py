@@ -219,8 +219,9 @@ def root_choice(*, warn: bool = True) -> config.RootChoice:
         usage_error(str(e))
 
 
-def io_threads() -> int:
-    """--threads, else $CASSTORE_THREADS (as the model.py calls read it), else the default."""
+def io_threads() -> int | None:
+    """--threads, else $CASSTORE_THREADS (as the model.py calls read it); None: the
+    store's default (4 x cores, at most 32; 32 for an object store)."""
     return options.threads if options.threads is not None else config.threads()
 
 

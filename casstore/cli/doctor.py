@@ -185,7 +185,11 @@ def _open_object_store(found: Diagnosis, url: str) -> Store | None:
             found.permissions[step] = False
             found.problems.append(f"cannot {step} objects in {url}: {e}")
             break
-    found.primitive = "conditional put (If-None-Match)" if found.permissions["create"] else None
+    found.primitive = {
+        True: "conditional put (If-None-Match)",
+        False: "HEAD then PUT (the service refused If-None-Match)",
+        None: None,
+    }[backend.conditional_puts]
     return store
 
 
@@ -288,7 +292,7 @@ def diagnose(model: str | None) -> Diagnosis:
         root_source=choice.source,
         scope=choice.scope,
         mount=choice.mount,
-        threads=io_threads(),
+        threads=io_threads() or constants.DEFAULT_THREADS,
         model=config.model_fingerprint(model),
     )
     if choice.local_fallback:

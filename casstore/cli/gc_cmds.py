@@ -25,7 +25,6 @@ from casstore.cli.common import (
     emit_json,
     err,
     errors,
-    io_threads,
     mib,
     open_store,
     out,
@@ -236,7 +235,7 @@ def gc(
             ):
                 raise typer.Exit(EXIT_ERROR)
             with progress("sweeping", not as_json) as on_progress:
-                report = gc_mod.execute(store, plan, threads=io_threads(), progress=on_progress)
+                report = gc_mod.execute(store, plan, threads=store.threads, progress=on_progress)
     if as_json:
         emit_json(
             {

@@ -35,7 +35,6 @@ from casstore.cli.common import (
     emit_json,
     errors,
     fail,
-    io_threads,
     iso_time,
     local_time,
     mib,
@@ -376,7 +375,7 @@ def verify(
         store = open_store(create=False, trusted_keys=trusted_keys, trust=True)
         with progress("verifying", not as_json) as on_progress:
             report = audit.verify(
-                store, threads=io_threads(), progress=on_progress, trusted=store.trusted
+                store, threads=store.threads, progress=on_progress, trusted=store.trusted
             )
         repaired = audit.repair(store, report) if repair else None
     if as_json:
