@@ -28,6 +28,7 @@ bench:
 	$(BIN)/python -m benchmarks.bench_gc
 	$(BIN)/python -m benchmarks.bench_load
 	$(BIN)/python -m benchmarks.bench_s3_clients
+	$(BIN)/python -m benchmarks.bench_s3
 
 demo:
 	$(BIN)/python -m demo.run_demo
