@@ -53,12 +53,15 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real SeaweedFS S3 gateway with one bucket, ``casstore``, one per test session (per
     xdist worker). One bucket for all: the gateway gives every bucket volumes of its own,
     and runs out of them after a few dozen buckets."""
-    with s3_gateway(tmp_path_factory.mktemp("seaweedfs-s3")) as endpoint:
-        create_bucket(endpoint, S3_BUCKET)
+    workdir = tmp_path_factory.mktemp("seaweedfs-s3")
+    with s3_gateway(workdir, S3_CREDENTIALS) as endpoint:
+        create_bucket(endpoint, S3_BUCKET, S3_CREDENTIALS)
         yield endpoint
 
 
 S3_BUCKET = "casstore"
+# The gateway checks signatures: requests with any other credentials are refused.
+S3_CREDENTIALS = ("casstore-test", "casstore-test-secret")
 
 
 @pytest.fixture
@@ -67,8 +70,8 @@ def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     (for this process and the children it starts)."""
     for name, value in {
         "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "casstore-test",
-        "AWS_SECRET_ACCESS_KEY": "casstore-test-secret",
+        "AWS_ACCESS_KEY_ID": S3_CREDENTIALS[0],
+        "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS[1],
         "AWS_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)

@@ -8,6 +8,7 @@ process started here gets its own session and is stopped by pid; mounts are unmo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,6 +103,7 @@ class SeaweedFS:
     filer: str = ""
     filer_grpc: int = 0
     s3: bool = False  # also serve the S3 gateway
+    s3_credentials: tuple[str, str] | None = None  # (key, secret) the gateway demands
     keep_data: bool = False  # start on the data a previous server left (a restart)
     s3_endpoint: str = ""  # http://127.0.0.1:PORT when s3
 
@@ -148,6 +151,7 @@ class SeaweedFS:
                         f"-s3.port.grpc={ports[7]}",
                         "-s3.port.iceberg=0",
                         "-s3.port.lance=0",
+                        *([f"-s3.config={self._s3_config()}"] if self.s3_credentials else []),
                     ]
                     if self.s3
                     else []
@@ -165,12 +169,28 @@ class SeaweedFS:
                 try:
                     urllib.request.urlopen(f"http://{self.filer}/", timeout=2).read()
                     if self.s3:
-                        urllib.request.urlopen(self.s3_endpoint, timeout=2).read()
+                        try:
+                            urllib.request.urlopen(self.s3_endpoint, timeout=2).read()
+                        except urllib.error.HTTPError:
+                            pass  # it answers (403 where it checks credentials): it is up
                     return True
                 except OSError:
                     pass
             time.sleep(0.3)
         raise RuntimeError(f"SeaweedFS filer did not start; see {self.workdir}/server.log")
+
+    def _s3_config(self) -> Path:
+        """The gateway's identities: one, allowed everything, with ``s3_credentials``."""
+        assert self.s3_credentials is not None
+        key, secret = self.s3_credentials
+        config = self.workdir / "s3.json"
+        identity = {
+            "name": "casstore",
+            "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        return config
 
     def mount(self, name: str, filer_path: str = "/cas") -> Path:
         point = self.workdir / name
@@ -246,9 +266,10 @@ def wait_visible(path: Path, timeout: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def s3_gateway(workdir: Path) -> Iterator[str]:
-    """A fresh SeaweedFS serving its S3 gateway on loopback: yields the endpoint URL."""
-    fs = SeaweedFS(workdir, s3=True)
+def s3_gateway(workdir: Path, credentials: tuple[str, str] | None = None) -> Iterator[str]:
+    """A fresh SeaweedFS serving its S3 gateway on loopback: yields the endpoint URL. With
+    ``credentials`` (key, secret) it refuses requests signed with any other."""
+    fs = SeaweedFS(workdir, s3=True, s3_credentials=credentials)
     try:
         fs.start()
         yield fs.s3_endpoint
@@ -256,7 +277,20 @@ def s3_gateway(workdir: Path) -> Iterator[str]:
         fs.stop()
 
 
-def create_bucket(endpoint: str, name: str) -> None:
-    """Buckets of this gateway are created with a plain PUT."""
-    request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
-    urllib.request.urlopen(request, timeout=10).read()
+def create_bucket(endpoint: str, name: str, credentials: tuple[str, str] | None = None) -> None:
+    """Create a bucket: a plain PUT where the gateway checks no credentials, a signed one
+    (boto3) where it does."""
+    if credentials is None:
+        request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).read()
+        return
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=credentials[0],
+        aws_secret_access_key=credentials[1],
+    )
+    client.create_bucket(Bucket=name)

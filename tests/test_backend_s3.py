@@ -34,6 +34,16 @@ def test_a_missing_bucket_is_one_clear_error(s3_url: str) -> None:
         backend.check()
 
 
+def test_wrong_credentials_are_one_clear_error(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"403|Forbidden|SignatureDoesNotMatch|denied"):
+        S3Backend(s3_url).check()
+    assert time.monotonic() - started < 60
+
+
 def test_an_unreachable_endpoint_fails_in_seconds_not_a_hang(
     s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,7 +61,7 @@ def test_credentials_come_from_the_profile_when_the_environment_has_none(
     home = tmp_path
     (home / ".aws").mkdir()
     (home / ".aws" / "credentials").write_text(
-        "[ci]\naws_access_key_id = casstore-test\naws_secret_access_key = s\n"
+        "[ci]\naws_access_key_id = casstore-test\naws_secret_access_key = casstore-test-secret\n"
     )
     (home / ".aws" / "config").write_text(
         f"[profile ci]\nregion = us-east-1\nendpoint_url = {s3_endpoint}\n"
