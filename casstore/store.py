@@ -486,10 +486,14 @@ class Store:
             # An object store cannot renew the chunks this save reuses: announce them
             # before looking for any, so that gc gives back any it deletes (intents.py).
             intent = None if self.backend.renews_age else Intent(self.backend)
+            known: set[bytes] | None = None
             try:
                 if intent is not None:
-                    intent.announce(_digests_of(local))
-                entries = self._upload(local, current, report, progress, intent)
+                    digests = _digests_of(local)
+                    intent.announce(digests)
+                    # A look too, so only now: after the announcement.
+                    known = self._present_by_listing(digests)
+                entries = self._upload(local, current, report, progress, intent, known)
                 changed = [e for e in entries if current.get(e.path) != e]
                 report.changed_files = len(changed)
                 report.chunks = sum(len(e.chunks) for e in changed)
@@ -638,6 +642,28 @@ class Store:
         entry = FileEntry(f.rel, before.st_size, f.mode, whole.digest(), tuple(refs))
         return old if old == entry else entry
 
+    def _present_by_listing(self, digests: set[bytes]) -> set[bytes] | None:
+        """Which of ``digests`` the store holds, by listing their fan-out directories, when
+        that takes fewer requests than one ``HEAD`` per chunk (the count of the first
+        directory tells how many pages a listing takes); None when it would not."""
+        prefixes = sorted({objects.chunk_key(d).rsplit("/", 1)[0] + "/" for d in digests})
+        if not prefixes:
+            return None
+        first = [info.key for info in self.backend.list(prefixes[0])]
+        pages = max(1, -(-len(first) // 1000))
+        # A listing page costs about two HEADs (measured: docs/s3-benchmarks.md).
+        if len(prefixes) * pages * 2 >= len(digests):
+            return None
+
+        def listed(prefix: str) -> list[str]:
+            return [info.key for info in self.backend.list(prefix)]
+
+        names = set(first)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-list") as pool:
+            for found in pool.map(listed, prefixes[1:]):
+                names.update(found)
+        return {d for d in digests if objects.chunk_key(d) in names}
+
     def _refresh_chunk(self, key: str, data: memoryview, ref: ChunkRef, trusted: bool) -> bool:
         """Whether the chunk is present, renewing its age for gc's grace (refresh())."""
         try:
@@ -658,7 +684,11 @@ class Store:
         report: SaveReport,
         progress: ProgressCallback | None,
         intent: Intent | None = None,
+        known: set[bytes] | None = None,
     ) -> list[FileEntry]:
+        """Cut, check and upload. On a backend that cannot renew ages, ``intent`` announces
+        every chunk before it is looked for, and ``known`` (when given) holds the announced
+        digests a listing found present: those need no request of their own."""
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
         stats_lock = threading.Lock()
@@ -671,10 +701,12 @@ class Store:
                 return
             key = objects.chunk_key(ref.digest)
             if intent is not None:
-                # Announced before looking (a file changed since the first pass, say).
-                if not intent.covers(ref.digest):
+                if known is not None and intent.covers(ref.digest):
+                    found = ref.digest in known  # listed after its announcement
+                else:
+                    # Announced before looking (a file changed since the first pass, say).
                     intent.announce([ref.digest])
-                found = self.backend.stat(key) is not None
+                    found = self.backend.stat(key) is not None
             else:
                 found = self._refresh_chunk(key, data, ref, trusted)
             if not found:

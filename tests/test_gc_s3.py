@@ -215,7 +215,8 @@ def test_a_new_manifest_gc_cannot_read_keeps_the_batch(
     monkeypatch.setattr(backend, "move", move)
     monkeypatch.setattr(backend, "get", get)
     gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    monkeypatch.undo()
+    monkeypatch.setattr(backend, "move", real_move)
+    monkeypatch.setattr(backend, "get", real_get)
     assert present(store, garbage)
 
 

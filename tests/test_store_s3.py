@@ -107,7 +107,7 @@ def test_every_chunk_a_save_looks_for_was_announced_first(
     backend = store.backend
     announced: set[str] = set()
     late: list[str] = []
-    real_put, real_stat = backend.put_if_absent, backend.stat
+    real_put, real_stat, real_list = backend.put_if_absent, backend.stat, backend.list
 
     def put(key: str, data: bytes) -> bool:
         if key.startswith(f"{INTENTS_DIR}/"):
@@ -121,10 +121,49 @@ def test_every_chunk_a_save_looks_for_was_announced_first(
             late.append(key)
         return real_stat(key)
 
+    def listing(prefix: str):  # type: ignore[no-untyped-def]
+        for info in real_list(prefix):
+            name = info.key.rsplit("/", 1)[-1]
+            if prefix.startswith("chunks/") and name[:-4] not in announced:
+                late.append(info.key)  # a look at a chunk not announced yet
+            yield info
+
     monkeypatch.setattr(backend, "put_if_absent", put)
     monkeypatch.setattr(backend, "stat", stat)
+    monkeypatch.setattr(backend, "list", listing)
+    store.save(tmp_path / "src", KEY)  # a first save: looks by HEAD
+    many = {f"many/{i:04d}.py": os.urandom(1000) for i in range(600)}
+    write_tree(tmp_path / "src", many)
+    announced.clear()
+    store.save(tmp_path / "src", KEY)  # many chunks: looks by listing
+    assert late == [] and len(announced) >= len(files) + len(many) - 1
+
+
+def test_saves_look_by_listing_when_it_is_cheaper_and_still_heal(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of chunks: a few listings instead of a HEAD each; a chunk lost from the
+    store is still uploaded again by the next save that holds it."""
+    files = {f"f/{i:04d}.py": os.urandom(2000) for i in range(800)}
+    write_tree(tmp_path / "src", files)
+    store = Store(s3_url)
     store.save(tmp_path / "src", KEY)
-    assert late == [] and len(announced) >= len(files) - 1
+    lost = store.files(KEY)["f/0007.py"].chunks[0].digest
+    backend = store.backend
+    backend.delete(f"chunks/{lost.hex()[:2]}/{lost.hex()}.zst")
+    heads: list[str] = []
+    real_stat = backend.stat
+
+    def stat(key: str):  # type: ignore[no-untyped-def]
+        heads.append(key)
+        return real_stat(key)
+
+    monkeypatch.setattr(backend, "stat", stat)
+    report = store.save(tmp_path / "src", KEY)
+    assert report.new_chunks == 1 and report.manifest is None  # healed, nothing new to list
+    assert len([h for h in heads if h.startswith("chunks/")]) < 50
+    monkeypatch.setattr(backend, "stat", real_stat)
+    assert Store(s3_url, create=False).load(KEY, tmp_path / "dst").missing == []
 
 
 # --- s3:// roots wherever a root is accepted --------------------------------------------------
