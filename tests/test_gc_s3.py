@@ -18,7 +18,7 @@ from casstore import manifest as mf
 from casstore.backends.base import ObjectInfo
 from casstore.errors import StoreUnavailable
 from casstore.intents import Intent
-from tests.helpers import read_tree, write_tree
+from tests.helpers import read_tree, wait_until, write_tree
 from tests.load_mix import run_mix
 from tests.stress_worker import seed_aged_garbage
 from tests.test_gc_stress import assert_every_save_loads
@@ -39,8 +39,24 @@ def two_keys(root: str, tmp_path: Path) -> tuple[Store, dict[str, bytes], bytes]
     store.save(tmp_path / "gone", GONE)
     garbage = store.files(GONE)["gone.py"].chunks[0].digest
     gc_mod.remove_key(store, GONE)
-    time.sleep(1.1)  # object stores date objects to the second: let grace 0 see them old
+    aged(store, 0)  # object stores date to the second: grace 0 must see them as old
     return store, keep, garbage
+
+
+def store_clock(store: Store) -> float:
+    """The store's clock: the date it gives an object written now."""
+    store.backend.put_if_absent("locks/test-clock", b"")
+    info = store.backend.stat("locks/test-clock")
+    store.backend.delete("locks/test-clock")
+    assert info is not None
+    return info.mtime
+
+
+def aged(store: Store, seconds: float) -> None:
+    """Wait until every chunk is older than ``seconds`` by the store's clock (S3 has no
+    utime: time must pass), polling the clock with a bound."""
+    newest = max(i.mtime for i in store.backend.list("chunks/"))
+    wait_until(lambda: store_clock(store) > newest + seconds, seconds + 30, "chunks to age")
 
 
 def present(store: Store, digest: bytes) -> bool:
@@ -68,7 +84,7 @@ def test_a_saver_that_looked_first_gets_its_chunk_back(s3_url: str, tmp_path: Pa
     assert report.chunks_deleted == 0 and report.chunks_kept_late >= 1
     assert present(store, garbage)
     intent.close()
-    time.sleep(1.1)  # given back means written anew: it ages from now
+    aged(store, 0)  # given back means written anew: it ages from now
     again = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
     assert again.chunks_deleted == 1 and not present(store, garbage)
 
@@ -78,7 +94,10 @@ def test_intents_of_dead_saves_expire_after_the_grace(s3_url: str, tmp_path: Pat
     Intent(store.backend).announce([garbage])  # a saver that died: never withdrawn
     kept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
     assert kept.chunks_deleted == 0 and list(store.backend.list("intents/"))
-    time.sleep(1.1)
+    intents = list(store.backend.list("intents/"))
+    wait_until(
+        lambda: store_clock(store) > max(i.mtime for i in intents) + 1, 30, "the intent to age"
+    )
     swept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
     assert swept.chunks_deleted == 1 and list(store.backend.list("intents/")) == []
 
@@ -123,7 +142,7 @@ def test_gc_sweeps_while_savers_reuse_the_chunks_it_sweeps_on_s3(
     monkeypatch.setenv("CASSTORE_TEST_OLD_CHUNKS", str(old_chunks))
     garbage = seed_aged_garbage(Store(s3_url), tmp_path / "seed", keys=3, filler=150)
     assert garbage > 0 and old_chunks.exists()
-    time.sleep(grace + 1.5)  # the seeded chunks age past the grace (no utime on S3)
+    aged(Store(s3_url, create=False), grace)  # no utime on S3: the seed ages for real
     mix = run_mix([s3_url], tmp_path / "work", 10.0, savers=2, loaders=2, gc_grace=grace)
     assert mix.errors == []
     assert mix.total("gc_runs") > 0 and mix.total("loads") > 0

@@ -112,6 +112,13 @@ def _store(location: S3Location, env: dict[str, str]) -> S3Store:
     settings: dict[str, Any] = {}
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    # Passed explicitly, so that what ``env`` says is what is used (obstore would read the
+    # process's own environment).
+    if env.get("AWS_ACCESS_KEY_ID"):
+        settings["access_key_id"] = env["AWS_ACCESS_KEY_ID"]
+        settings["secret_access_key"] = env.get("AWS_SECRET_ACCESS_KEY", "")
+        if env.get("AWS_SESSION_TOKEN"):
+            settings["session_token"] = env["AWS_SESSION_TOKEN"]
     if env.get("AWS_PROFILE") or not env.get("AWS_ACCESS_KEY_ID"):
         profile = _profile_settings(env)
         if "aws_access_key_id" in profile and not env.get("AWS_ACCESS_KEY_ID"):
