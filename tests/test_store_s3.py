@@ -196,6 +196,9 @@ def test_the_cli_on_an_s3_root(s3_url: str, tmp_path: Path) -> None:
     stats = json.loads(run_cli(s3_url, "stats", "--json").stdout)
     assert stats["keys"] == 1 and stats["usage"]["loads"]["complete"] == 1
     assert run_cli(s3_url, "show", listed["key_id"][:8]).returncode == 0
+    assert json.loads(run_cli(s3_url, "du", "--json").stdout)[0]["model"] == "s3"
+    planned = run_cli(s3_url, "gc", "--grace", "1h", "--dry-run", "--json")
+    assert planned.returncode == 0 and json.loads(planned.stdout)["executed"] is False
     gc = run_cli(s3_url, "gc", "--grace", "1h", "-y", "--json")
     assert gc.returncode == 0 and json.loads(gc.stdout)["executed"] is True, gc.stderr
     doctor = json.loads(run_cli(s3_url, "doctor", "--json").stdout)
