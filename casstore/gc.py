@@ -10,7 +10,8 @@ renamed out of readers' sight, its chunks kept) and deleted only by the next run
 replica saved it in between; manifests go before chunks; only chunks unreferenced *and*
 older than the grace period are candidates; manifests published while gc ran protect their
 chunks; and each candidate is moved to ``trash/`` before deletion, then restored if a saver
-refreshed it in the meantime (a refresh after the move fails, and the saver re-uploads).
+refreshed it (a filesystem) or announced it (an object store) in the meantime: the sweep
+itself is :mod:`casstore.sweep`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ import os
 import random
 import re
 import stat
-import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,11 +40,19 @@ from casstore.errors import (
     NotFound,
     UnsupportedManifest,
 )
-from casstore.intents import Active
-from casstore.intents import active as active_intents
 from casstore.keys import CacheKey
 from casstore.locks import exclusive_unless_busy, remove_if_unheld
 from casstore.store import Store, StoredManifest
+from casstore.sweep import (
+    NewManifests,
+    by_intents,
+    by_rename,
+    chunks_of_new_manifests,
+    real_dir,
+    recover_objects,
+    recover_renamed,
+    store_clock,
+)
 
 log = logging.getLogger("casstore")
 
@@ -412,9 +418,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             live.update(a.chunks)
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     # Chunk ages against the clock that dated them: the store's own, on an object store.
-    store_clock = _store_clock(store) if fs is None else None
+    clock = store_clock(store) if fs is None else None
     planned_at = time.monotonic()
-    cutoff = (store_clock if store_clock is not None else now) - policy.grace
+    cutoff = (clock if clock is not None else now) - policy.grace
     unreferenced = [info for info, d in chunk_infos if d not in live]
     candidates = tuple((info.key, info.size) for info in unreferenced if info.mtime < cutoff)
     young = [info.size for info in unreferenced if info.mtime >= cutoff]
@@ -447,7 +453,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         live_chunks=len(kept_live),
         live_bytes=sum(sizes.get(d, 0) for d in kept_live),
         sweep_blocked=blocked,
-        store_clock=store_clock,
+        store_clock=clock,
         planned_at=planned_at,
         grace_kept=len(young),
         grace_kept_bytes=sum(young),
@@ -466,17 +472,8 @@ def _stale_temps(root: Path, older_than: float) -> Iterable[str]:
                     pass
 
 
-def _real_dir(path: Path) -> bool:
-    """A directory of the store that is really one: anyone who can write the store could
-    replace it with a symlink to elsewhere, where gc must delete nothing."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _stale_locks(lock_dir: Path, older_than: float) -> Iterable[str]:
-    if not _real_dir(lock_dir):
+    if not real_dir(lock_dir):
         return
     try:
         entries = list(os.scandir(lock_dir))
@@ -542,8 +539,8 @@ def execute(
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
     # 4. Protect the chunks of every manifest published since planning. One that cannot
     #    be read now could list any chunk: then nothing is swept this run.
-    new_manifests = _NewManifests()
-    late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
+    new_manifests = NewManifests()
+    late = chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
     if late is None:
         p = replace(
             p, sweep_blocked=p.sweep_blocked or "a manifest published during gc cannot be read"
@@ -553,16 +550,33 @@ def execute(
     # 5. Sweep, through trash/.
     live = protected | {c.hex() for s in p.keys for c in s.chunks}
     live |= {c.hex() for a in p.set_aside if a.restore or not a.due for c in a.chunks}
+
+    def expiry() -> float:
+        return _intent_expiry(p)
+
     if fs is not None:
-        report.trash_restored += _recover_trash(store, p.cutoff, live, report)
+        recovered = recover_renamed(fs, p.cutoff, live)
     else:
-        report.trash_restored += _recover_object_trash(store, p, live, report, new_manifests)
+        recovered = recover_objects(
+            store, live, p.seen_manifests, expiry, p.store_now, new_manifests
+        )
+    report.trash_restored += recovered.restored
+    report.errors += recovered.errors
     if p.sweep_blocked:
         report.errors.append(p.sweep_blocked)
-    elif fs is not None:
-        _sweep(fs, p, protected, report, threads, progress)
     else:
-        _sweep_object_store(store, p, protected, report, threads, progress, new_manifests)
+        todo = [(k, n) for k, n in p.chunks if objects.digest_from_key(k) not in protected]
+        report.chunks_kept_late += len(p.chunks) - len(todo)
+        if fs is not None:
+            swept = by_rename(fs, todo, p.cutoff, threads, progress)
+        else:
+            swept = by_intents(
+                store, todo, p.cutoff, p.seen_manifests, expiry, new_manifests, threads, progress
+            )
+        report.chunks_deleted += swept.deleted
+        report.bytes_freed += swept.bytes_freed
+        report.chunks_kept_late += swept.kept
+        report.errors += swept.errors
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
@@ -592,183 +606,10 @@ def execute(
     return report
 
 
-def _sweep(
-    fs: FileSystemBackend,
-    p: Plan,
-    protected: set[str],
-    report: GcReport,
-    threads: int,
-    progress: ProgressCallback | None,
-) -> None:
-    run_trash = f"{constants.TRASH_DIR}/{trash_run_name(p.cutoff)}"
-    todo = [(k, size) for k, size in p.chunks if objects.digest_from_key(k) not in protected]
-    report.chunks_kept_late += len(p.chunks) - len(todo)
-    lock = threading.Lock()
-    done = 0
-
-    def sweep(item: tuple[str, int]) -> None:
-        nonlocal done
-        key, size = item
-        outcome = _sweep_chunk(fs, key, f"{run_trash}/{key.rsplit('/', 1)[-1]}", p.cutoff)
-        with lock:
-            done += 1
-            if outcome == "deleted":
-                report.chunks_deleted += 1
-                report.bytes_freed += size
-            elif outcome == "kept":
-                report.chunks_kept_late += 1
-        if progress is not None:
-            progress(done, len(todo))
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(sweep, todo))
-    _remove_empty_dir(fs.root / run_trash)
-
-
-# Candidates an object-store sweep moves to trash before it looks at the intents again.
-OBJECT_SWEEP_BATCH = 256
-
-
-def _sweep_object_store(
-    store: Store,
-    p: Plan,
-    protected: set[str],
-    report: GcReport,
-    threads: int,
-    progress: ProgressCallback | None,
-    new_manifests: _NewManifests,
-) -> None:
-    """The sweep where objects cannot be renewed (intents.py): each batch of candidates is
-    moved to trash/, then the intents and the manifests published since planning are read
-    again, and every trashed chunk one of them lists goes back; the rest is deleted.
-
-    A saver publishes its intent before it looks for a chunk; this looks at the intents
-    after moving the chunk away. If the saver looked first, its intent is visible here and
-    the chunk goes back; if this moved first, the saver finds the chunk missing and
-    uploads it. Either way no manifest lists a chunk that is gone for good."""
-    backend = store.backend
-    run_trash = f"{constants.TRASH_DIR}/{trash_run_name(p.cutoff)}"
-    todo = [(k, size) for k, size in p.chunks if objects.digest_from_key(k) not in protected]
-    report.chunks_kept_late += len(p.chunks) - len(todo)
-    done = 0
-
-    def wanted(intents: Active, late: set[str] | None, key: str) -> bool:
-        """Listed by an intent or a new manifest; None (a manifest not judged): all are."""
-        hexd = objects.digest_from_key(key)
-        if late is None or hexd is None:
-            return True
-        return intents.protects(bytes.fromhex(hexd)) or hexd in late
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for start in range(0, len(todo), OBJECT_SWEEP_BATCH):
-            # Candidates a save announced or listed already are not even moved: the window
-            # in which a load finds one only in trash/ stays for races, which are rare.
-            intents = active_intents(backend, _intent_expiry(p))
-            late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
-            batch = []
-            for key, size in todo[start : start + OBJECT_SWEEP_BATCH]:
-                if wanted(intents, late, key):
-                    report.chunks_kept_late += 1
-                else:
-                    batch.append((key, size))
-
-            def to_trash(item: tuple[str, int]) -> tuple[str, int, str] | None:
-                key, size = item
-                trash_key = f"{run_trash}/{key.rsplit('/', 1)[-1]}"
-                return (key, size, trash_key) if backend.move(key, trash_key) else None
-
-            moved = [m for m in pool.map(to_trash, batch) if m is not None]
-            intents = active_intents(backend, _intent_expiry(p))
-            late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
-
-            def settle(
-                item: tuple[str, int, str],
-                intents: Active = intents,
-                late: set[str] | None = late,
-            ) -> str:
-                key, _size, trash_key = item
-                if not wanted(intents, late, key):
-                    backend.delete(trash_key)
-                    return "deleted"
-                if backend.move(trash_key, key):
-                    return "kept"
-                # Not given back: either a saver uploaded it again (the trash copy is
-                # redundant), or the trash copy is gone (another gc finished this run):
-                # then the chunk is lost, and that must be said, never counted as kept.
-                if backend.stat(key) is not None:
-                    backend.delete(trash_key)
-                    return "kept"
-                return "lost"
-
-            for (key, size, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
-                if outcome == "deleted":
-                    report.chunks_deleted += 1
-                    report.bytes_freed += size
-                elif outcome == "kept":
-                    report.chunks_kept_late += 1
-                else:
-                    report.errors.append(
-                        f"{key}: listed by a save, but its trash copy vanished before gc could "
-                        "give it back (a second gc on this store?); the next save of that "
-                        "file uploads it again"
-                    )
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(todo))
-    # Intents older than the grace belong to saves that died (or were slower than the
-    # grace, and are unprotected anyway): withdraw them.
-    for name in active_intents(backend, _intent_expiry(p)).expired:
-        backend.delete(name)
-
-
 def _intent_expiry(p: Plan) -> float:
     """Intents dated before this (the store's clock) are older than the grace: expired.
     A second of slack: object stores date objects to the second."""
     return p.store_now() - p.policy.grace - 1.0
-
-
-def _store_clock(store: Store) -> float:
-    """The object store's clock: the date it gives a probe object written now. Its
-    objects are dated by it, and this host's clock may differ by any amount."""
-    name = f"{constants.LOCKS_DIR}/gc-clock-{uuid.uuid4().hex}"
-    store.backend.put_if_absent(name, b"")
-    try:
-        info = store.backend.stat(name)
-    finally:
-        store.backend.delete(name)
-    return info.mtime if info is not None else time.time()
-
-
-def _recover_object_trash(
-    store: Store, p: Plan, live: set[str], report: GcReport, new_manifests: _NewManifests
-) -> int:
-    """Finish the sweeps of object-store gc runs that crashed between moving a chunk to
-    trash/ and settling it: a trashed chunk goes back when a live manifest, an intent or a
-    manifest published since planning lists it (intents read first, then manifests, as
-    the sweep does), else it is deleted. Runs younger than 10 minutes may be another
-    gc's."""
-    backend = store.backend
-    intents = active_intents(backend, _intent_expiry(p))
-    late = _chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
-    restored = 0
-    for info in list(backend.list(f"{constants.TRASH_DIR}/")):
-        if info.mtime >= p.store_now() - 600:
-            continue
-        hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
-        try:
-            wanted = hexd is not None and (
-                late is None
-                or hexd in live
-                or hexd in late
-                or intents.protects(bytes.fromhex(hexd))
-            )
-            if wanted and hexd is not None and backend.move(info.key, objects.chunk_key(hexd)):
-                restored += 1
-                continue
-            backend.delete(info.key)
-        except (OSError, CasstoreError) as e:
-            report.errors.append(f"trash {info.key}: {e}")
-    return restored
 
 
 def _used_since_plan(store: Store, state: KeyState, seen: frozenset[str]) -> bool:
@@ -859,119 +700,7 @@ def _remove_orphan_marker(store: Store, marker: str) -> bool:
     return store.backend.delete(marker)
 
 
-@dataclass
-class _NewManifests:
-    """The chunks of the manifests published since planning, read again and again during
-    a sweep: manifests are immutable, so each is read once (``read``: name -> chunks)."""
-
-    read: dict[str, frozenset[str]] = field(default_factory=dict)
-
-
-def _chunks_of_new_manifests(
-    store: Store, seen: frozenset[str], cache: _NewManifests | None = None
-) -> set[str] | None:
-    """Hex digests of the chunks every manifest published since planning lists; None when
-    one of them could not be judged (unreadable now, or from a newer casstore): the
-    caller then protects everything. Only a manifest deleted since the listing, or one
-    nothing can ever load (damaged, hostile), is skipped."""
-    cache = cache if cache is not None else _NewManifests()
-    protected: set[str] = set()
-    for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
-        if info.key in seen or not info.key.endswith(constants.MANIFEST_SUFFIX):
-            continue
-        if info.key not in cache.read:
-            try:
-                blob = store.backend.get(info.key, max_bytes=constants.MAX_MANIFEST_BYTES)
-                m = mf.decode(blob, source=info.key)
-            except NotFound:
-                continue  # deleted since the listing
-            except UnsupportedManifest:
-                return None
-            except (InvalidManifest, CorruptObject):
-                continue  # nothing can ever load it
-            except (CasstoreError, OSError) as e:
-                log.warning("gc: cannot read new manifest %s (%s): protecting all", info.key, e)
-                return None
-            cache.read[info.key] = frozenset(c.digest.hex() for f in m.files for c in f.chunks)
-        protected |= cache.read[info.key]
-    return protected
-
-
-def _sweep_chunk(fs: FileSystemBackend, key: str, trash_key: str, cutoff: float) -> str:
-    """Move one candidate to trash, then delete it unless a saver refreshed it meanwhile.
-
-    A refresh that landed before the move shows in the moved file's mtime (rename keeps
-    it): the chunk goes back. A refresh after the move finds no file, so that saver
-    uploads the chunk again. Either way no manifest is left pointing at nothing.
-    """
-    if not fs.move(key, trash_key):
-        return "gone"
-    info = fs.stat(trash_key)
-    if info is not None and info.mtime >= cutoff:
-        if not fs.move(trash_key, key):  # a saver re-uploaded it already
-            fs.delete(trash_key)
-        return "kept"
-    fs.delete(trash_key)
-    return "deleted"
-
-
-_RUN_CUTOFF_RE = re.compile(r"-c(\d+)-")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{32}")
-
-
-def trash_run_name(cutoff: float) -> str:
-    """``trash/`` subdirectory of one sweep. It records the run's cutoff, so that a later
-    run finishing this one's sweep after a crash judges each chunk as this run would."""
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-c{int(cutoff)}-{uuid.uuid4().hex[:8]}"
-
-
-def _recover_trash(store: Store, cutoff: float, live: set[str], report: GcReport) -> int:
-    """Finish the sweeps of gc runs that crashed. A trashed chunk goes back to chunks/
-    when a live manifest lists it (``live``: hex digests) or when it was refreshed after
-    the crashed run's cutoff (or this run's, whichever is earlier); the rest is deleted.
-
-    Anyone who can write the store can plant things in trash/: only real directories and
-    regular files are handled (never followed through a symlink), and whatever vanishes or
-    cannot be removed (another gc finishing the same run) is skipped, never fatal."""
-    fs = _fs(store)
-    restored = 0
-    if fs is None or not _real_dir(fs.root / constants.TRASH_DIR):
-        return 0
-    try:
-        runs = list(os.scandir(fs.root / constants.TRASH_DIR))
-    except OSError:
-        return 0
-    for run in runs:
-        try:
-            # Another gc may be mid-sweep in its own run directory: leave recent ones alone.
-            if not run.is_dir(follow_symlinks=False):
-                continue
-            if run.stat(follow_symlinks=False).st_mtime >= time.time() - 600:
-                continue
-            entries = list(os.scandir(run.path))
-        except OSError:
-            continue
-        recorded = _RUN_CUTOFF_RE.search(run.name)
-        run_cutoff = min(cutoff, float(recorded.group(1))) if recorded else cutoff
-        for entry in entries:
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                trash_key = f"{constants.TRASH_DIR}/{run.name}/{entry.name}"
-                hexd = objects.digest_from_key(entry.name)
-                info = fs.stat(trash_key)
-                keep = hexd is not None and (
-                    hexd in live or (info is not None and info.mtime >= run_cutoff)
-                )
-                if keep and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
-                    restored += 1
-                    continue
-                # Garbage, or present in chunks/ already (re-uploaded): the copy is redundant.
-                fs.delete(trash_key)
-            except OSError as e:
-                report.errors.append(f"trash {run.name}/{entry.name}: {e.strerror or e}")
-        _remove_empty_dir(Path(run.path))
-    return restored
 
 
 def compaction_refused(store: Store, signers: Iterable[bytes | None]) -> str | None:
@@ -1077,12 +806,12 @@ def cleanup(
     try:
         chunks = root / constants.CHUNKS_DIR
         fanout = [e.path for e in os.scandir(chunks) if e.is_dir(follow_symlinks=False)]
-        fanout = fanout if _real_dir(chunks) else []
+        fanout = fanout if real_dir(chunks) else []
     except OSError:
         fanout = []
     dirs += [Path(p) for p in random.sample(fanout, min(4, len(fanout)))]
     for d in dirs:
-        if not _real_dir(d):
+        if not real_dir(d):
             continue  # os.walk would follow a symlink given as its top directory
         for dirpath, _sub, names in os.walk(d):
             for name in names:
@@ -1110,13 +839,6 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def _remove_empty_dir(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def gc_lock(store: Store) -> AbstractContextManager[bool]:

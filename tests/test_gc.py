@@ -18,6 +18,7 @@ from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.locks import best_effort_lock
 from casstore.store import StoredManifest
+from casstore.sweep import trash_run_name
 from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
 
 DAY = 86400.0
@@ -511,7 +512,7 @@ def test_crashed_trash_restores_what_its_own_run_would_have(store: Store, tmp_pa
     now = time.time()
     crashed_cutoff = now - 5 * HOUR
     age(chunk, 4 * HOUR, now)  # refreshed after the crashed run's cutoff
-    run = f"{constants.TRASH_DIR}/{gc_mod.trash_run_name(crashed_cutoff)}"
+    run = f"{constants.TRASH_DIR}/{trash_run_name(crashed_cutoff)}"
     ckey = f"{constants.CHUNKS_DIR}/{chunk.parent.name}/{chunk.name}"
     assert store.backend.move(ckey, f"{run}/{chunk.name}")
     age(tmp_path / "store" / run, 2 * HOUR, now)

@@ -263,7 +263,7 @@ def test_recovery_reads_the_manifests_published_since_planning(
         calls.append(1)
         return real_active(backend_, younger_than)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("casstore.gc.active_intents", active)
+    monkeypatch.setattr("casstore.sweep.active_intents", active)
     report = gc_mod.execute(store, later)
     assert report.trash_restored == 1 and present(store, garbage)
 
