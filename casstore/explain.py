@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from casstore import config
+from casstore.errors import CasstoreError
 from casstore.keys import CacheKey
 
 if TYPE_CHECKING:
@@ -168,13 +169,19 @@ class Explanation:
 
 
 def _open(path: config.StoreRoot) -> Store | None:
+    """The store at ``path``; None where a first save would start one (nothing saved
+    yet). A store that cannot be reached (a missing bucket, refused credentials) or a
+    directory that is not one is an error: "nothing is stored" would mislead."""
+    from casstore.compile_cache import no_store_yet
     from casstore.errors import StoreUnavailable
     from casstore.store import Store
 
     try:
         return Store(path, create=False, record_usage=False)
     except StoreUnavailable:
-        return None
+        if no_store_yet(path):
+            return None
+        raise
 
 
 def _other_scopes(choice: config.RootChoice) -> list[tuple[str, Store]]:
@@ -185,7 +192,10 @@ def _other_scopes(choice: config.RootChoice) -> list[tuple[str, Store]]:
     found = []
     for scope, mount in sorted(config.SCOPE_MOUNTS.items()):
         if scope != choice.scope and Path(mount).is_dir():
-            store = _open(Path(mount) / "cas")
+            try:
+                store = _open(Path(mount) / "cas")
+            except CasstoreError:
+                continue  # another scope's trouble is not this host's question
             if store is not None:
                 found.append((scope, store))
     return found

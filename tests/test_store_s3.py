@@ -217,6 +217,10 @@ def test_cli_errors_on_s3_are_one_line(s3_url: str, tmp_path: Path) -> None:
     assert "no-such-bucket" in missing.stderr
     fresh = run_cli(s3_url, "load", str(tmp_path / "d"), "--model", "x")
     assert fresh.returncode == 1 and "not a casstore" in fresh.stderr
+    explained = run_cli("s3://no-such-bucket/cas", "explain", "--model", "x")
+    assert explained.returncode == 1 and "no-such-bucket" in explained.stderr
+    nothing_yet = run_cli(s3_url, "explain", "--model", "x", "--json")
+    assert json.loads(nothing_yet.stdout)["store"] is False
 
 
 def test_model_py_and_the_sidecar_on_an_s3_root(
