@@ -142,7 +142,7 @@ def no_store_yet(root: StoreRoot) -> bool:
 
         backend = S3Backend(root)
         backend.check()
-        return not any(True for _ in backend.list(""))
+        return not backend.holds_other_files()
     from casstore.backends.fs import FileSystemBackend
 
     return not root.exists() or (root.is_dir() and not FileSystemBackend(root).holds_other_files())

@@ -63,10 +63,6 @@ def check_root(raw: str | os.PathLike[str], variable: str | None = None) -> None
         raise UnsupportedRoot(f"store root {text}{source}: {e}") from None
 
 
-def is_url(root: StoreRoot) -> bool:
-    return isinstance(root, str)
-
-
 def root_path(raw: str | os.PathLike[str], variable: str | None = None) -> StoreRoot:
     """``raw`` as a store root: a path (``~`` expanded), or an ``s3://`` URL as it is;
     another URL is an error."""

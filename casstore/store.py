@@ -208,7 +208,7 @@ class Store:
         except NotFound:
             if not create:
                 raise StoreUnavailable(f"{self.backend.describe()} is not a casstore") from None
-            if self._holds_other_files():
+            if self.backend.holds_other_files():
                 # Load refuses such a root (no layout file): save must refuse it too, not
                 # quietly start a store among someone's files.
                 raise StoreUnavailable(
@@ -240,14 +240,6 @@ class Store:
                 f"store layout differs from this casstore's (found {found}, "
                 f"expected {expected}); every writer must chunk the same way"
             )
-
-    def _holds_other_files(self) -> bool:
-        """Whether the root holds anything but what a fresh volume or a crashed first save
-        leaves there (``lost+found``, temp files). Top level only: ``lost+found`` is often
-        readable by root alone."""
-        if isinstance(self.backend, FileSystemBackend):
-            return self.backend.holds_other_files()
-        return any(True for _ in self.backend.list(""))
 
     # --- manifests ---------------------------------------------------------------------------
 

@@ -75,5 +75,10 @@ class Backend(abc.ABC):
         sweep and by quarantine; a backend without renames raises NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} cannot rename objects")
 
+    def holds_other_files(self) -> bool:
+        """Whether anything is stored here at all: where a new store may not start. A
+        filesystem ignores what a fresh volume or a crashed first save leaves."""
+        return any(True for _ in self.list(""))
+
     def describe(self) -> str:
         return type(self).__name__

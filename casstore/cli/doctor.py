@@ -161,7 +161,7 @@ def _open_object_store(found: Diagnosis, url: str) -> Store | None:
         store = Store(url, threads=found.threads, create=False)
         found.store = STORE_OK
     except StoreUnavailable:
-        empty = not any(True for _ in backend.list(""))
+        empty = not backend.holds_other_files()
         found.store = STORE_EMPTY if empty else STORE_FOREIGN
         if not empty:
             found.problems.append(
