@@ -101,7 +101,7 @@ def verify(
     """Decompress and re-hash every chunk; check every manifest (its signature too) and
     what it references. ``trusted``: also list the valid manifests these keys do not
     trust."""
-    from casstore.signing import PublicKey
+    from casstore.signing import signer_name
 
     report = VerifyReport()
     signer_of: dict[str, bytes | None] = {}
@@ -109,7 +109,7 @@ def verify(
         store, report.unsupported_manifests, signer_of
     )
     for name, signer in sorted(signer_of.items()):
-        label = "unsigned" if signer is None else str(PublicKey(signer))
+        label = signer_name(signer)
         report.signers[label] = report.signers.get(label, 0) + 1
         if trusted is not None and not trusted.trusts(signer):
             report.untrusted_manifests.append((name, label))

@@ -55,6 +55,15 @@ class PublicKey:
         return str(self)[: len(PUBLIC_KEY_PREFIX) + 12]
 
 
+def signer_name(signer: bytes | None, *, short: bool = False) -> str:
+    """A manifest's signer for people and JSON: ``ed25519:…`` (``short``: its first
+    characters), or ``unsigned``."""
+    if signer is None:
+        return "unsigned"
+    key = PublicKey(signer)
+    return key.short if short else str(key)
+
+
 def parse_public_key(text: str) -> PublicKey:
     """``ed25519:<base64>`` (a comment after a space is ignored) → :class:`PublicKey`."""
     word = text.strip().split(maxsplit=1)[0] if text.strip() else ""

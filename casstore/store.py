@@ -1206,11 +1206,9 @@ def _with_mode(entry: FileEntry, mode: int) -> FileEntry:
 
 def signer_text(signer: bytes | None) -> str:
     """``signed by ed25519:…`` or ``unsigned``, for messages."""
-    if signer is None:
-        return "unsigned"
-    from casstore.signing import PublicKey
+    from casstore.signing import signer_name
 
-    return f"signed by {PublicKey(signer)}"
+    return "unsigned" if signer is None else f"signed by {signer_name(signer)}"
 
 
 def shown(name: str) -> str:

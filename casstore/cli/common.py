@@ -251,14 +251,6 @@ def open_store(
     )
 
 
-def signer_label(signer: bytes | None, *, short: bool = False) -> str:
-    """``ed25519:…`` (``short``: its first characters), or ``unsigned``."""
-    if signer is None:
-        return "unsigned"
-    key = signing.PublicKey(signer)
-    return key.short if short else str(key)
-
-
 # --- option types shared by several commands ------------------------------------------------
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

@@ -21,9 +21,8 @@ from casstore.cli.common import (
     mib,
     options,
     out,
-    signer_label,
 )
-from casstore.signing import trusted_keys_from
+from casstore.signing import signer_name, trusted_keys_from
 
 
 def _tree_json(r: explain.TreeReport) -> dict[str, Any]:
@@ -39,7 +38,7 @@ def _tree_json(r: explain.TreeReport) -> dict[str, Any]:
             files=r.info.files,
             bytes=r.info.bytes,
             last_saved=iso_time(r.info.last_saved),
-            signers=[signer_label(s) for s in r.info.signers],
+            signers=[signer_name(s) for s in r.info.signers],
         )
     doc["nearest"] = [
         {
@@ -115,7 +114,7 @@ def explain_cmd(
         out.print("  no store there yet: every key misses until a first save")
     for r in found.trees:
         head = f"{r.tree:19} {r.key.id[:12]}  "
-        signers = ", ".join(signer_label(s, short=True) for s in r.info.signers) if r.info else ""
+        signers = ", ".join(signer_name(s, short=True) for s in r.info.signers) if r.info else ""
         if r.status == explain.FOUND and r.info is not None:
             out.print(
                 f"{head}found: {r.info.files} files, {mib(r.info.bytes)}, last saved "

@@ -43,12 +43,11 @@ from casstore.cli.common import (
     parse_duration,
     parse_size,
     progress,
-    signer_label,
     usage_error,
     warn,
 )
 from casstore.manifest import merge
-from casstore.signing import trusted_keys_from
+from casstore.signing import signer_name, trusted_keys_from
 from casstore.store import KeyInfo, Store
 
 # Extra factors in the order `ls` shows them; any other follows, by name.
@@ -234,7 +233,7 @@ def list_keys(
                     "last_load": iso_time(last)
                     if (last := uses.get(i.key.id, no_use).last_load)
                     else None,
-                    "signers": [signer_label(s) for s in i.signers],
+                    "signers": [signer_name(s) for s in i.signers],
                 }
                 for i in infos
             ]
@@ -268,7 +267,7 @@ def list_keys(
             str(uses.get(i.key.id, no_use).loads),
             local_time(i.last_saved),
             local_time(used[i.key.id]),
-            ", ".join(signer_label(s, short=True) for s in i.signers),
+            ", ".join(signer_name(s, short=True) for s in i.signers),
         )
     out.print(table)
 
@@ -308,7 +307,7 @@ def show(
                         "created_at": iso_time(s.manifest.created_at),
                         "producer": s.manifest.producer,
                         "files": len(s.manifest.files),
-                        "signer": None if s.signer is None else signer_label(s.signer),
+                        "signer": None if s.signer is None else signer_name(s.signer),
                         "trusted": trusted(s.signer),
                     }
                     for s in loaded
@@ -344,7 +343,7 @@ def show(
         out.print(
             f"  {s.name.rsplit('/', 1)[-1]}  {local_time(m.created_at)}  {len(m.files)} files  "
             f"from {p.host} (casstore {p.casstore}, python {p.python})  "
-            f"{signer_label(s.signer)}{verdict}"
+            f"{signer_name(s.signer)}{verdict}"
         )
     if files:
         for f in view.values():
