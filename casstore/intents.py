@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import msgspec
 
 from casstore.backends.base import Backend
+from casstore.errors import NotFound
 
 log = logging.getLogger("casstore")
 
@@ -99,11 +100,9 @@ def active(backend: Backend, younger_than: float) -> Active:
             continue
         try:
             found.digests.update(_decoder.decode(backend.get(info.key, max_bytes=MAX_INTENT_BYTES)))
+        except NotFound:
+            continue  # withdrawn since the listing: its save is done
         except Exception as e:
-            from casstore.errors import NotFound
-
-            if isinstance(e, NotFound):
-                continue  # withdrawn since the listing: its save is done
             log.warning("intent %s cannot be read (%s): protecting every chunk", info.key, e)
             found.complete = False
     return found

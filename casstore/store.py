@@ -499,16 +499,14 @@ class Store:
                 if intent is not None:
                     intent.close()
         report.seconds = time.monotonic() - started
-        if self.record_usage:
-            usage.record(
-                self.backend,
-                "save",
-                usage.SAVE_SAVED if report.manifest else usage.SAVE_UNCHANGED,
-                key,
-                files=report.changed_files,
-                nbytes=report.new_bytes,
-                seconds=report.seconds,
-            )
+        self._note(
+            "save",
+            usage.SAVE_SAVED if report.manifest else usage.SAVE_UNCHANGED,
+            key,
+            files=report.changed_files,
+            nbytes=report.new_bytes,
+            seconds=report.seconds,
+        )
         log.info(
             "saved %s: %d files, %d changed, %d new chunks (%.1f MiB) in %.2fs",
             key,
@@ -556,6 +554,22 @@ class Store:
             )
             report.manifest = self._publish_manifest(key, lost)
             report.changed_files += len(lost)
+
+    def _note(
+        self,
+        op: str,
+        outcome: str,
+        key: CacheKey,
+        *,
+        files: int = 0,
+        nbytes: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        """Leave a usage record of this load or save, unless the store records none."""
+        if self.record_usage:
+            usage.record(
+                self.backend, op, outcome, key, files=files, nbytes=nbytes, seconds=seconds
+            )
 
     @staticmethod
     def access_key(key_id: str) -> str:
@@ -810,8 +824,8 @@ class Store:
         try:
             loaded = self.manifests(key)
         except NotFound:  # NotTrusted included
-            if self.record_usage and record_miss:
-                usage.record(self.backend, "load", usage.LOAD_MISS, key)
+            if record_miss:
+                self._note("load", usage.LOAD_MISS, key)
             raise
         view = mf.merge(s.manifest for s in loaded)
         total = sum(f.size for f in view.values())
@@ -951,16 +965,14 @@ class Store:
                             staged.discard()
         report.missing.sort()
         report.seconds = time.monotonic() - started
-        if self.record_usage:
-            usage.record(
-                self.backend,
-                "load",
-                usage.LOAD_PARTIAL if report.missing else usage.LOAD_COMPLETE,
-                key,
-                files=report.written,
-                nbytes=report.bytes_written,
-                seconds=report.seconds,
-            )
+        self._note(
+            "load",
+            usage.LOAD_PARTIAL if report.missing else usage.LOAD_COMPLETE,
+            key,
+            files=report.written,
+            nbytes=report.bytes_written,
+            seconds=report.seconds,
+        )
         log.info(
             "loaded %s: %d written, %d already present, %d missing in %.2fs",
             key,
