@@ -6,7 +6,7 @@ demo (`make demo`) and the compile benchmark, so all three measure the same thin
 ``--load --save`` is model.py's pattern: load, compile and warm up, then save whatever the
 load returned (the save uploads only what is new and returns SKIPPED otherwise).
 
-    python -m demo.compile_worker --model mlp [--load] [--save] [--root R]
+    python -m demo.compile_worker --model mlp [--load] [--save] [--root R] [--device cuda]
 
 The inductor cache dir comes from TORCHINDUCTOR_CACHE_DIR, as in production.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch  # imported at run time only after the cache is loaded
 
 
-def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+def build(name: str, device: str) -> tuple[torch.nn.Module, torch.Tensor]:
     import torch
     from torch import nn
 
@@ -48,9 +48,68 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
             nn.Linear(32, 10),
         )
         x = torch.randn(8, 3, 32, 32)
+    elif name in TRANSFORMERS:
+        layers, width, causal = TRANSFORMERS[name]
+        model = tiny_transformer(layers, width, causal)
+        x = torch.randint(0, 1000, (4, 64))
     else:
         raise SystemExit(f"unknown model {name}")
-    return model.eval(), x
+    return model.to(device).eval(), x.to(device)
+
+
+# Transformer variants, so that caches of several architectures can be compared (GPT-style
+# causal decoders and a BERT-style encoder): name -> (layers, width, causal).
+TRANSFORMERS = {
+    "gpt": (2, 256, True),
+    "gpt-wide": (2, 512, True),
+    "gpt-deep": (4, 384, True),
+    "bert": (2, 256, False),
+}
+
+
+def _transformer_class() -> type:
+    from torch import nn
+    from torch.nn import functional
+
+    class Block(nn.Module):
+        def __init__(self, width: int, causal: bool) -> None:
+            super().__init__()
+            self.causal = causal
+            self.heads = 4
+            self.norm1 = nn.LayerNorm(width)
+            self.qkv = nn.Linear(width, 3 * width)
+            self.proj = nn.Linear(width, width)
+            self.norm2 = nn.LayerNorm(width)
+            self.mlp = nn.Sequential(
+                nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, c = x.shape
+            q, k, v = self.qkv(self.norm1(x)).split(c, dim=2)
+            q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+            y = functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+            out: torch.Tensor = x + self.mlp(self.norm2(x))
+            return out
+
+    class Transformer(nn.Module):
+        def __init__(self, layers: int, width: int, causal: bool) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1000, width)
+            self.blocks = nn.Sequential(*(Block(width, causal) for _ in range(layers)))
+            self.head = nn.Linear(width, 1000)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            logits: torch.Tensor = self.head(self.blocks(self.embed(tokens)))
+            return logits
+
+    return Transformer
+
+
+def tiny_transformer(layers: int, width: int, causal: bool) -> torch.nn.Module:
+    model: torch.nn.Module = _transformer_class()(layers, width, causal)
+    return model
 
 
 def main() -> None:
@@ -59,6 +118,7 @@ def main() -> None:
     parser.add_argument("--load", action="store_true")
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--root", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 
@@ -71,14 +131,18 @@ def main() -> None:
         result["load_status"] = load_compile_cache(root=args.root, model=args.model).name
         result["load_seconds"] = time.perf_counter() - t
 
-    model, x = build(args.model)
+    model, x = build(args.model, args.device)
     with torch.no_grad():
         expected = model(x)
         compiled = torch.compile(model)
         t = time.perf_counter()
         got = compiled(x)
+        if args.device != "cpu":
+            torch.cuda.synchronize()  # kernels run asynchronously: time them finished
         result["first_call_seconds"] = time.perf_counter() - t
-    result["matches_eager"] = bool(torch.allclose(got, expected, atol=1e-5, rtol=1e-4))
+    # GPU kernels may reorder reductions; the tolerance still catches a wrong kernel.
+    atol, rtol = (1e-5, 1e-4) if args.device == "cpu" else (1e-3, 1e-3)
+    result["matches_eager"] = bool(torch.allclose(got, expected, atol=atol, rtol=rtol))
     result["counters"] = {
         "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],

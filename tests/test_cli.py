@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import casstore
 from casstore.keys import detect_cpu_isa
 from tests import cpu_host
 from tests.helpers import chunk_files, manifest_files, read_tree, write_tree
@@ -630,3 +631,32 @@ def test_without_the_cli_extra_the_command_says_how_to_get_it(tmp_path: Path) ->
         "error: the casstore command needs the 'cli' extra (typer, rich): "
         "pip install 'casstore[cli]' (model.py's load/save calls work without it)"
     ]
+
+
+def test_every_option_names_its_flag_explicitly() -> None:
+    """Every ``typer.Option`` in the CLI spells its flag (``"--model"``). typer 0.27 (the
+    version on a GPU image) named an option without one after its metavar, so
+    ``explain --model`` was refused as "No such option" there while it worked with the
+    typer pinned here: the CLI must not depend on how a version derives names."""
+    import ast
+
+    cli_dir = Path(casstore.__file__).parent / "cli"
+    unnamed = []
+    for source in sorted(cli_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "Option"
+            ):
+                continue
+            flags = [
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant)
+                and isinstance(a.value, str)
+                and a.value.startswith("--")
+            ]
+            if not flags:
+                unnamed.append(f"{source.name}:{node.lineno}")
+    assert unnamed == []

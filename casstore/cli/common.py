@@ -152,6 +152,7 @@ RootOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
+        "--threads",
         min=1,
         max=256,
         metavar="N",
@@ -260,22 +261,26 @@ DryRunOpt = Annotated[
 ]
 TorchOpt = Annotated[
     str | None,
-    typer.Option(metavar="VERSION", help="torch version of the key (default: the installed one)."),
+    typer.Option(
+        "--torch", metavar="VERSION", help="torch version of the key (default: the installed one)."
+    ),
 ]
 ArchOpt = Annotated[
     str | None,
     typer.Option(
+        "--arch",
         metavar="ARCH",
         help="Accelerator arch of the key: sm_XY or a CPU ISA label (default: this host).",
     ),
 ]
 ModelOpt = Annotated[
     str,
-    typer.Option(metavar="MODEL", envvar="CASSTORE_MODEL", help="Model fingerprint."),
+    typer.Option("--model", metavar="MODEL", envvar="CASSTORE_MODEL", help="Model fingerprint."),
 ]
 TreeOpt = Annotated[
     str,
     typer.Option(
+        "--tree",
         metavar="TREE",
         help="Tree name, a key factor: 'inductor' (the default) gives the key of "
         "load_compile_cache()/save_compile_cache(), 'vllm' that of `casstore vllm`.",

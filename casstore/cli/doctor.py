@@ -334,6 +334,7 @@ def doctor(
     model: Annotated[
         str | None,
         typer.Option(
+            "--model",
             metavar="MODEL",
             envvar="CASSTORE_MODEL",
             show_default=False,

@@ -59,6 +59,7 @@ def explain_cmd(
     model: Annotated[
         str | None,
         typer.Option(
+            "--model",
             metavar="MODEL",
             envvar="CASSTORE_MODEL",
             show_default=False,
@@ -68,6 +69,7 @@ def explain_cmd(
     scope: Annotated[
         str | None,
         typer.Option(
+            "--scope",
             metavar="SCOPE",
             show_default=False,
             help="org or deployment (default: $CASSTORE_SCOPE, else org).",

@@ -99,6 +99,7 @@ def gc(
     max_age: Annotated[
         str | None,
         typer.Option(
+            "--max-age",
             envvar="CASSTORE_GC_MAX_AGE",
             metavar="DURATION",
             help="Drop keys neither saved nor loaded for this long (30d, 12h).",
@@ -107,6 +108,7 @@ def gc(
     max_size: Annotated[
         str | None,
         typer.Option(
+            "--max-size",
             envvar="CASSTORE_GC_MAX_SIZE",
             metavar="SIZE",
             help="Drop least-recently-used keys until the stored chunks fit (500G, 2T).",
@@ -115,6 +117,7 @@ def gc(
     keep_last: Annotated[
         int | None,
         typer.Option(
+            "--keep-last",
             envvar="CASSTORE_GC_KEEP_LAST",
             min=1,
             metavar="N",
@@ -124,6 +127,7 @@ def gc(
     grace: Annotated[
         str,
         typer.Option(
+            "--grace",
             envvar="CASSTORE_GC_GRACE",
             metavar="DURATION",
             help="Never delete a chunk younger than this; must exceed the slowest save. "
@@ -137,10 +141,13 @@ def gc(
             help="Accept a --grace below 10m: a save slower than the grace can lose chunks.",
         ),
     ] = False,
-    compact: Annotated[bool, typer.Option(help="Merge each key's manifests into one.")] = True,
+    compact: Annotated[
+        bool, typer.Option("--compact/--no-compact", help="Merge each key's manifests into one.")
+    ] = True,
     usage_retention: Annotated[
         str,
         typer.Option(
+            "--usage-retention",
             envvar="CASSTORE_GC_USAGE_RETENTION",
             metavar="DURATION",
             help="Keep load and save records (stats --since, ls) this long.",

@@ -66,7 +66,9 @@ def save(
     extra: ExtraOpt = None,
     max_size_mb: Annotated[
         int | None,
-        typer.Option(min=0, metavar="N", help="Refuse trees larger than this many MiB."),
+        typer.Option(
+            "--max-size-mb", min=0, metavar="N", help="Refuse trees larger than this many MiB."
+        ),
     ] = None,
     signing_key: SigningKeyOpt = None,
     as_json: JsonOpt = False,
@@ -154,6 +156,7 @@ def load(
     max_size: Annotated[
         str | None,
         typer.Option(
+            "--max-size",
             metavar="SIZE",
             help="Refuse keys larger than this (500M, 10G), before writing anything. "
             "Default: no cap.",
@@ -416,6 +419,7 @@ def stats(
     since: Annotated[
         str,
         typer.Option(
+            "--since",
             metavar="DURATION",
             help="Window of the load and save figures (7d, 12h, 30d).",
         ),

@@ -54,6 +54,7 @@ ModelOpt = Annotated[
 UrlOpt = Annotated[
     str | None,
     typer.Option(
+        "--url",
         metavar="URL",
         help="Readiness URL: saving waits for HTTP 200 (or 401/403: up, behind a key) "
         "here (default: vLLM's http://127.0.0.1:8000/health).",
@@ -61,20 +62,26 @@ UrlOpt = Annotated[
 ]
 TimeoutOpt = Annotated[
     float | None,
-    typer.Option(metavar="SECONDS", help="Seconds to wait for readiness (default: 1800)."),
+    typer.Option(
+        "--timeout", metavar="SECONDS", help="Seconds to wait for readiness (default: 1800)."
+    ),
 ]
 QuietOpt = Annotated[
     float | None,
     typer.Option(
-        metavar="SECONDS", help="Seconds without a cache change before saving (default: 30)."
+        "--quiet",
+        metavar="SECONDS",
+        help="Seconds without a cache change before saving (default: 30).",
     ),
 ]
 PollOpt = Annotated[
-    float | None, typer.Option(metavar="SECONDS", help="Seconds between checks (default: 2).")
+    float | None,
+    typer.Option("--poll", metavar="SECONDS", help="Seconds between checks (default: 2)."),
 ]
 PidOpt = Annotated[
     int | None,
     typer.Option(
+        "--pid",
         metavar="PID",
         help="Exit (after a final save) when this process exits, e.g. the shell pid that "
         "execs vllm.",
