@@ -44,17 +44,42 @@ LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
 ACCESS_DIR = "access"  # access/<key id>: an empty marker whose mtime is the key's last load
 TRASH_DIR = "trash"  # gc moves chunks here before deleting them (see docs/gc.md)
+PACKS_DIR = "packs"  # packs/<hh>/<pack id>.pack: many chunks in zstd blocks (packs.py)
+INDEX_DIR = "index"  # index/<pack id>.idx: where each chunk of a pack lies
 
 # A manifest file starts with these bytes, then the BLAKE3-256 of the msgpack body.
 MANIFEST_MAGIC = b"CASMF\x00"
 CHUNK_SUFFIX = ".zst"
+PACK_SUFFIX = ".pack"
+INDEX_SUFFIX = ".idx"
+# A pack index starts with these bytes, then the BLAKE3-256 of the msgpack body.
+INDEX_MAGIC = b"CASIX\x00"
+
+# Packs (docs/decisions.md, "Packs and compression"). A block is one zstd frame of whole
+# chunks: a compile cache's redundancy across files shows only in multi-MiB frames
+# (measured on six GPU caches: 1 MiB blocks 0.66x of tar.gz, 4-8 MiB 0.41x). A pack closes
+# once its blocks pass PACK_TARGET compressed bytes.
+BLOCK_TARGET = 8 * 2**20
+PACK_TARGET = 32 * 2**20
 MANIFEST_SUFFIX = ".manifest"
 
 # Temp files live in the directory of the object they become (cross-directory renames
 # misbehave on some network filesystems) and carry this prefix plus a random suffix.
 TEMP_PREFIX = ".tmp-"
 
+# --- WRITER CHOICES (not format: any zstd level decodes the same way) ---------------------
+# Blocks of small files' chunks, where compile caches repeat themselves: level 6 stores
+# six GPU caches in 0.35x the bytes of their tar.gz at ~200 MB/s per core, level 3 in
+# 0.41x at ~600 MB/s (docs/decisions.md). Large files' chunks (binaries): level 3.
+SMALL_FILE_LEVEL = 6
+LARGE_FILE_LEVEL = 3
+# Blocks of one pack that lie closer than this are read with one range.
+COALESCE_GAP = 2**20
+
 # --- LIMITS (not format; defensive bounds on what a reader accepts) -------------------------
+MAX_PACK_BYTES = 2**30
+MAX_BLOCK_USIZE = BLOCK_TARGET + 2 * CHUNK_MAX_SIZE
+MAX_INDEX_BYTES = 64 * 2**20
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
 MAX_PATH_BYTES = 4096

@@ -148,3 +148,18 @@ class BackendConformance:
         with pytest.raises(CorruptObject, match="over the limit"):
             backend.get("c/big", max_bytes=9_999)
         assert len(backend.get("c/big", max_bytes=10_000)) == 10_000
+
+    def test_get_ranges_reads_each_range_in_order(self, backend: Backend) -> None:
+        data = os.urandom(3_000_000)
+        backend.put_if_absent("packs/ab/p.pack", data)
+        # Near and far ranges, out of order: a backend may merge near ones into one read.
+        ranges = [(2_500_000, 100_000), (0, 10), (10, 5), (1_000_000, 1), (2_999_990, 10)]
+        got = backend.get_ranges("packs/ab/p.pack", ranges)
+        assert got == [data[o : o + n] for o, n in ranges]
+
+    def test_get_ranges_refuses_a_range_past_the_end(self, backend: Backend) -> None:
+        backend.put_if_absent("packs/ab/short.pack", b"0123456789")
+        with pytest.raises(CorruptObject):
+            backend.get_ranges("packs/ab/short.pack", [(5, 10)])
+        with pytest.raises(NotFound):
+            backend.get_ranges("packs/ab/absent.pack", [(0, 1)])

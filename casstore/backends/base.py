@@ -16,8 +16,10 @@ checks them for every backend:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from casstore.errors import CorruptObject
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,22 @@ class Backend(abc.ABC):
         """The object's bytes. Raises :class:`casstore.NotFound` when absent, and
         :class:`casstore.CorruptObject` when it holds more than ``max_bytes`` (checked
         before reading it, so a hostile object cannot exhaust memory)."""
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(offset, length)`` range of ``key``, in order: what a
+        restore reads of a pack (one open, or one request per group of nearby ranges).
+        Raises :class:`casstore.NotFound` when absent and :class:`casstore.CorruptObject`
+        when a range reaches past the object's end. This default reads it whole."""
+        data = self.get(key)
+        out = []
+        for offset, length in ranges:
+            if offset < 0 or length < 0 or offset + length > len(data):
+                raise CorruptObject(
+                    f"{key} holds {len(data)} bytes; range {offset}+{length} is outside",
+                    path=key,
+                )
+            out.append(data[offset : offset + length])
+        return out
 
     @abc.abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import configparser
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -198,6 +198,38 @@ class S3Backend(Backend):
             raise
         except Exception as e:
             raise self._fail(e, f"read {key}") from e
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        import obstore
+
+        if not ranges:
+            return []
+        if any(offset < 0 or length <= 0 for offset, length in ranges):
+            raise CorruptObject(f"invalid range of {key}: {list(ranges)}", path=key)
+        try:
+            # obstore merges ranges less than 1 MiB apart into one request, and sends up
+            # to ten requests at once.
+            parts = obstore.get_ranges(
+                self._store,
+                _check_key(key),
+                starts=[o for o, _ in ranges],
+                lengths=[n for _, n in ranges],
+            )
+        except _not_found():
+            raise NotFound(f"no object {key}") from None
+        except ValueError:
+            raise
+        except Exception as e:
+            if "range" in str(e).lower() and "not satisfiable" in str(e).lower():
+                raise CorruptObject(f"a range of {key} is outside the object", path=key) from e
+            raise self._fail(e, f"read {key}") from e
+        out = [bytes(p) for p in parts]
+        for (offset, length), got in zip(ranges, out, strict=True):
+            if len(got) != length:
+                raise CorruptObject(
+                    f"{key}: range {offset}+{length} returned {len(got)} bytes", path=key
+                )
+        return out
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         import obstore

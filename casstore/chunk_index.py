@@ -1,0 +1,185 @@
+"""The chunk index: which chunks the store holds, and in which pack.
+
+It is the union of every pack's index object (``index/<pack id>.idx``, written once, never
+changed, see :mod:`casstore.packs`). A save reads it to skip every chunk any earlier save
+of any model stored (org-wide dedup); a load reads it only for a chunk the packs its
+manifests name no longer hold (gc repacked them); gc reads it to know what each pack
+holds.
+
+Index objects are immutable and named after their pack, so a host keeps the ones it has
+read in a local cache directory and, next time, fetches only those it has not seen: one
+listing of ``index/`` and a request per new pack. A cached copy is used only while the
+store lists an object of that name and size, and is checked like a fetched one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from casstore import constants
+from casstore.backends.base import Backend, ObjectInfo
+from casstore.errors import CasstoreError, CorruptObject, NotFound
+from casstore.packs import ChunkLoc, PackIndex, decode_index, index_key, pack_id_from_key
+
+log = logging.getLogger("casstore")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    index: PackIndex
+    chunk: ChunkLoc
+
+
+@dataclass
+class ChunkIndex:
+    """Where each chunk lies. A chunk may lie in several packs (two savers racing, gc
+    repacking): every location is kept, newest pack last."""
+
+    packs: dict[str, PackIndex] = field(default_factory=dict)
+    #: Index objects listed but unreadable (damaged, or from a newer casstore): their
+    #: packs' contents are unknown, so gc must not judge those packs.
+    unreadable: dict[str, str] = field(default_factory=dict)
+    _where: dict[bytes, list[Location]] = field(default_factory=dict)
+
+    def add(self, index: PackIndex) -> None:
+        if index.id in self.packs:
+            return
+        self.packs[index.id] = index
+        for c in index.chunks:
+            self._where.setdefault(c.digest, []).append(Location(index, c))
+
+    def remove(self, pack_id: str) -> None:
+        index = self.packs.pop(pack_id, None)
+        if index is None:
+            return
+        for c in index.chunks:
+            rest = [loc for loc in self._where.get(c.digest, []) if loc.index is not index]
+            if rest:
+                self._where[c.digest] = rest
+            else:
+                self._where.pop(c.digest, None)
+
+    def locate(self, digest: bytes) -> list[Location]:
+        return list(self._where.get(digest, ()))
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def digests(self) -> Iterator[bytes]:
+        return iter(self._where)
+
+
+def read_index(backend: Backend, pack_id: str) -> PackIndex:
+    """One pack's index, checked. Raises NotFound or CorruptObject."""
+    key = index_key(pack_id)
+    return _checked(backend.get(key, max_bytes=constants.MAX_INDEX_BYTES), key, pack_id)
+
+
+def _checked(blob: bytes, key: str, pack_id: str) -> PackIndex:
+    index = decode_index(blob, source=key)
+    if index.id != pack_id:
+        raise CorruptObject(f"{key} describes pack {index.id}", path=key)
+    return index
+
+
+class IndexCache:
+    """Index objects already read, in a local directory of this store's own (its name is a
+    hash of the store's location). Only an optimisation: any trouble reading or writing
+    it means fetching from the store."""
+
+    def __init__(self, directory: Path, store_location: str) -> None:
+        tag = hashlib.sha256(store_location.encode()).hexdigest()[:16]
+        self.dir = directory / tag
+
+    def get(self, pack_id: str, size: int) -> bytes | None:
+        try:
+            blob = (self.dir / f"{pack_id}{constants.INDEX_SUFFIX}").read_bytes()
+        except OSError:
+            return None
+        return blob if len(blob) == size else None
+
+    def put(self, pack_id: str, blob: bytes) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f"{constants.TEMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.write_bytes(blob)
+            os.replace(tmp, self.dir / f"{pack_id}{constants.INDEX_SUFFIX}")
+        except OSError as e:
+            log.debug("index cache %s not written: %s", self.dir, e)
+
+    def prune(self, listed: Iterable[str]) -> None:
+        """Forget packs the store no longer lists (gc deleted them)."""
+        keep = {f"{p}{constants.INDEX_SUFFIX}" for p in listed}
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for e in entries:
+            if e.name not in keep:
+                try:
+                    os.unlink(e.path)
+                except OSError:
+                    pass
+
+
+def list_indexes(backend: Backend) -> dict[str, ObjectInfo]:
+    """Pack id -> the listing of its index object."""
+    found: dict[str, ObjectInfo] = {}
+    for info in backend.list(f"{constants.INDEX_DIR}/"):
+        pack_id = pack_id_from_key(info.key)
+        if pack_id is not None and info.key == index_key(pack_id):
+            found[pack_id] = info
+    return found
+
+
+def load(
+    backend: Backend,
+    *,
+    cache: IndexCache | None = None,
+    threads: int = 8,
+    only: Iterable[str] | None = None,
+) -> ChunkIndex:
+    """The chunk index of the store: every listed index object (or those of the packs in
+    ``only``), read from ``cache`` where it holds them, else fetched in parallel."""
+    listed = list_indexes(backend)
+    wanted = listed if only is None else {p: listed[p] for p in set(only) if p in listed}
+    result = ChunkIndex()
+
+    def fetch(item: tuple[str, ObjectInfo]) -> tuple[str, PackIndex | str]:
+        pack_id, info = item
+        if cache is not None and (blob := cache.get(pack_id, info.size)) is not None:
+            try:
+                return pack_id, _checked(blob, info.key, pack_id)
+            except CasstoreError:
+                pass  # a damaged cached copy: fetch it again
+        try:
+            blob = backend.get(info.key, max_bytes=constants.MAX_INDEX_BYTES)
+            index = _checked(blob, info.key, pack_id)
+        except NotFound:
+            return pack_id, ""  # deleted since the listing: its pack is gone too
+        except (CasstoreError, OSError) as e:
+            return pack_id, str(e)
+        if cache is not None:
+            cache.put(pack_id, blob)
+        return pack_id, index
+
+    items = sorted(wanted.items())
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="casstore-index") as pool:
+        for pack_id, outcome in pool.map(fetch, items):
+            if isinstance(outcome, PackIndex):
+                result.add(outcome)
+            elif outcome:
+                result.unreadable[pack_id] = outcome
+    if cache is not None and only is None:
+        cache.prune(listed)
+    return result
