@@ -307,3 +307,18 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"{text!r} is not a size (e.g. 500M, 10G)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def index_cache_dir() -> Path | None:
+    """Where this host keeps the pack indexes it has read (casstore/chunk_index.py):
+    ``$CASSTORE_INDEX_CACHE``, else ``~/.cache/casstore/index``; ``off`` keeps none (each
+    save then reads every index object of the store)."""
+    value = os.environ.get("CASSTORE_INDEX_CACHE", "").strip()
+    if value.lower() in ("off", "0", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    try:
+        return Path.home() / ".cache" / "casstore" / "index"
+    except RuntimeError:  # no home directory
+        return None

@@ -11,7 +11,8 @@ import os
 from typing import Final
 
 # --- FORMAT -------------------------------------------------------------------------------
-FORMAT_VERSION = 1
+# 2: chunks live in packs (packs/, index/); 1 stored one object per chunk (chunks/).
+FORMAT_VERSION = 2
 MANIFEST_FORMAT_VERSION = 1
 # A signed manifest: an envelope holding a format-1 document and its signature.
 SIGNED_MANIFEST_FORMAT_VERSION = 2

@@ -291,12 +291,15 @@ def publish(backend: Backend, sealed: Sealed) -> bool:
 # --- reading ----------------------------------------------------------------------------
 
 
-def read_blocks(backend: Backend, index: PackIndex, numbers: Iterable[int]) -> dict[int, bytes]:
+def read_blocks(
+    backend: Backend, index: PackIndex, numbers: Iterable[int], *, key: str | None = None
+) -> dict[int, bytes]:
     """The uncompressed bytes of blocks ``numbers`` of ``index``'s pack, read with one
-    call for all of them (neighbouring blocks in one range). Raises NotFound when the pack
-    is gone and CorruptObject when a block is damaged."""
+    call for all of them (neighbouring blocks in one range); ``key``: read the pack under
+    another name (its copy in trash/). Raises NotFound when the pack is gone and
+    CorruptObject when a block is damaged."""
     wanted = sorted(set(numbers))
-    key = pack_key(index.pack)
+    key = key if key is not None else pack_key(index.pack)
     ranges: list[tuple[int, int]] = []  # merged (offset, length)
     members: list[list[int]] = []
     for n in wanted:

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from casstore import chunking, constants, localfs, objects, usage
+from casstore import chunk_index, chunking, config, constants, localfs, packs, restore, usage
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
 from casstore.backends.s3 import is_s3_url
+from casstore.chunk_index import ChunkIndex, IndexCache
 from casstore.config import check_root
 from casstore.errors import (
     CacheTooLarge,
@@ -68,7 +69,8 @@ class SaveReport:
     chunks: int = 0  # chunk references of the changed files
     new_chunks: int = 0  # chunks this save uploaded
     new_bytes: int = 0  # uncompressed bytes of those chunks
-    stored_bytes: int = 0  # compressed bytes written to the store
+    stored_bytes: int = 0  # compressed bytes written to the store (packs)
+    packs: int = 0  # packs this save published
     manifest: str | None = None  # published manifest name; None when nothing changed
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
@@ -230,6 +232,13 @@ class Store:
             found = json.loads(blob)
         except ValueError as e:
             raise FormatMismatch(f"{constants.LAYOUT_FILE} is not valid JSON: {e}") from e
+        if found.get("format") == 1:
+            raise FormatMismatch(
+                f"{self.location} is a format 1 store (one object per chunk), which this "
+                f"casstore does not read: it stores chunks in packs (format "
+                f"{expected['format']}). Point the store root at a new, empty directory or "
+                "prefix; saves fill it again (docs/format.md)"
+            )
         if found.get("format") != expected["format"]:
             raise FormatMismatch(
                 f"store format {found.get('format')} is not supported by this casstore "
@@ -475,23 +484,24 @@ class Store:
             # Read the current view under the lock: a replica that waited for another's
             # upload of the same key then finds nothing left to do.
             current = self._current_view(key)
-            # An object store cannot renew the chunks this save reuses: announce them
-            # before looking for any, so that gc gives back any it deletes (intents.py).
+            # An object store cannot renew the packs this save reuses: announce their
+            # chunks before looking for any, so that gc gives back any pack it deletes
+            # meanwhile (intents.py).
             intent = None if self.backend.renews_age else Intent(self.backend)
-            known: set[bytes] | None = None
             try:
                 if intent is not None:
-                    digests = _digests_of(local)
-                    intent.announce(digests)
-                    # A look too, so only now: after the announcement.
-                    known = self._present_by_listing(digests)
-                entries = self._upload(local, current, report, progress, intent, known)
+                    intent.announce(_digests_of(local))
+                # Which chunks any earlier save of any model stored: read after the
+                # announcement, so every chunk found here is protected (docs/gc.md).
+                index = self.chunk_index()
+                entries = self._upload(local, current, report, progress, intent, index)
                 changed = [e for e in entries if current.get(e.path) != e]
                 report.changed_files = len(changed)
                 report.chunks = sum(len(e.chunks) for e in changed)
                 if changed:
                     # Every chunk of every listed file is present now: _upload returned
-                    # only entries whose chunks were found or written (or renewed).
+                    # only entries whose chunks it found (and renewed) or packed, and
+                    # published every pack (and its index) it wrote.
                     report.manifest = self._publish_manifest(key, changed)
                 if current:
                     self._relist_lost(key, entries, report)
@@ -614,7 +624,7 @@ class Store:
         self,
         f: localfs.LocalFile,
         old: FileEntry | None,
-        ensure_chunk: Callable[[memoryview, ChunkRef, bool], None],
+        ensure_chunk: Callable[[memoryview, ChunkRef, bool, bool], None],
         chunk_pool: ThreadPoolExecutor,
     ) -> FileEntry | None:
         """Cut, hash and upload a large file as it is read, a few chunks in memory at a
@@ -635,7 +645,9 @@ class Store:
                     refs.append(ref)
                     if len(in_flight) >= 2 * self.threads:
                         in_flight.popleft().result()
-                    in_flight.append(chunk_pool.submit(ensure_chunk, memoryview(data), ref, True))
+                    in_flight.append(
+                        chunk_pool.submit(ensure_chunk, memoryview(data), ref, True, False)
+                    )
                 while in_flight:
                     in_flight.popleft().result()
             unchanged = localfs.still_unchanged(fd, before, sum(r.size for r in refs))
@@ -648,40 +660,25 @@ class Store:
         entry = FileEntry(f.rel, before.st_size, f.mode, whole.digest(), tuple(refs))
         return old if old == entry else entry
 
-    def _present_by_listing(self, digests: set[bytes]) -> set[bytes] | None:
-        """Which of ``digests`` the store holds, by listing their fan-out directories, when
-        that takes fewer requests than one ``HEAD`` per chunk (the count of the first
-        directory tells how many pages a listing takes); None when it would not."""
-        prefixes = sorted({objects.chunk_key(d).rsplit("/", 1)[0] + "/" for d in digests})
-        if not prefixes:
-            return None
-        first = [info.key for info in self.backend.list(prefixes[0])]
-        pages = max(1, -(-len(first) // 1000))
-        # A listing page costs about two HEADs (measured: docs/s3-benchmarks.md).
-        if len(prefixes) * pages * 2 >= len(digests):
-            return None
+    def chunk_index(self) -> ChunkIndex:
+        """Which chunks the store holds and where (every pack's index; those read before
+        come from this host's cache)."""
+        cache_dir = config.index_cache_dir()
+        cache = IndexCache(cache_dir, self.location) if cache_dir is not None else None
+        return chunk_index.load(self.backend, cache=cache, threads=self.threads)
 
-        def listed(prefix: str) -> list[str]:
-            return [info.key for info in self.backend.list(prefix)]
-
-        names = set(first)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-list") as pool:
-            for found in pool.map(listed, prefixes[1:]):
-                names.update(found)
-        return {d for d in digests if objects.chunk_key(d) in names}
-
-    def _refresh_chunk(self, key: str, data: memoryview, ref: ChunkRef, trusted: bool) -> bool:
-        """Whether the chunk is present, renewing its age for gc's grace (refresh())."""
+    def _pack_present(self, pack_id: str) -> bool:
+        """Whether a pack is there, renewing its age where the backend can (gc's grace
+        then protects every chunk in it). A pack this user cannot renew (another user's,
+        on a volume without a shared group) counts as absent: the save packs its own copy
+        of the chunks it needs rather than list chunks gc could sweep."""
+        key = packs.pack_key(pack_id)
+        if not self.backend.renews_age:
+            return self.backend.stat(key) is not None  # protected by the save's intent
         try:
             return self.backend.refresh(key)
         except CannotRenew:
-            # Another user's object this user cannot touch: a fresh copy of the same
-            # bytes gets a new age. If even that is refused, the save fails here,
-            # before any manifest lists a chunk that gc could sweep.
-            if not trusted and chunking.digest(data) != ref.digest:
-                raise _ChunkListMismatch(ref.digest.hex()) from None
-            self._republish(key, objects.encode_chunk(data))
-            return True
+            return False
 
     def _upload(
         self,
@@ -689,42 +686,61 @@ class Store:
         current: dict[str, FileEntry],
         report: SaveReport,
         progress: ProgressCallback | None,
-        intent: Intent | None = None,
-        known: set[bytes] | None = None,
+        intent: Intent | None,
+        index: ChunkIndex,
     ) -> list[FileEntry]:
-        """Cut, check and upload. On a backend that cannot renew ages, ``intent`` announces
-        every chunk before it is looked for, and ``known`` (when given) holds the announced
-        digests a listing found present: those need no request of their own."""
+        """Cut, check and pack. A chunk the index places in a pack that is still there
+        (renewed, or announced by ``intent`` on an object store) is reused; every other
+        goes into this save's packs, each published (then its index) as it fills, the
+        last ones before this returns."""
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
+        pack_state: dict[str, bool] = {}  # pack id -> present (and renewed) for this save
         stats_lock = threading.Lock()
+        builder = packs.PackBuilder()
 
-        def ensure_chunk(data: memoryview, ref: ChunkRef, trusted: bool = True) -> None:
-            """Make sure ``ref`` is in the store, renewed. ``trusted=False``: ``ref`` comes
-            from a manifest, not from cutting ``data``; check the bytes before uploading
-            them under its digest."""
-            if ref.digest in present:
-                return
-            key = objects.chunk_key(ref.digest)
-            if intent is not None:
-                if known is not None and intent.covers(ref.digest):
-                    found = ref.digest in known  # listed after its announcement
-                else:
-                    # Announced before looking (a file changed since the first pass, say).
-                    intent.announce([ref.digest])
-                    found = self.backend.stat(key) is not None
-            else:
-                found = self._refresh_chunk(key, data, ref, trusted)
-            if not found:
+        def publish(sealed: list[packs.Sealed]) -> None:
+            for one in sealed:
+                packs.publish(self.backend, one)
+                with stats_lock:
+                    report.packs += 1
+                    report.stored_bytes += len(one.data)
+
+        def reusable(digest: bytes) -> bool:
+            if intent is not None and not intent.covers(digest):
+                # A chunk not in the first pass (its file changed since): announced
+                # before it is looked for, like the others.
+                intent.announce([digest])
+            for loc in reversed(index.locate(digest)):
+                pack_id = loc.index.id
+                with stats_lock:
+                    known = pack_state.get(pack_id)
+                if known is None:
+                    known = self._pack_present(pack_id)
+                    with stats_lock:
+                        pack_state[pack_id] = known
+                if known:
+                    return True
+            return False
+
+        def ensure_chunk(data: memoryview, ref: ChunkRef, trusted: bool, small: bool) -> None:
+            """Make sure ``ref`` is in the store: reused, or packed by this save.
+            ``trusted=False``: ``ref`` comes from a manifest, not from cutting ``data``;
+            check the bytes before packing them under its digest."""
+            with stats_lock:
+                # Claimed by the first thread to meet it: the manifest is published only
+                # after every thread is done and every pack is out, so the others need
+                # not wait for it.
+                if ref.digest in present:
+                    return
+                present.add(ref.digest)
+            if not reusable(ref.digest):
                 if not trusted and chunking.digest(data) != ref.digest:
                     raise _ChunkListMismatch(ref.digest.hex())
-                blob = objects.encode_chunk(data)
-                if self.backend.put_if_absent(key, blob):
-                    with stats_lock:
-                        report.new_chunks += 1
-                        report.new_bytes += ref.size
-                        report.stored_bytes += len(blob)
-            present.add(ref.digest)
+                publish(builder.add(ref.digest, data, small=small))
+                with stats_lock:
+                    report.new_chunks += 1
+                    report.new_bytes += ref.size
 
         with (
             ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as files_pool,
@@ -735,10 +751,10 @@ class Store:
                 view: memoryview, refs: list[ChunkRef], offsets: list[int], trusted: bool
             ) -> None:
                 if len(refs) == 1:  # most files: no hand-off to another thread
-                    ensure_chunk(view, refs[0], trusted)
+                    ensure_chunk(view, refs[0], trusted, True)
                 elif refs:
                     futures: list[Future[None]] = [
-                        chunk_pool.submit(ensure_chunk, view[o : o + r.size], r, trusted)
+                        chunk_pool.submit(ensure_chunk, view[o : o + r.size], r, trusted, True)
                         for o, r in zip(offsets, refs, strict=False)
                     ]
                     for fut in futures:
@@ -788,6 +804,7 @@ class Store:
 
             batches = _batches(local, lambda f: f.size)
             results = [e for b in files_pool.map(save_batch, batches) for e in b]
+        publish(builder.finish())
         return [e for e in results if e is not None]
 
     # --- load ---------------------------------------------------------------------------
@@ -845,7 +862,7 @@ class Store:
             raise StoreUnavailable(f"destination {dest} is not a directory")
         counter = _Counter(total, progress)
         stats_lock = threading.Lock()
-        trash = _Trash(self.backend)
+        trash = restore.PackTrash(self.backend)
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
         groups: dict[str, _Group] = {}
@@ -903,66 +920,84 @@ class Store:
                     for entry, outcome in outcomes:
                         tally(entry, outcome)
 
-        with (
-            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as files_pool,
-            ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-chunk") as chunk_pool,
-        ):
+        jobs: dict[restore.FileJob, tuple[str, int]] = {}  # job -> target, mode
 
-            def stage(entry: FileEntry, publish: bool) -> tuple[_Staged | None, str, int]:
-                """(staged file, outcome, bytes fetched); ``publish``: rename it at once."""
-                try:
-                    staged, fetched = self._stage_file(
-                        dest_str, entry, chunk_pool, made_dirs, trash
-                    )
+        def settle(entry: FileEntry, staged: _Staged | None) -> None:
+            """One file is ready to appear (``staged``) or could not be restored (None):
+            published now, or with the rest of its group."""
+            g = group_of.get(entry.path)
+            if g is None:
+                outcome = "missing"
+                if staged is not None:
+                    try:
+                        outcome = staged.publish()
+                    except OSError as e:
+                        if e.errno in _FATAL_ERRNOS:
+                            raise
+                        log.warning("could not restore %s: %s", entry.path, e)
+                with stats_lock:
+                    tally(entry, outcome)
+            else:
+                with stats_lock:
                     if staged is None:
-                        return None, "missing", fetched
-                    return staged, staged.publish() if publish else "staged", fetched
+                        g.failed = True
+                        g.unfetched += 1
+                    else:
+                        g.staged.append((entry, staged))
+                    g.pending -= 1
+                    last = g.pending == 0
+                if last:
+                    finish_group(g)
+            counter.advance(entry.size)
+
+        def survey(batch: list[FileEntry]) -> None:
+            """Leave identical files alone; give every other one a temp file to fill."""
+            for entry in batch:
+                try:
+                    prepared = self._prepare_file(dest_str, entry, made_dirs)
                 except (CasstoreError, OSError) as e:
                     if isinstance(e, OSError) and e.errno in _FATAL_ERRNOS:
                         raise
                     log.warning("could not restore %s: %s", entry.path, e)
-                    return None, "missing", 0
-
-            def load_file(entry: FileEntry) -> None:
-                g = group_of.get(entry.path)
-                if g is None:
-                    _, outcome, fetched = stage(entry, publish=True)
-                    with stats_lock:
-                        report.bytes_fetched += fetched
-                        tally(entry, outcome)
+                    settle(entry, None)
+                    continue
+                if isinstance(prepared, _Staged):
+                    settle(entry, prepared)
                 else:
                     with stats_lock:
-                        skip = g.failed  # a file of the group already failed
-                    staged, _, fetched = (None, "missing", 0) if skip else stage(entry, False)
-                    with stats_lock:
-                        report.bytes_fetched += fetched
-                        if staged is None:
-                            g.failed = True
-                            if not skip:
-                                g.unfetched += 1
-                        else:
-                            g.staged.append((entry, staged))
-                        g.pending -= 1
-                        last = g.pending == 0
-                    if last:
-                        finish_group(g)
-                counter.advance(entry.size)
+                        jobs[prepared[0]] = prepared[1:]
 
-            def load_batch(batch: list[FileEntry]) -> None:
-                for e in batch:
-                    load_file(e)
+        def finished(job: restore.FileJob) -> None:
+            target, mode = jobs[job]
+            os.chmod(job.tmp, mode)
+            settle(job.entry, _Staged(target, job.tmp, mode))
 
-            try:
-                for _ in files_pool.map(
-                    load_batch, _batches(list(view.values()), lambda e: e.size)
-                ):
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="casstore-file") as pool:
+                for _ in pool.map(survey, _batches(list(view.values()), lambda e: e.size)):
                     pass
-            finally:
-                files_pool.shutdown(wait=True, cancel_futures=True)
-                for g in groups.values():
-                    if g.pending:  # the load stopped (full disk…) before the group was done
-                        for _, staged in g.staged:
-                            staged.discard()
+            if jobs:
+                outcome = restore.fetch_files(
+                    self.backend,
+                    self.chunk_index(),
+                    list(jobs),
+                    threads=self.threads,
+                    finished=finished,
+                    trash=trash,
+                )
+                report.bytes_fetched += outcome.bytes_fetched
+                for job in outcome.failed:
+                    _unlink_quietly(job.tmp)
+                    log.warning("%s not restored: %s", job.entry.path, job.failed)
+                    settle(job.entry, None)
+        finally:
+            # A load stopped midway (a full disk…): no temp file stays behind.
+            for job in jobs:
+                _unlink_quietly(job.tmp)
+            for g in groups.values():
+                if g.pending:
+                    for _, staged in g.staged:
+                        staged.discard()
         report.missing.sort()
         report.seconds = time.monotonic() - started
         self._note(
@@ -994,17 +1029,12 @@ class Store:
             )
         return report
 
-    def _stage_file(
-        self,
-        dest: str,
-        entry: FileEntry,
-        chunk_pool: ThreadPoolExecutor,
-        made_dirs: set[str],
-        trash: _Trash,
-    ) -> tuple[_Staged | None, int]:
-        """Fetch and verify ``entry`` into a temp file beside its target, or find the target
-        already in place with identical bytes. ``(None, bytes fetched)`` when a chunk is
-        missing or corrupt; the temp file is then removed."""
+    def _prepare_file(
+        self, dest: str, entry: FileEntry, made_dirs: set[str]
+    ) -> _Staged | tuple[restore.FileJob, str, int]:
+        """The target already in place with identical bytes (staged, perhaps for a mode
+        change), or a job to fill a new temp file beside it, created at the file's size
+        (with its target and mode)."""
         parent = localfs.safe_parent(dest, entry.path, made_dirs)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
@@ -1021,89 +1051,18 @@ class Store:
             and localfs.file_digest(target, entry.size) == entry.digest
         ):
             chmod = stat.S_IMODE(st.st_mode) != mode
-            return _Staged(target, None, mode if chmod else None), 0
-
+            return _Staged(target, None, mode if chmod else None)
         tmp = os.path.join(parent, temp_name())
-        complete = False
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fetched = 0
         try:
             if entry.size:
                 os.ftruncate(fd, entry.size)
-
-            def fetch(ref: ChunkRef, offset: int) -> int:
-                try:
-                    blob = self.backend.get(
-                        objects.chunk_key(ref.digest), max_bytes=constants.MAX_CHUNK_OBJECT_BYTES
-                    )
-                except NotFound:
-                    # gc may be sweeping it this very moment, about to give it back to a
-                    # save that just listed it: its copy in trash/ has the same bytes
-                    # (verified below like any other).
-                    blob = trash.get(ref.digest)
-                data = objects.decode_chunk(blob, ref.digest, ref.size)
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
-                return len(blob)
-
-            if len(entry.chunks) == 1:
-                fetched = fetch(entry.chunks[0], 0)
-            else:
-                fetched = _fetch_windowed(chunk_pool, fetch, entry.chunks, 4 * self.threads)
-            os.fchmod(fd, mode)
+        except BaseException:
             os.close(fd)
-            fd = -1
-            complete = True
-        except (NotFound, CorruptObject) as e:
-            log.warning("%s not restored: %s", entry.path, e)
-            return None, fetched
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if not complete:
-                _unlink_quietly(tmp)
-        return _Staged(target, tmp, mode), fetched
-
-
-class _Trash:
-    """Chunks gc moved to trash/ and has not settled yet, looked up by digest: listed on a
-    load's first missing chunk (a load that finds every chunk never lists), listed again
-    once when a later miss is not in that listing, and the chunk's own name tried again
-    when its trash copy vanished meanwhile (gc gave it back)."""
-
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-        self._index: dict[str, str] | None = None
-        self._relisted = False
-        self._lock = threading.Lock()
-
-    def _list(self) -> dict[str, str]:
-        index = {}
-        for info in self._backend.list(f"{constants.TRASH_DIR}/"):
-            hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
-            if hexd is not None:
-                index[hexd] = info.key
-        return index
-
-    def get(self, digest: bytes) -> bytes:
-        hexd = digest.hex()
-        with self._lock:
-            if self._index is None:
-                self._index = self._list()
-            elif hexd not in self._index and not self._relisted:
-                self._relisted = True
-                self._index = self._list()
-            name = self._index.get(hexd)
-        limit = constants.MAX_CHUNK_OBJECT_BYTES
-        if name is not None:
-            try:
-                return self._backend.get(name, max_bytes=limit)
-            except NotFound:
-                pass
-        # Given back (or re-uploaded) between the first look and now.
-        return self._backend.get(objects.chunk_key(digest), max_bytes=limit)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        return restore.FileJob(entry, tmp), target, mode
 
 
 @dataclass
@@ -1162,35 +1121,6 @@ _MANIFEST_LISTINGS = 10
 
 # Errors that no other file would escape either: stop the whole load at once.
 _FATAL_ERRNOS = {28, 30, 122}  # ENOSPC, EROFS, EDQUOT
-
-
-def _fetch_windowed(
-    pool: ThreadPoolExecutor,
-    fetch: Callable[[ChunkRef, int], int],
-    refs: tuple[ChunkRef, ...],
-    window: int,
-) -> int:
-    """Fetch ``refs`` in order with at most ``window`` in flight; stop at the first
-    failure. A file declaring millions of chunks then fails after one miss, not after
-    queueing millions of fetches, and memory stays bounded by the window."""
-    in_flight: collections.deque[Future[int]] = collections.deque()
-    total = 0
-    offset = 0
-    try:
-        for ref in refs:
-            if len(in_flight) >= window:
-                total += in_flight.popleft().result()
-            in_flight.append(pool.submit(fetch, ref, offset))
-            offset += ref.size
-        while in_flight:
-            total += in_flight.popleft().result()
-    finally:
-        for f in in_flight:
-            f.cancel()
-        for f in in_flight:
-            if not f.cancelled():
-                f.exception()  # wait, so no write lands after the file is closed
-    return total
 
 
 def _batches(

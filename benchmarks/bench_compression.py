@@ -1,0 +1,235 @@
+"""Compression benchmark: how many bytes a store of several real compile caches takes, by
+layout, against one tar.gz per cache (the b10-style layout). Writes
+docs/compression-benchmarks.md.
+
+Corpora (real inductor caches of different models, each saved as its own key):
+
+* GPU: six caches compiled on an NVIDIA H200 (torch 2.11.0+cu130, Triton 3.6) by
+  ``benchmarks/bench_gpu.py``, kept in benchmarks/data/gpu-caches-h200.tar.xz;
+* CPU: six caches compiled here by demo/compile_worker.py (the same model set).
+
+Layouts, every one with chunk dedup across the caches, caches saved one after another:
+
+* per-chunk zstd 3: the chunk objects of format 1 (a real ``Store.save`` of each cache);
+* packs: casstore.packs.PackBuilder as a save uses it, one builder per save (small files'
+  chunks at the small-file level, large files' at the large-file level);
+* packs, level 3 everywhere; packs with a dictionary trained on the caches saved before
+  (a what-if: no dictionary is implemented).
+
+Compression and decompression speeds are per core, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from casstore import CacheKey, Store, chunking, constants, packs
+from demo.replica import REPO
+
+MODELS = ("mlp", "conv", "gpt", "gpt-wide", "gpt-deep", "bert")
+GPU_CORPUS = REPO / "benchmarks/data/gpu-caches-h200.tar.xz"
+
+
+@dataclass
+class Row:
+    layout: str
+    stored: int
+    compress_mb_s: float | None = None
+    decompress_mb_s: float | None = None
+
+
+def files_of(cache: Path) -> list[tuple[str, bytes]]:
+    return [
+        (str(p.relative_to(cache)), p.read_bytes())
+        for p in sorted(cache.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    ]
+
+
+def tar_gz_size(cache: Path) -> int:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(cache, arcname=".")
+    return len(buf.getvalue())
+
+
+def store_bytes(caches: list[Path], work: Path) -> int:
+    """Format 1: a real save of each cache into one store; bytes of its chunk objects."""
+    root = work / "store-format1"
+    store = Store(root, create=True)
+    for i, cache in enumerate(caches):
+        store.save(cache, CacheKey(torch="t", arch="a", model=f"m{i}"))
+    return sum(p.stat().st_size for p in (root / constants.CHUNKS_DIR).rglob("*.zst"))
+
+
+def pack_bytes(
+    caches: list[Path], *, small_level: int, large_level: int, dictionary: bool = False
+) -> Row:
+    """Bytes of the packs and indexes the saves of ``caches`` would write."""
+    stored: set[bytes] = set()
+    total = 0
+    raw = 0
+    seconds = 0.0
+    decompress_seconds = 0.0
+    seen_samples: list[bytes] = []
+    saved_small, saved_large = constants.SMALL_FILE_LEVEL, constants.LARGE_FILE_LEVEL
+    constants.SMALL_FILE_LEVEL, constants.LARGE_FILE_LEVEL = small_level, large_level
+    try:
+        for cache in caches:
+            files = files_of(cache)
+            new: list[tuple[bytes, bytes, bool]] = []
+            for _, data in files:
+                small = len(data) < constants.STREAM_MIN_FILE_SIZE
+                for c in chunking.cut(data):
+                    if c.digest not in stored:
+                        stored.add(c.digest)
+                        new.append((c.digest, data[c.offset : c.offset + c.length], small))
+            if dictionary:
+                start = time.perf_counter()
+                if len(seen_samples) >= 8:
+                    d = zstandard.train_dictionary(112 * 1024, seen_samples, level=small_level)
+                    cctx = zstandard.ZstdCompressor(level=small_level, dict_data=d)
+                    total += len(d.as_bytes())  # the store keeps each dictionary once
+                else:
+                    cctx = zstandard.ZstdCompressor(level=small_level)
+                blob = b"".join(data for _, data, _ in new)
+                for i in range(0, len(blob), constants.BLOCK_TARGET):
+                    total += len(cctx.compress(blob[i : i + constants.BLOCK_TARGET]))
+                seconds += time.perf_counter() - start
+                raw += len(blob)
+                seen_samples += [data for _, data in files]
+                continue
+            builder = packs.PackBuilder()
+            start = time.perf_counter()
+            sealed: list[packs.Sealed] = []
+            for digest, data, small in new:
+                sealed += builder.add(digest, data, small=small)
+            sealed += builder.finish()
+            seconds += time.perf_counter() - start
+            raw += sum(len(d) for _, d, _ in new)
+            for s in sealed:
+                total += len(s.data) + len(packs.encode_index(s.index))
+                start = time.perf_counter()
+                for b in s.index.blocks:
+                    packs.decode_block(s.data[b.offset : b.offset + b.length], b, "bench")
+                decompress_seconds += time.perf_counter() - start
+    finally:
+        constants.SMALL_FILE_LEVEL, constants.LARGE_FILE_LEVEL = saved_small, saved_large
+    return Row(
+        "",
+        total,
+        raw / seconds / 1e6 if seconds else None,
+        raw / decompress_seconds / 1e6 if decompress_seconds else None,
+    )
+
+
+def cpu_corpus(work: Path) -> list[Path]:
+    caches = []
+    for model in MODELS:
+        cache = work / f"cpu-{model}"
+        subprocess.run(
+            [sys.executable, "-m", "demo.compile_worker", "--model", model],
+            cwd=REPO,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(work),
+                "TORCHINDUCTOR_CACHE_DIR": str(cache),
+                "TMPDIR": str(work / "tmp"),
+            },
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        caches.append(cache)
+    return caches
+
+
+def gpu_corpus(work: Path) -> list[Path]:
+    target = work / "gpu"
+    with tarfile.open(GPU_CORPUS) as tar:
+        tar.extractall(target, filter="data")
+    return sorted(p for p in target.iterdir() if p.is_dir())
+
+
+def measure(name: str, caches: list[Path], work: Path) -> list[str]:
+    raw = sum(len(d) for c in caches for _, d in files_of(c))
+    files = sum(len(files_of(c)) for c in caches)
+    tgz = sum(tar_gz_size(c) for c in caches)
+    rows = [
+        Row("one tar.gz per cache (b10-style)", tgz),
+        Row("per-chunk zstd 3 (format 1 chunk objects)", store_bytes(caches, work / name)),
+    ]
+    for layout, small, large in (
+        (
+            f"packs: small files level {constants.SMALL_FILE_LEVEL}, large level "
+            f"{constants.LARGE_FILE_LEVEL} (the default)",
+            constants.SMALL_FILE_LEVEL,
+            constants.LARGE_FILE_LEVEL,
+        ),
+        ("packs: level 3 everywhere", 3, 3),
+        ("packs: level 9 everywhere", 9, 9),
+    ):
+        row = pack_bytes(caches, small_level=small, large_level=large)
+        row.layout = layout
+        rows.append(row)
+    row = pack_bytes(caches, small_level=constants.SMALL_FILE_LEVEL, large_level=3, dictionary=True)
+    row.layout = "what-if: 8 MiB blocks with a dictionary trained on earlier saves"
+    rows.append(row)
+    lines = [
+        f"### {name}: {len(caches)} caches, {files} files, {raw / 1e6:.1f} MB",
+        "",
+        "| layout | stored | vs tar.gz | compress MB/s | decompress MB/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.layout} | {r.stored / 1e6:.2f} MB | {r.stored / tgz:.2f}x | "
+            f"{f'{r.compress_mb_s:.0f}' if r.compress_mb_s else ''} | "
+            f"{f'{r.decompress_mb_s:.0f}' if r.decompress_mb_s else ''} |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", type=Path, default=REPO / "docs/compression-benchmarks.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="casstore-compression-") as tmp:
+        work = Path(tmp)
+        (work / "tmp").mkdir()
+        sections = measure("GPU caches (H200)", gpu_corpus(work), work)
+        sections += measure("CPU caches (this machine)", cpu_corpus(work), work)
+    text = "\n".join(
+        [
+            "# Compression benchmarks",
+            "",
+            "Generated by `make bench` (benchmarks/bench_compression.py); do not edit by hand.",
+            "",
+            f"- when: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+            f"- machine: {platform.machine()}, Python {platform.python_version()}",
+            "- each corpus: six real inductor caches of different models (mlp, conv, and"
+            " GPT/BERT-style transformers of several sizes), saved one after another as"
+            " separate keys; chunks already stored by an earlier save are not stored again",
+            "- *stored*: bytes of the store's chunk objects, or packs plus their indexes;"
+            " *vs tar.gz*: against the sum of one tar.gz per cache",
+            "",
+            *sections,
+        ]
+    )
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Restoring files from packs: every needed block is read once, and each chunk in it is
+written into every file (and offset) that needs it.
+
+A restore works from the chunks, not from the files: the store reads a few large ranges
+per pack instead of one object per file. Each file to restore has a temp file beside its
+target, created at its full size by the caller; chunks land in it with positioned writes,
+in whatever order their blocks arrive. A file is finished when its last chunk is written;
+one whose chunk cannot be found or does not match its digest is failed, and never
+published (the caller discards its temp file): a damaged pack costs files, never wrong
+bytes.
+
+A chunk may lie in several packs (two saves raced, gc repacked it): a block that cannot be
+read is tried in the chunk's other packs, then in ``trash/`` (gc may be sweeping the pack
+this very moment, about to give it back to a save that just listed it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from casstore import constants, packs
+from casstore.backends.base import Backend
+from casstore.chunk_index import ChunkIndex
+from casstore.errors import CorruptObject, NotFound
+from casstore.manifest import FileEntry
+from casstore.packs import ChunkLoc, PackIndex
+
+log = logging.getLogger("casstore")
+
+# Blocks read (and held decompressed) by one task: with 8 MiB blocks and at most
+# MAX_READERS tasks at once, a restore holds about 128 MiB of blocks whatever its size.
+BLOCKS_PER_READ = 2
+MAX_READERS = 8
+# Rounds of reading: the first location of each chunk, then its others.
+ROUNDS = 3
+
+
+@dataclass(eq=False)
+class FileJob:
+    """One file to restore into ``tmp`` (created at the file's size by the caller)."""
+
+    entry: FileEntry
+    tmp: str
+    remaining: int = 0  # chunk placements not yet written
+    failed: str | None = None  # why, once failed
+
+
+@dataclass
+class Outcome:
+    bytes_fetched: int = 0
+    failed: list[FileJob] = field(default_factory=list)
+
+
+class PackTrash:
+    """Packs gc moved to ``trash/`` and has not settled yet, by pack id: listed on the
+    first pack a restore cannot find, and once more if a later one is not in that list."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._names: dict[str, str] | None = None
+        self._relisted = False
+        self._lock = threading.Lock()
+
+    def _list(self) -> dict[str, str]:
+        found = {}
+        for info in self._backend.list(f"{constants.TRASH_DIR}/"):
+            pack_id = packs.pack_id_from_key(info.key)
+            if pack_id is not None and info.key.endswith(constants.PACK_SUFFIX):
+                found[pack_id] = info.key
+        return found
+
+    def key_of(self, pack_id: str) -> str | None:
+        with self._lock:
+            if self._names is None:
+                self._names = self._list()
+            elif pack_id not in self._names and not self._relisted:
+                self._relisted = True
+                self._names = self._list()
+            return self._names.get(pack_id)
+
+
+def _write_all(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    finally:
+        os.close(fd)
+
+
+def fetch_files(
+    backend: Backend,
+    index: ChunkIndex,
+    jobs: list[FileJob],
+    *,
+    threads: int,
+    finished: Callable[[FileJob], None],
+    trash: PackTrash | None = None,
+) -> Outcome:
+    """Write every chunk of ``jobs`` into their temp files. ``finished(job)`` is called
+    (from a worker thread) as soon as a job's last chunk is written; failed jobs are
+    returned, their ``failed`` saying why. OSErrors of writing (a full disk) propagate."""
+    trash = trash if trash is not None else PackTrash(backend)
+    outcome = Outcome()
+    lock = threading.Lock()
+    uses: dict[bytes, list[tuple[FileJob, int]]] = defaultdict(list)
+    for job in jobs:
+        offset = 0
+        for ref in job.entry.chunks:
+            uses[ref.digest].append((job, offset))
+            offset += ref.size
+        job.remaining = len(job.entry.chunks)
+    for job in jobs:
+        if job.remaining == 0:
+            finished(job)
+    tried: dict[bytes, set[str]] = defaultdict(set)
+    pending = set(uses)
+    why: dict[bytes, str] = {}
+
+    def deliver(loc: ChunkLoc, data: bytes) -> None:
+        for job, offset in uses[loc.digest]:
+            with lock:
+                if job.failed is not None:
+                    continue
+            _write_all(job.tmp, data, offset)
+            with lock:
+                job.remaining -= 1
+                done = job.remaining == 0 and job.failed is None
+            if done:
+                finished(job)
+
+    def read(task: tuple[PackIndex, list[int], dict[int, list[ChunkLoc]]]) -> set[bytes]:
+        """Read some blocks of one pack and deliver their chunks; the digests it could
+        not deliver."""
+        index, numbers, wanted = task
+        source = packs.pack_key(index.pack)
+        failed: set[bytes] = set()
+        try:
+            blocks = _read(backend, trash, index, numbers)
+        except NotFound:
+            for n in numbers:
+                for loc in wanted[n]:
+                    why[loc.digest] = f"pack {index.id} is gone"
+            return {loc.digest for n in numbers for loc in wanted[n]}
+        for n in numbers:
+            block = blocks.get(n)
+            for loc in wanted[n]:
+                if block is None:
+                    why[loc.digest] = f"a block of pack {index.id} is damaged"
+                    failed.add(loc.digest)
+                    continue
+                try:
+                    data = packs.chunk_of(block, loc, source)
+                except CorruptObject as e:
+                    why[loc.digest] = str(e)
+                    failed.add(loc.digest)
+                    continue
+                deliver(loc, data)
+        with lock:
+            outcome.bytes_fetched += sum(index.blocks[n].length for n in numbers if n in blocks)
+        return failed
+
+    for _ in range(ROUNDS):
+        if not pending:
+            break
+        plan: dict[str, tuple[PackIndex, dict[int, list[ChunkLoc]]]] = {}
+        unplaced: set[bytes] = set()
+        for digest in pending:
+            choices = [loc for loc in index.locate(digest) if loc.index.id not in tried[digest]]
+            if not choices:
+                unplaced.add(digest)
+                why.setdefault(digest, f"chunk {digest.hex()} is in no pack of the store")
+                continue
+            loc = choices[-1]  # the newest pack listed
+            tried[digest].add(loc.index.id)
+            entry = plan.setdefault(loc.index.id, (loc.index, defaultdict(list)))
+            entry[1][loc.chunk.block].append(loc.chunk)
+        tasks = []
+        for pack_index, by_block in plan.values():
+            numbers = sorted(by_block)
+            for i in range(0, len(numbers), BLOCKS_PER_READ):
+                group = numbers[i : i + BLOCKS_PER_READ]
+                tasks.append((pack_index, group, {n: by_block[n] for n in group}))
+        failed: set[bytes] = set(unplaced)
+        with ThreadPoolExecutor(
+            max(1, min(threads, MAX_READERS)), thread_name_prefix="casstore-read"
+        ) as pool:
+            for lost in pool.map(read, tasks):
+                failed |= lost
+        pending = failed - unplaced
+        for digest in unplaced:
+            _fail(uses[digest], why[digest], lock)
+    for digest in pending:
+        _fail(uses[digest], why.get(digest, "unreadable"), lock)
+    outcome.failed = [job for job in jobs if job.failed is not None]
+    return outcome
+
+
+def _fail(placements: list[tuple[FileJob, int]], why: str, lock: threading.Lock) -> None:
+    with lock:
+        for job, _ in placements:
+            if job.failed is None:
+                job.failed = why
+
+
+def _read(
+    backend: Backend, trash: PackTrash, index: PackIndex, numbers: list[int]
+) -> dict[int, bytes]:
+    """The blocks, decompressed; a damaged block is left out (the others still serve).
+    NotFound when the pack is neither in packs/ nor in trash/."""
+    try:
+        return _read_isolating(backend, index, numbers)
+    except NotFound:
+        trash_key = trash.key_of(index.id)
+        if trash_key is None:
+            raise
+        return _read_isolating(backend, index, numbers, trash_key)
+
+
+def _read_isolating(
+    backend: Backend, index: PackIndex, numbers: list[int], key: str | None = None
+) -> dict[int, bytes]:
+    try:
+        return packs.read_blocks(backend, index, numbers, key=key)
+    except CorruptObject:
+        if len(numbers) == 1:
+            return {}
+    out: dict[int, bytes] = {}
+    for n in numbers:
+        try:
+            out.update(packs.read_blocks(backend, index, [n], key=key))
+        except CorruptObject as e:
+            log.warning("%s", e)
+    return out
