@@ -1,4 +1,5 @@
-"""Read-only inspection of a store: ``verify`` re-hashes every object, ``stats`` sums usage."""
+"""Inspection of a store: ``verify`` re-hashes every chunk of every pack, ``stats`` sums
+usage, ``repair`` moves what verify found damaged out of readers' way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from casstore import constants, objects
+from casstore import chunk_index, constants, packs
 from casstore import manifest as mf
 from casstore.errors import CorruptObject, InvalidManifest, NotFound, UnsupportedManifest
 from casstore.store import Store
@@ -20,8 +21,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class VerifyReport:
-    chunks: int = 0
+    chunks: int = 0  # chunk entries checked, in every pack
+    packs: int = 0
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (object key, reason)
+    # Pack id -> hex digests of its chunks that do not read back intact (the rest do).
+    damaged_chunks: dict[str, list[str]] = field(default_factory=dict)
+    # Packs with no index (a save that crashed between the two): garbage gc removes.
+    unindexed_packs: list[str] = field(default_factory=list)
     manifests: int = 0
     invalid_manifests: list[tuple[str, str]] = field(default_factory=list)
     # Manifests of a newer casstore (another format, an unknown field): not damage, and
@@ -44,8 +50,9 @@ class VerifyReport:
 class StoreStats:
     keys: int = 0
     manifests: int = 0
-    chunks: int = 0
-    stored_bytes: int = 0  # compressed chunk bytes on disk
+    chunks: int = 0  # distinct chunks in the packs
+    packs: int = 0
+    stored_bytes: int = 0  # bytes of packs and their indexes
     unique_bytes: int = 0  # uncompressed bytes of distinct chunks referenced by manifests
     logical_bytes: int = 0  # bytes of every key's files, as loads would write them
 
@@ -116,37 +123,56 @@ def verify(
     report.manifests = (
         len(manifests) + len(report.invalid_manifests) + len(report.unsupported_manifests)
     )
-    infos = list(store.backend.list(f"{constants.CHUNKS_DIR}/"))
+    listed = {
+        pack_id: info
+        for info in store.backend.list(f"{constants.PACKS_DIR}/")
+        if (pack_id := packs.pack_id_from_key(info.key)) is not None
+        and info.key == packs.pack_key(pack_id)
+    }
+    index = chunk_index.load(store.backend, threads=threads)
+    for pack_id, why in sorted(index.unreadable.items()):
+        report.corrupt.append((packs.index_key(pack_id), why))
     present: set[str] = set()
     lock = threading.Lock()
     done = 0
+    todo = [index.packs[p] for p in sorted(listed) if p in index.packs]
+    report.unindexed_packs = sorted(
+        p for p in listed if p not in index.packs and p not in index.unreadable
+    )
 
-    def check(key: str) -> None:
+    def check(pack: packs.PackIndex) -> None:
         nonlocal done
-        hexd = objects.digest_from_key(key)
         reason = None
-        if hexd is None:
-            reason = "not a chunk name"
+        damaged: list[bytes] = []
+        if listed[pack.id].size != pack.size:
+            reason = f"holds {listed[pack.id].size} bytes, its index says {pack.size}"
+            damaged = [c.digest for c in pack.chunks]
         else:
             try:
-                blob = store.backend.get(key, max_bytes=constants.MAX_CHUNK_OBJECT_BYTES)
-                objects.decode_chunk(blob, bytes.fromhex(hexd))
-            except CorruptObject as e:
-                reason = str(e)
+                damaged = packs.verify_pack(store.backend, pack)
             except NotFound:
-                return
+                return  # deleted since the listing (gc)
+            except CorruptObject as e:
+                reason, damaged = str(e), [c.digest for c in pack.chunks]
+        bad = set(damaged)
         with lock:
             done += 1
-            if reason is None and hexd is not None:
-                present.add(hexd)
-            else:
-                report.corrupt.append((key, reason or "corrupt"))
+            report.chunks += len(pack.chunks)
+            present.update(c.digest.hex() for c in pack.chunks if c.digest not in bad)
+            if damaged:
+                report.damaged_chunks[pack.id] = sorted(d.hex() for d in bad)
+                report.corrupt.append(
+                    (
+                        packs.pack_key(pack.id),
+                        reason or f"{len(bad)} of its {len(pack.chunks)} chunks are damaged",
+                    )
+                )
         if progress is not None:
-            progress(done, len(infos))
+            progress(done, len(todo))
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(check, [i.key for i in infos]))
-    report.chunks = len(infos)
+        list(pool.map(check, todo))
+    report.packs = len(listed)
     report.corrupt.sort()
     for name, m in manifests:
         for f in m.files:
@@ -157,11 +183,13 @@ def verify(
 
 
 def stats(store: Store) -> StoreStats:
-    """Usage totals. Reads every manifest and lists every chunk; reads no chunk data."""
+    """Usage totals. Reads every manifest and every pack index; reads no chunk data."""
     s = StoreStats()
-    for info in store.backend.list(f"{constants.CHUNKS_DIR}/"):
-        s.chunks += 1
-        s.stored_bytes += info.size
+    for prefix in (f"{constants.PACKS_DIR}/", f"{constants.INDEX_DIR}/"):
+        for info in store.backend.list(prefix):
+            s.packs += prefix.startswith(constants.PACKS_DIR)
+            s.stored_bytes += info.size
+    s.chunks = len(store.chunk_index())
     manifests, _ = _all_manifests(store)
     s.manifests = len(manifests)
     by_key: dict[str, list[mf.Manifest]] = {}
@@ -180,22 +208,57 @@ def stats(store: Store) -> StoreStats:
 
 @dataclass
 class RepairReport:
-    chunks_quarantined: int = 0
+    packs_quarantined: int = 0
+    chunks_salvaged: int = 0  # intact chunks of damaged packs, packed again first
+    indexes_quarantined: int = 0
     manifests_quarantined: int = 0
 
 
 def repair(store: Store, report: VerifyReport) -> RepairReport:
     """Move what ``verify`` found damaged into ``quarantine/``, out of every reader's way.
 
-    A quarantined chunk counts as missing, so the next save that holds its bytes uploads it
-    again; files that need it are misses until then, never wrong bytes.
+    A damaged pack's intact chunks are first packed again (a new pack, published with its
+    index), so only its damaged chunks go missing. A missing chunk is uploaded again by
+    the next save that holds its bytes; files that need it are misses until then, never
+    wrong bytes. An unreadable index is quarantined too: its pack's chunks count as
+    missing (gc removes the pack once it is older than the grace).
     """
     out = RepairReport()
+    index = chunk_index.load(store.backend)
+    for pack_id, damaged in sorted(report.damaged_chunks.items()):
+        pack = index.packs.get(pack_id)
+        if pack is None:
+            continue
+        bad = {bytes.fromhex(d) for d in damaged}
+        intact = [c for c in pack.chunks if c.digest not in bad]
+        builder = packs.PackBuilder()
+        sealed: list[packs.Sealed] = []
+        by_block: dict[int, list[packs.ChunkLoc]] = {}
+        for c in intact:
+            by_block.setdefault(c.block, []).append(c)
+        for n, locs in sorted(by_block.items()):
+            try:
+                block = packs.read_blocks(store.backend, pack, [n])[n]
+            except (CorruptObject, NotFound):
+                continue
+            for c in locs:
+                try:
+                    data = packs.chunk_of(block, c, packs.pack_key(pack_id))
+                except CorruptObject:
+                    continue
+                sealed += builder.add(c.digest, data, small=True)
+                out.chunks_salvaged += 1
+        for one in sealed + builder.finish():
+            packs.publish(store.backend, one)
+        dest = f"{constants.QUARANTINE_DIR}/packs/{pack_id}{constants.PACK_SUFFIX}"
+        if store.backend.move(packs.pack_key(pack_id), f"{dest}.{uuid.uuid4().hex[:8]}"):
+            out.packs_quarantined += 1
+            store.backend.delete(packs.index_key(pack_id))
     for key, _why in report.corrupt:
-        name = key.rsplit("/", 1)[-1]
-        dest = f"{constants.QUARANTINE_DIR}/chunks/{name}.{uuid.uuid4().hex[:8]}"
-        if store.backend.move(key, dest):
-            out.chunks_quarantined += 1
+        if key.startswith(f"{constants.INDEX_DIR}/"):
+            dest = f"{constants.QUARANTINE_DIR}/index/{key.rsplit('/', 1)[-1]}"
+            if store.backend.move(key, f"{dest}.{uuid.uuid4().hex[:8]}"):
+                out.indexes_quarantined += 1
     for key, _why in report.invalid_manifests:
         dest = f"{constants.QUARANTINE_DIR}/manifests/{key.replace('/', '_')}"
         if store.backend.move(key, f"{dest}.{uuid.uuid4().hex[:8]}"):
@@ -214,11 +277,12 @@ class ModelUsage:
 
 def usage_by_model(store: Store) -> list[ModelUsage]:
     """Who uses the space: per model fingerprint, its own and its shared stored bytes."""
-    sizes = {}
-    for info in store.backend.list(f"{constants.CHUNKS_DIR}/"):
-        hexd = objects.digest_from_key(info.key)
-        if hexd is not None:
-            sizes[bytes.fromhex(hexd)] = info.size
+    # A chunk's stored bytes: its share of its block's compressed length.
+    sizes: dict[bytes, int] = {}
+    for pack in store.chunk_index().packs.values():
+        for c in pack.chunks:
+            block = pack.blocks[c.block]
+            sizes[c.digest] = block.length * c.size // block.usize
     manifests, _ = _all_manifests(store)
     by_key: dict[str, list[mf.Manifest]] = {}
     for _, m in manifests:

@@ -41,8 +41,9 @@ def exposition(store: str, stats: StoreStats, summary: Summary, window: str) -> 
     for name, help_text, value in (
         ("casstore_keys", "Keys with at least one valid manifest.", stats.keys),
         ("casstore_manifests", "Valid manifests.", stats.manifests),
-        ("casstore_chunks", "Chunk objects.", stats.chunks),
-        ("casstore_stored_bytes", "Compressed bytes of chunk objects.", stats.stored_bytes),
+        ("casstore_chunks", "Distinct chunks in the packs.", stats.chunks),
+        ("casstore_packs", "Pack objects.", stats.packs),
+        ("casstore_stored_bytes", "Bytes of packs and their indexes.", stats.stored_bytes),
         ("casstore_unique_bytes", "Uncompressed bytes of distinct chunks.", stats.unique_bytes),
         ("casstore_logical_bytes", "Bytes of every key's files.", stats.logical_bytes),
         ("casstore_dedup_ratio", "Logical bytes per distinct chunk byte.", stats.dedup_ratio),

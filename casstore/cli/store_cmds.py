@@ -369,8 +369,9 @@ def verify(
     trusted keys (--trusted-keys, $CASSTORE_TRUSTED_KEYS), valid manifests they do not
     trust are listed too (not damage: loads ignore them).
 
-    With --repair, damaged chunks and manifests are moved to quarantine/; the next save
-    that holds a quarantined chunk's bytes uploads it again.
+    With --repair, a damaged pack's intact chunks are packed again and the pack is moved
+    to quarantine/, with damaged indexes and manifests; the next save that holds a lost
+    chunk's bytes uploads it again.
     """
     apply_globals(root, threads, verbose)
     with errors():
@@ -389,9 +390,13 @@ def verify(
             }
         )
     else:
-        out.print(f"{report.chunks} chunks, {report.manifests} manifests checked")
+        out.print(
+            f"{report.chunks} chunks in {report.packs} packs, {report.manifests} manifests checked"
+        )
         for key, why in report.corrupt:
-            out.print(f"  corrupt chunk {key}: {why}")
+            out.print(f"  damaged {key}: {why}")
+        for pack_id in report.unindexed_packs:
+            out.print(f"  pack without an index (a save that crashed; gc removes it): {pack_id}")
         for key, why in report.invalid_manifests:
             out.print(f"  invalid manifest {key}: {why}")
         for key, why in report.unsupported_manifests:
@@ -405,7 +410,9 @@ def verify(
         out.print(Text("ok") if report.ok else Text("damaged", style="red"))
         if repaired is not None:
             out.print(
-                f"quarantined {repaired.chunks_quarantined} chunks and "
+                f"quarantined {repaired.packs_quarantined} packs (their "
+                f"{repaired.chunks_salvaged} intact chunks packed again), "
+                f"{repaired.indexes_quarantined} indexes and "
                 f"{repaired.manifests_quarantined} manifests"
             )
     if not report.ok:
@@ -478,8 +485,8 @@ def stats(
         )
         return
     out.print(f"keys           {s.keys} ({s.manifests} manifests)")
-    out.print(f"chunks         {s.chunks}")
-    out.print(f"stored         {mib(s.stored_bytes)} (compressed)")
+    out.print(f"chunks         {s.chunks} in {s.packs} packs")
+    out.print(f"stored         {mib(s.stored_bytes)} (compressed packs and their indexes)")
     out.print(f"unique         {mib(s.unique_bytes)} (distinct chunk bytes)")
     out.print(f"logical        {mib(s.logical_bytes)} (what loads write)")
     out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
