@@ -32,14 +32,12 @@ DIGEST_SIZE = 32  # bytes; hex form is 64 characters
 COMPRESSION = "zstd"
 ZSTD_LEVEL = 3
 
-# Chunk objects fan out on the first FANOUT_CHARS hex characters of the digest (git's
-# scheme): 256 directories, ~2000 entries each at 512k chunks. Three characters (4096 dirs)
-# made a first save into a fresh store spend most of its time in mkdir (measured: 1900
-# mkdirs, 1.2 s of a 2.8 s save); see docs/decisions.md.
+# Packs fan out on the first FANOUT_CHARS hex characters of their id (git's scheme): 256
+# directories. (Three characters, 4096 dirs, made a first save of one object per chunk
+# spend most of its time in mkdir; see docs/decisions.md.)
 FANOUT_CHARS = 2
 
 LAYOUT_FILE = "CASSTORE"
-CHUNKS_DIR = "chunks"
 MANIFESTS_DIR = "manifests"
 LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
@@ -50,7 +48,6 @@ INDEX_DIR = "index"  # index/<pack id>.idx: where each chunk of a pack lies
 
 # A manifest file starts with these bytes, then the BLAKE3-256 of the msgpack body.
 MANIFEST_MAGIC = b"CASMF\x00"
-CHUNK_SUFFIX = ".zst"
 PACK_SUFFIX = ".pack"
 INDEX_SUFFIX = ".idx"
 # A pack index starts with these bytes, then the BLAKE3-256 of the msgpack body.
@@ -85,8 +82,6 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
 MAX_PATH_BYTES = 4096
 MAX_FILES_PER_MANIFEST = 10_000_000
-# A stored chunk object: zstd never grows input by more than ~1/256 plus a small header.
-MAX_CHUNK_OBJECT_BYTES = CHUNK_MAX_SIZE + CHUNK_MAX_SIZE // 128 + 4096
 # Files at least this large are cut from a stream instead of being read whole: memory per
 # saving thread stays bounded whatever the size of the tree's largest file.
 STREAM_MIN_FILE_SIZE = 4 * 2**20

@@ -28,10 +28,11 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from casstore import constants, objects, usage
+from casstore import chunk_index, constants, packs, usage
 from casstore import manifest as mf
 from casstore.backends.base import ObjectInfo
 from casstore.backends.fs import FileSystemBackend
+from casstore.chunk_index import ChunkIndex
 from casstore.errors import (
     CannotRenew,
     CasstoreError,
@@ -44,6 +45,7 @@ from casstore.keys import CacheKey
 from casstore.locks import exclusive_unless_busy, remove_if_unheld
 from casstore.store import Store, StoredManifest
 from casstore.sweep import (
+    Candidate,
     NewManifests,
     by_intents,
     by_rename,
@@ -57,6 +59,11 @@ from casstore.sweep import (
 log = logging.getLogger("casstore")
 
 ProgressCallback = Callable[[int, int], None]
+
+# A pack whose live chunks are under this share of its chunk bytes is repacked: its live
+# chunks go into a new pack and it is swept. Half: a store then holds at most about twice
+# its live bytes in packs, and a chunk is copied at most once per halving of its pack.
+REPACK_BELOW = 0.5
 
 # A set-aside manifest: ``manifests/<key id>/<name>.manifest.dropped-<unix time>``. Readers
 # list only names ending in ``.manifest``, so the key stops loading at once; its chunks stay
@@ -133,16 +140,23 @@ class Plan:
     drop: tuple[DroppedKey, ...]  # set aside by this run
     set_aside: tuple[SetAside, ...]  # set aside by an earlier run: deleted or restored now
     compact: tuple[KeyState, ...]  # kept keys with more than one manifest
-    chunks: tuple[tuple[str, int], ...]  # (object key, stored bytes) sweep candidates
+    packs: tuple[Candidate, ...]  # packs holding no live chunk: sweep candidates
+    # Packs mostly dead (live chunks under REPACK_BELOW of their bytes): their live chunks
+    # are packed again, then they are swept like the others.
+    repack: tuple[Candidate, ...]
     temps: tuple[str, ...]  # stale temp files (absolute paths)
     locks: tuple[str, ...]  # stale lock files (absolute paths)
     orphan_markers: tuple[str, ...]  # access markers of keys that have no manifest at all
+    orphan_indexes: tuple[str, ...]  # index objects of packs gone (a crash after a delete)
     seen_manifests: frozenset[str]  # every name under manifests/ when planned
     live_chunks: int
     live_bytes: int
-    sweep_blocked: str | None = None  # why no chunk may be deleted this run
-    grace_kept: int = 0  # unreferenced chunks kept because they are younger than the grace
+    sweep_blocked: str | None = None  # why no pack may be deleted this run
+    grace_kept: int = 0  # packs without live chunks kept: younger than the grace
     grace_kept_bytes: int = 0
+    # The chunks each pack held when planned (its index); packs whose index could not be
+    # read are absent, and are never swept.
+    members: dict[str, frozenset[bytes]] = field(default_factory=dict)
     # Kept keys with several manifests that gc may not merge, and why (signatures).
     uncompacted: tuple[tuple[str, str], ...] = ()
     # Object stores: the store's own clock when planned (objects are dated by it, not by
@@ -162,7 +176,7 @@ class Plan:
 
     @property
     def freed_bytes(self) -> int:
-        return 0 if self.sweep_blocked else sum(size for _, size in self.chunks)
+        return 0 if self.sweep_blocked else sum(c.size for c in self.packs + self.repack)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -185,9 +199,10 @@ class Plan:
             "uncompacted_keys": [
                 {"key_id": key_id, "reason": why} for key_id, why in self.uncompacted
             ],
-            "chunks_to_delete": 0 if self.sweep_blocked else len(self.chunks),
+            "packs_to_delete": 0 if self.sweep_blocked else len(self.packs),
+            "packs_to_repack": 0 if self.sweep_blocked else len(self.repack),
             "bytes_to_free": self.freed_bytes,
-            "chunks_kept_by_grace": self.grace_kept,
+            "packs_kept_by_grace": self.grace_kept,
             "bytes_kept_by_grace": self.grace_kept_bytes,
             "sweep_blocked": self.sweep_blocked,
             "live_chunks": self.live_chunks,
@@ -206,9 +221,12 @@ class GcReport:
     keys_expired: int = 0  # set aside by an earlier run and deleted now
     keys_restored: int = 0  # set aside by an earlier run, saved since: back in use
     keys_compacted: int = 0
-    chunks_deleted: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0  # mostly dead packs whose live chunks were packed again
+    chunks_repacked: int = 0
     bytes_freed: int = 0
-    chunks_kept_late: int = 0  # candidates spared: referenced or refreshed during the run
+    packs_kept_late: int = 0  # candidates spared: referenced or refreshed during the run
+    indexes_deleted: int = 0
     temps_removed: int = 0
     locks_removed: int = 0
     markers_removed: int = 0
@@ -392,12 +410,15 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     object on an object store, written and deleted to read the store's clock."""
     fs = _fs(store)
     now = time.time() if now is None else now
-    chunk_infos = [
-        (info, bytes.fromhex(hexd))
-        for info in store.backend.list(f"{constants.CHUNKS_DIR}/")
-        if (hexd := objects.digest_from_key(info.key)) is not None
-    ]
-    sizes = {d: info.size for info, d in chunk_infos}
+    pack_infos = {
+        pack_id: info
+        for info in store.backend.list(f"{constants.PACKS_DIR}/")
+        if (pack_id := packs.pack_id_from_key(info.key)) is not None
+        and info.key == packs.pack_key(pack_id)
+    }
+    index_infos = chunk_index.list_indexes(store.backend)
+    index = chunk_index.load(store.backend, threads=store.threads)
+    sizes = _stored_sizes(index)
     listing = _list_manifests(store)
     states, blocked = _key_states(store, listing, now)
     drop = _retention(states, sizes, policy, now)
@@ -421,9 +442,32 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     clock = store_clock(store) if fs is None else None
     planned_at = time.monotonic()
     cutoff = (clock if clock is not None else now) - policy.grace
-    unreferenced = [info for info, d in chunk_infos if d not in live]
-    candidates = tuple((info.key, info.size) for info in unreferenced if info.mtime < cutoff)
-    young = [info.size for info in unreferenced if info.mtime >= cutoff]
+    dead, repack, young = [], [], []
+    for pack_id, info in sorted(pack_infos.items()):
+        if pack_id in index.unreadable:
+            continue  # what it holds is unknown: never swept on a guess
+        pack = index.packs.get(pack_id)
+        if pack is None:
+            # No index: a save that crashed between publishing the pack and its index;
+            # no manifest can list its chunks (manifests come after indexes).
+            if info.mtime < cutoff:
+                dead.append(Candidate(info.key, info.size, frozenset()))
+            continue
+        members = frozenset(c.digest for c in pack.chunks)
+        held = {c.digest: c.size for c in pack.chunks}
+        live_bytes = sum(n for d, n in held.items() if d in live)
+        if info.mtime >= cutoff:
+            if not live_bytes:
+                young.append(info.size)
+        elif not live_bytes:
+            dead.append(Candidate(info.key, info.size, members))
+        elif live_bytes < REPACK_BELOW * sum(held.values()):
+            repack.append(Candidate(info.key, info.size, members))
+    orphan_indexes = tuple(
+        info.key
+        for pack_id, info in sorted(index_infos.items())
+        if pack_id not in pack_infos and info.mtime < cutoff
+    )
     with_manifests = set(listing.live) | set(listing.dropped)
     several = [s for s in kept if policy.compact and len(s.manifests) > 1]
     refusals = {s.key_id: why for s in several if (why := compaction_refused(store, s.signers))}
@@ -435,7 +479,10 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         set_aside=tuple(set_aside),
         compact=tuple(s for s in several if s.key_id not in refusals),
         uncompacted=tuple(sorted(refusals.items())),
-        chunks=candidates,
+        packs=tuple(dead),
+        repack=tuple(repack),
+        members={p: frozenset(c.digest for c in i.chunks) for p, i in index.packs.items()},
+        orphan_indexes=orphan_indexes,
         temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)) if fs else (),
         locks=(
             tuple(_stale_locks(fs.root / constants.LOCKS_DIR, now - policy.lock_timeout))
@@ -458,6 +505,40 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         grace_kept=len(young),
         grace_kept_bytes=sum(young),
     )
+
+
+def _stored_sizes(index: ChunkIndex) -> dict[bytes, int]:
+    """Each chunk's stored bytes: its share of its block's compressed length (what
+    --max-size counts)."""
+    sizes: dict[bytes, int] = {}
+    for pack in index.packs.values():
+        for c in pack.chunks:
+            block = pack.blocks[c.block]
+            sizes[c.digest] = block.length * c.size // max(1, block.usize)
+    return sizes
+
+
+def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candidate | None:
+    """Pack ``keep``'s chunks of ``candidate`` again (a new pack, published with its
+    index like any save's), and return the candidate with them covered; None when its
+    live chunks cannot all be read (it is then left alone)."""
+    pack_id = packs.pack_id_from_key(candidate.key)
+    if pack_id is None:
+        return None
+    index = chunk_index.read_index(store.backend, pack_id)
+    wanted = [c for c in index.chunks if c.digest in keep]
+    by_block: dict[int, list[packs.ChunkLoc]] = defaultdict(list)
+    for c in wanted:
+        by_block[c.block].append(c)
+    builder = packs.PackBuilder()
+    sealed: list[packs.Sealed] = []
+    for n, locs in sorted(by_block.items()):
+        block = packs.read_blocks(store.backend, index, [n])[n]
+        for c in locs:
+            sealed += builder.add(c.digest, packs.chunk_of(block, c, candidate.key), small=True)
+    for one in sealed + builder.finish():
+        packs.publish(store.backend, one)
+    return replace(candidate, covered=frozenset(c.digest for c in wanted))
 
 
 def _stale_temps(root: Path, older_than: float) -> Iterable[str]:
@@ -505,7 +586,7 @@ def execute(
     #    sight (the key stops loading), their chunks kept until the next run. A key loaded
     #    or saved since planning is kept. One key gc cannot rename (permissions) is an
     #    error in the report, never the end of the run.
-    protected: set[str] = set()
+    protected: set[bytes] = set()
     spared: set[str] = set()
     for d in p.drop:
         try:
@@ -518,7 +599,7 @@ def execute(
         else:
             report.keys_spared += 1
             spared.add(d.state.key_id)
-            protected.update(c.hex() for c in d.state.chunks)
+            protected.update(d.state.chunks)
     # 2. Keys an earlier run set aside: deleted once aside for a grace period, or back if
     #    saved since (or kept in use by step 1).
     for a in p.set_aside:
@@ -528,7 +609,7 @@ def execute(
             report.errors.append(f"finishing {a.key_id}: {e.strerror or e}")
             outcome = "restored"  # unknown: protect its chunks this run
         if outcome != "expired":
-            protected.update(c.hex() for c in a.chunks)
+            protected.update(a.chunks)
     # 3. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
     for s in p.compact:
@@ -547,36 +628,68 @@ def execute(
         )
     else:
         protected |= late
-    # 5. Sweep, through trash/.
-    live = protected | {c.hex() for s in p.keys for c in s.chunks}
-    live |= {c.hex() for a in p.set_aside if a.restore or not a.due for c in a.chunks}
+    # 5. Sweep, through trash/: first what crashed runs left there, then the packs with
+    #    no live chunk, then the mostly dead ones once their live chunks are packed again.
+    live = protected | {c for s in p.keys for c in s.chunks}
+    live |= {c for a in p.set_aside if a.restore or not a.due for c in a.chunks}
 
     def expiry() -> float:
         return _intent_expiry(p)
 
+    def members_of(pack_id: str) -> frozenset[bytes] | None:
+        if pack_id in p.members:
+            return p.members[pack_id]
+        try:
+            return frozenset(
+                c.digest for c in chunk_index.read_index(store.backend, pack_id).chunks
+            )
+        except NotFound:
+            return frozenset()  # no index: no manifest can list its chunks
+        except (CasstoreError, OSError):
+            return None
+
     if fs is not None:
-        recovered = recover_renamed(fs, p.cutoff, live)
+        recovered = recover_renamed(fs, p.cutoff, live, members_of)
     else:
         recovered = recover_objects(
-            store, live, p.seen_manifests, expiry, p.store_now, new_manifests
+            store, live, members_of, p.seen_manifests, expiry, p.store_now, new_manifests
         )
     report.trash_restored += recovered.restored
     report.errors += recovered.errors
     if p.sweep_blocked:
         report.errors.append(p.sweep_blocked)
     else:
-        todo = [(k, n) for k, n in p.chunks if objects.digest_from_key(k) not in protected]
-        report.chunks_kept_late += len(p.chunks) - len(todo)
+        candidates = list(p.packs)
+        for c in p.repack:
+            try:
+                repacked = repack(store, c, c.members & live)
+            except (CasstoreError, OSError) as e:
+                report.errors.append(f"repacking {c.key}: {e}")
+                continue
+            if repacked is not None:
+                report.packs_repacked += 1
+                report.chunks_repacked += len(repacked.covered)
+                candidates.append(repacked)
+        todo = [c for c in candidates if not c.needed_by & protected]
+        report.packs_kept_late += len(candidates) - len(todo)
         if fs is not None:
             swept = by_rename(fs, todo, p.cutoff, threads, progress)
         else:
             swept = by_intents(
                 store, todo, p.cutoff, p.seen_manifests, expiry, new_manifests, threads, progress
             )
-        report.chunks_deleted += swept.deleted
+        report.packs_deleted += swept.deleted
         report.bytes_freed += swept.bytes_freed
-        report.chunks_kept_late += swept.kept
+        report.packs_kept_late += swept.kept
         report.errors += swept.errors
+        # A pack gone for good takes its index with it: after the pack, so a reader never
+        # finds a pack whose index it cannot read.
+        for pack_id in swept.deleted_packs:
+            report.indexes_deleted += store.backend.delete(packs.index_key(pack_id))
+        for key in p.orphan_indexes:
+            orphan = packs.pack_id_from_key(key)
+            if orphan is not None and store.backend.stat(packs.pack_key(orphan)) is None:
+                report.indexes_deleted += store.backend.delete(key)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))
@@ -591,14 +704,16 @@ def execute(
     report.seconds = time.monotonic() - started
     log.info(
         "gc: set aside %d keys, deleted %d set aside earlier, restored %d, compacted %d, "
-        "deleted %d chunks (%.1f MiB), spared %d, removed %d temp and %d lock files in %.2fs",
+        "deleted %d packs (%.1f MiB), repacked %d, spared %d, removed %d temp and %d lock files "
+        "in %.2fs",
         report.keys_dropped,
         report.keys_expired,
         report.keys_restored,
         report.keys_compacted,
-        report.chunks_deleted,
+        report.packs_deleted,
         report.bytes_freed / 2**20,
-        report.chunks_kept_late,
+        report.packs_repacked,
+        report.packs_kept_late,
         report.temps_removed,
         report.locks_removed,
         report.seconds,
@@ -750,11 +865,17 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     signed = loaded[0].signer is not None
     newest = max(s.manifest.created_at for s in loaded)
     view = mf.merge(s.manifest for s in loaded)
+    index = store.chunk_index()
+    renewed: dict[str, bool] = {}
     for digest in {c.digest for f in view.values() for c in f.chunks}:
-        try:
-            present = store.backend.refresh(objects.chunk_key(digest))
-        except CannotRenew:
-            present = False
+        present = False
+        for loc in index.locate(digest):
+            pack_id = loc.index.id
+            if pack_id not in renewed:
+                renewed[pack_id] = _renew(store, pack_id)
+            if renewed[pack_id]:
+                present = True
+                break
         if not present:
             log.info("gc: not compacting %s: chunk %s is missing", key_id, digest.hex())
             return False
@@ -773,6 +894,13 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     for s in loaded:
         store.backend.delete(s.name)
     return True
+
+
+def _renew(store: Store, pack_id: str) -> bool:
+    try:
+        return store.backend.refresh(packs.pack_key(pack_id))
+    except CannotRenew:
+        return False
 
 
 def remove_key(store: Store, key: CacheKey) -> int:
@@ -804,9 +932,9 @@ def cleanup(
     removed = 0
     dirs = [root / constants.MANIFESTS_DIR, root / constants.LOCKS_DIR]
     try:
-        chunks = root / constants.CHUNKS_DIR
-        fanout = [e.path for e in os.scandir(chunks) if e.is_dir(follow_symlinks=False)]
-        fanout = fanout if real_dir(chunks) else []
+        packs_dir = root / constants.PACKS_DIR
+        fanout = [e.path for e in os.scandir(packs_dir) if e.is_dir(follow_symlinks=False)]
+        fanout = fanout if real_dir(packs_dir) else []
     except OSError:
         fanout = []
     dirs += [Path(p) for p in random.sample(fanout, min(4, len(fanout)))]

@@ -1,4 +1,8 @@
-"""gc's sweep: deleting unreferenced chunks without ever losing one a save is about to list.
+"""gc's sweep: deleting packs without ever losing a chunk a save is about to list.
+
+A candidate is a pack object with the chunks it holds (its *members*, from its index) and
+those of them another pack now holds too (*covered*: gc packed them again first, when the
+candidate was mostly dead). Only its other members can make it needed.
 
 Two strategies, by what the backend can do (:attr:`Backend.renews_age`, docs/gc.md):
 
@@ -27,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casstore import constants, objects
+from casstore import constants, packs
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
 from casstore.errors import (
@@ -45,8 +49,27 @@ log = logging.getLogger("casstore")
 
 #: ``progress(done, total)`` over the candidates.
 ProgressCallback = Callable[[int, int], None]
-#: (object key, stored bytes) of the chunks to sweep.
-Candidates = list[tuple[str, int]]
+#: The chunks a pack holds, by pack id; None when its index cannot be read now.
+MembersOf = Callable[[str], frozenset[bytes] | None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A pack gc would delete: its key and size, the chunks it holds, and those of them
+    another pack holds too (so none of those makes it needed)."""
+
+    key: str
+    size: int
+    members: frozenset[bytes]
+    covered: frozenset[bytes] = frozenset()
+
+    @property
+    def needed_by(self) -> frozenset[bytes]:
+        """The members only this pack holds: if a save or a manifest lists one, it stays."""
+        return self.members - self.covered
+
+
+Candidates = list[Candidate]
 
 # Candidates an object-store sweep moves to trash before it looks at the intents again.
 OBJECT_SWEEP_BATCH = 256
@@ -64,8 +87,9 @@ class Tally:
     deleted: int = 0
     bytes_freed: int = 0
     kept: int = 0  # candidates spared: referenced, renewed or announced during the sweep
-    restored: int = 0  # chunks a crashed run had trashed, given back
+    restored: int = 0  # packs a crashed run had trashed, given back
     errors: list[str] = field(default_factory=list)
+    deleted_packs: list[str] = field(default_factory=list)  # pack ids deleted for good
 
 
 def trash_run_name(cutoff: float) -> str:
@@ -98,18 +122,18 @@ class NewManifests:
     """The chunks of the manifests published since planning, read again and again during
     a sweep: manifests are immutable, so each is read once (``read``: name -> chunks)."""
 
-    read: dict[str, frozenset[str]] = field(default_factory=dict)
+    read: dict[str, frozenset[bytes]] = field(default_factory=dict)
 
 
 def chunks_of_new_manifests(
     store: Store, seen: frozenset[str], cache: NewManifests | None = None
-) -> set[str] | None:
-    """Hex digests of the chunks every manifest published since planning (not in
+) -> set[bytes] | None:
+    """Digests of the chunks every manifest published since planning (not in
     ``seen``) lists; None when one of them could not be judged (unreadable now, or from a
     newer casstore): the caller then protects everything. Only a manifest deleted since
     the listing, or one nothing can ever load (damaged, hostile), is skipped."""
     cache = cache if cache is not None else NewManifests()
-    protected: set[str] = set()
+    protected: set[bytes] = set()
     for info in store.backend.list(f"{constants.MANIFESTS_DIR}/"):
         if info.key in seen or not info.key.endswith(constants.MANIFEST_SUFFIX):
             continue
@@ -126,7 +150,7 @@ def chunks_of_new_manifests(
             except (CasstoreError, OSError) as e:
                 log.warning("gc: cannot read new manifest %s (%s): protecting all", info.key, e)
                 return None
-            cache.read[info.key] = frozenset(c.digest.hex() for f in m.files for c in f.chunks)
+            cache.read[info.key] = frozenset(c.digest for f in m.files for c in f.chunks)
         protected |= cache.read[info.key]
     return protected
 
@@ -134,12 +158,12 @@ def chunks_of_new_manifests(
 # --- by rename (a filesystem) -------------------------------------------------------------
 
 
-def _sweep_chunk(fs: FileSystemBackend, key: str, trash_key: str, cutoff: float) -> str:
+def _sweep_pack(fs: FileSystemBackend, key: str, trash_key: str, cutoff: float) -> str:
     """Move one candidate to trash, then delete it unless a saver refreshed it meanwhile.
 
     A refresh that landed before the move shows in the moved file's mtime (rename keeps
-    it): the chunk goes back. A refresh after the move finds no file, so that saver
-    uploads the chunk again. Either way no manifest is left pointing at nothing.
+    it): the pack goes back. A refresh after the move finds no file, so that saver packs
+    the chunks it needed again. Either way no manifest is left pointing at nothing.
     """
     if not fs.move(key, trash_key):
         return "gone"
@@ -166,15 +190,17 @@ def by_rename(
     lock = threading.Lock()
     done = 0
 
-    def sweep(item: tuple[str, int]) -> None:
+    def sweep(item: Candidate) -> None:
         nonlocal done
-        key, size = item
-        outcome = _sweep_chunk(fs, key, f"{run_trash}/{key.rsplit('/', 1)[-1]}", cutoff)
+        key = item.key
+        outcome = _sweep_pack(fs, key, f"{run_trash}/{key.rsplit('/', 1)[-1]}", cutoff)
         with lock:
             done += 1
             if outcome == "deleted":
                 tally.deleted += 1
-                tally.bytes_freed += size
+                tally.bytes_freed += item.size
+                if (pack_id := packs.pack_id_from_key(key)) is not None:
+                    tally.deleted_packs.append(pack_id)
             elif outcome == "kept":
                 tally.kept += 1
         if progress is not None:
@@ -186,10 +212,13 @@ def by_rename(
     return tally
 
 
-def recover_renamed(fs: FileSystemBackend, cutoff: float, live: set[str]) -> Tally:
-    """Finish the sweeps of gc runs that crashed. A trashed chunk goes back to chunks/
-    when a live manifest lists it (``live``: hex digests) or when it was refreshed after
-    the crashed run's cutoff (or this run's, whichever is earlier); the rest is deleted.
+def recover_renamed(
+    fs: FileSystemBackend, cutoff: float, live: set[bytes], members: MembersOf
+) -> Tally:
+    """Finish the sweeps of gc runs that crashed. A trashed pack goes back to packs/
+    when a live manifest lists one of its chunks (``live``; ``members(pack id)``: what it
+    holds, None when its index is unreadable) or when it was refreshed after the crashed
+    run's cutoff (or this run's, whichever is earlier); the rest is deleted.
 
     Anyone who can write the store can plant things in trash/: only real directories and
     regular files are handled (never followed through a symlink), and whatever vanishes or
@@ -218,12 +247,15 @@ def recover_renamed(fs: FileSystemBackend, cutoff: float, live: set[str]) -> Tal
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 trash_key = f"{constants.TRASH_DIR}/{run.name}/{entry.name}"
-                hexd = objects.digest_from_key(entry.name)
+                pack_id = packs.pack_id_from_key(entry.name)
                 info = fs.stat(trash_key)
-                keep = hexd is not None and (
-                    hexd in live or (info is not None and info.mtime >= run_cutoff)
+                held = members(pack_id) if pack_id is not None else frozenset()
+                keep = pack_id is not None and (
+                    held is None
+                    or bool(held & live)
+                    or (info is not None and info.mtime >= run_cutoff)
                 )
-                if keep and hexd is not None and fs.move(trash_key, objects.chunk_key(hexd)):
+                if keep and pack_id is not None and fs.move(trash_key, packs.pack_key(pack_id)):
                     tally.restored += 1
                     continue
                 # Garbage, or present in chunks/ already (re-uploaded): the copy is redundant.
@@ -273,12 +305,12 @@ def by_intents(
     run_trash = f"{constants.TRASH_DIR}/{trash_run_name(cutoff)}"
     done = 0
 
-    def wanted(intents: Active, late: set[str] | None, key: str) -> bool:
-        """Listed by an intent or a new manifest; None (a manifest not judged): all are."""
-        hexd = objects.digest_from_key(key)
-        if late is None or hexd is None:
+    def wanted(intents: Active, late: set[bytes] | None, item: Candidate) -> bool:
+        """One of the chunks only it holds is listed by an intent or a new manifest; None
+        (a manifest not judged): every pack is wanted."""
+        if late is None:
             return True
-        return intents.protects(bytes.fromhex(hexd)) or hexd in late
+        return any(intents.protects(d) or d in late for d in item.needed_by)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, len(candidates), OBJECT_SWEEP_BATCH):
@@ -287,28 +319,28 @@ def by_intents(
             intents = active_intents(backend, intent_expiry())
             late = chunks_of_new_manifests(store, seen, new_manifests)
             batch = []
-            for key, size in candidates[start : start + OBJECT_SWEEP_BATCH]:
-                if wanted(intents, late, key):
+            for item in candidates[start : start + OBJECT_SWEEP_BATCH]:
+                if wanted(intents, late, item):
                     tally.kept += 1
                 else:
-                    batch.append((key, size))
+                    batch.append(item)
 
-            def to_trash(item: tuple[str, int]) -> tuple[str, int, str] | None:
-                key, size = item
-                trash_key = f"{run_trash}/{key.rsplit('/', 1)[-1]}"
-                return (key, size, trash_key) if backend.move(key, trash_key) else None
+            def to_trash(item: Candidate) -> tuple[Candidate, str] | None:
+                trash_key = f"{run_trash}/{item.key.rsplit('/', 1)[-1]}"
+                return (item, trash_key) if backend.move(item.key, trash_key) else None
 
             moved = [m for m in pool.map(to_trash, batch) if m is not None]
             intents = active_intents(backend, intent_expiry())
             late = chunks_of_new_manifests(store, seen, new_manifests)
 
             def settle(
-                item: tuple[str, int, str],
+                moved_item: tuple[Candidate, str],
                 intents: Active = intents,
-                late: set[str] | None = late,
+                late: set[bytes] | None = late,
             ) -> str:
-                key, _size, trash_key = item
-                if not wanted(intents, late, key):
+                item, trash_key = moved_item
+                key = item.key
+                if not wanted(intents, late, item):
                     backend.delete(trash_key)
                     return "deleted"
                 if backend.move(trash_key, key):
@@ -321,17 +353,20 @@ def by_intents(
                     return "kept"
                 return "lost"
 
-            for (key, size, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
+            for (item, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
+                key = item.key
                 if outcome == "deleted":
                     tally.deleted += 1
-                    tally.bytes_freed += size
+                    tally.bytes_freed += item.size
+                    if (pack_id := packs.pack_id_from_key(key)) is not None:
+                        tally.deleted_packs.append(pack_id)
                 elif outcome == "kept":
                     tally.kept += 1
                 else:
                     tally.errors.append(
                         f"{key}: listed by a save, but its trash copy vanished before gc could "
                         "give it back (a second gc on this store?); the next save of that "
-                        "file uploads it again"
+                        "file packs it again"
                     )
             done += len(batch)
             if progress is not None:
@@ -345,16 +380,18 @@ def by_intents(
 
 def recover_objects(
     store: Store,
-    live: set[str],
+    live: set[bytes],
+    members: MembersOf,
     seen: frozenset[str],
     intent_expiry: Callable[[], float],
     store_now: Callable[[], float],
     new_manifests: NewManifests,
 ) -> Tally:
-    """Finish the sweeps of object-store gc runs that crashed between moving a chunk to
-    trash/ and settling it: a trashed chunk goes back when a live manifest (``live``), an
-    intent or a manifest published since planning lists it (intents read first, then
-    manifests, as the sweep does), else it is deleted. Trash younger than 10 minutes
+    """Finish the sweeps of object-store gc runs that crashed between moving a pack to
+    trash/ and settling it: a trashed pack goes back when a live manifest (``live``), an
+    intent or a manifest published since planning lists one of its chunks (intents read
+    first, then manifests, as the sweep does), or when its index cannot be read; else it
+    is deleted. Trash younger than 10 minutes
     (by the store's clock) may be another gc's sweep in progress."""
     tally = Tally()
     backend = store.backend
@@ -363,15 +400,15 @@ def recover_objects(
     for info in list(backend.list(f"{constants.TRASH_DIR}/")):
         if info.mtime >= store_now() - TRASH_AGE:
             continue
-        hexd = objects.digest_from_key(info.key.rsplit("/", 1)[-1])
+        pack_id = packs.pack_id_from_key(info.key.rsplit("/", 1)[-1])
         try:
-            wanted = hexd is not None and (
+            held = members(pack_id) if pack_id is not None else frozenset()
+            wanted = pack_id is not None and (
                 late is None
-                or hexd in live
-                or hexd in late
-                or intents.protects(bytes.fromhex(hexd))
+                or held is None
+                or any(d in live or d in late or intents.protects(d) for d in held)
             )
-            if wanted and hexd is not None and backend.move(info.key, objects.chunk_key(hexd)):
+            if wanted and pack_id is not None and backend.move(info.key, packs.pack_key(pack_id)):
                 tally.restored += 1
                 continue
             backend.delete(info.key)

@@ -237,7 +237,7 @@ def gc(
                 not yes
                 and stdin_is_terminal()
                 and not as_json
-                and (plan.drop or plan.set_aside or plan.chunks)
+                and (plan.drop or plan.set_aside or plan.packs or plan.repack)
                 and not typer.confirm("go ahead?", err=True)
             ):
                 raise typer.Exit(EXIT_ERROR)
@@ -258,8 +258,9 @@ def gc(
         + (f", kept {report.keys_spared} used since planning" if report.keys_spared else "")
         + f"; deleted {report.keys_expired} set aside earlier ({report.manifests_deleted} "
         f"manifests), restored {report.keys_restored}; compacted {report.keys_compacted}; "
-        f"deleted {report.chunks_deleted} chunks ({mib(report.bytes_freed)}), spared "
-        f"{report.chunks_kept_late} in use; removed {report.temps_removed} temp and "
+        f"deleted {report.packs_deleted} packs ({mib(report.bytes_freed)}), repacked "
+        f"{report.packs_repacked} ({report.chunks_repacked} live chunks), spared "
+        f"{report.packs_kept_late} in use; removed {report.temps_removed} temp and "
         f"{report.locks_removed} lock files in {report.seconds:.2f}s"
     )
     for problem in report.errors:
@@ -289,14 +290,14 @@ def _print_plan(plan: gc_mod.Plan) -> None:
         out.print(f"  leave {key_id[:12]} uncompacted: {why}")
     grace = duration_text(plan.policy.grace)
     if plan.sweep_blocked:
-        out.print(f"  delete no chunk: {plan.sweep_blocked}")
+        out.print(f"  delete no pack: {plan.sweep_blocked}")
     else:
         out.print(
-            f"  delete {len(plan.chunks)} unreferenced chunks older than {grace} "
-            f"({mib(plan.freed_bytes)})"
+            f"  delete {len(plan.packs)} packs with no live chunk older than {grace}, "
+            f"repack {len(plan.repack)} mostly dead ones ({mib(plan.freed_bytes)})"
         )
     out.print(
-        f"  the grace keeps {plan.grace_kept} unreferenced chunks younger than {grace} "
+        f"  the grace keeps {plan.grace_kept} packs with no live chunk younger than {grace} "
         f"({mib(plan.grace_kept_bytes)})"
     )
     out.print(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")
