@@ -58,7 +58,7 @@ INDEX_MAGIC = b"CASIX\x00"
 # (measured on six GPU caches: 1 MiB blocks 0.66x of tar.gz, 4-8 MiB 0.41x). A pack closes
 # once its blocks pass PACK_TARGET compressed bytes.
 BLOCK_TARGET = 8 * 2**20
-PACK_TARGET = 32 * 2**20
+PACK_TARGET = 16 * 2**20
 MANIFEST_SUFFIX = ".manifest"
 
 # Temp files live in the directory of the object they become (cross-directory renames

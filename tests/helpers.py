@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from casstore import CacheKey, constants
+from casstore import CacheKey, chunk_index, constants, packs
+from casstore.backends.base import Backend
 
 KEY = CacheKey(torch="2.13.0+cpu", arch="x86-64-v3-test", model="unit")
 
@@ -37,8 +38,53 @@ def read_tree(root: Path) -> dict[str, tuple[bytes, int]]:
     return found
 
 
-def chunk_files(store_root: Path) -> list[Path]:
-    return sorted(p for p in (store_root / constants.CHUNKS_DIR).rglob("*.zst"))
+def pack_files(store_root: Path) -> list[Path]:
+    return sorted(p for p in (store_root / constants.PACKS_DIR).rglob(f"*{constants.PACK_SUFFIX}"))
+
+
+def stored_chunks(backend: Backend) -> set[bytes]:
+    """Digests of every chunk the store's packs hold, by their indexes."""
+    return set(chunk_index.load(backend).digests())
+
+
+def rewrite_pack_of(
+    backend: Backend, digest: bytes, change: Callable[[bytes, bytes], bytes | None]
+) -> str:
+    """Rewrite the pack holding ``digest``: each of its chunks becomes ``change(digest,
+    data)`` (None: left out), listed under its digest still. The old pack and its index
+    go; returns the new pack's id. Damage to one chunk, precisely: ``change`` returning
+    other bytes for it is a corrupt chunk, None a lost one."""
+    index = chunk_index.load(backend)
+    (loc, *_) = index.locate(digest)
+    pack = loc.index
+    builder = packs.PackBuilder()
+    sealed: list[packs.Sealed] = []
+    blocks = packs.read_blocks(backend, pack, range(len(pack.blocks)))
+    for c in pack.chunks:
+        data = blocks[c.block][c.offset : c.offset + c.size]
+        new = change(c.digest, data)
+        if new is not None:
+            sealed += builder.add(c.digest, new, small=True)
+    sealed += builder.finish()
+    for one in sealed:
+        packs.publish(backend, one)
+    backend.delete(packs.pack_key(pack.id))
+    backend.delete(packs.index_key(pack.id))
+    return sealed[0].id if sealed else ""
+
+
+def lose_chunk(backend: Backend, digest: bytes) -> None:
+    """Make one chunk missing from the store (its pack rewritten without it)."""
+    rewrite_pack_of(backend, digest, lambda d, data: None if d == digest else data)
+
+
+def corrupt_chunk(backend: Backend, digest: bytes) -> None:
+    """Make one chunk's stored bytes wrong (same size, listed under its digest)."""
+    rewrite_pack_of(
+        backend,
+        digest,
+        lambda d, data: bytes(b ^ 0xFF for b in data[:64]) + data[64:] if d == digest else data,
+    )
 
 
 def manifest_files(store_root: Path) -> list[Path]:

@@ -27,11 +27,19 @@ from casstore import (
     audit,
     chunking,
     constants,
-    objects,
 )
 from casstore import manifest as mf
 from casstore.errors import CannotRenew
-from tests.helpers import KEY, chunk_files, manifest_files, read_tree, temp_files, write_tree
+from tests.helpers import (
+    KEY,
+    corrupt_chunk,
+    lose_chunk,
+    manifest_files,
+    pack_files,
+    read_tree,
+    temp_files,
+    write_tree,
+)
 
 # --- round trip ----------------------------------------------------------------------------
 
@@ -148,7 +156,7 @@ def test_size_cap_is_enforced_before_upload(store: Store, tmp_path: Path) -> Non
     write_tree(tmp_path / "src", {"a": os.urandom(600_000), "b": os.urandom(600_000)})
     with pytest.raises(CacheTooLarge, match="nothing was uploaded"):
         store.save(tmp_path / "src", KEY, max_bytes=2**20)
-    assert chunk_files(tmp_path / "store") == []
+    assert pack_files(tmp_path / "store") == []
     assert manifest_files(tmp_path / "store") == []
 
 
@@ -256,12 +264,12 @@ def test_corrupt_or_missing_chunks_never_yield_wrong_bytes(store: Store, tmp_pat
     tree = {f"f{i}": rng.randbytes(rng.choice([10, 5000, 200_000, 1_200_000])) for i in range(12)}
     write_tree(tmp_path / "src", tree)
     store.save(tmp_path / "src", KEY)
-    chunks = chunk_files(tmp_path / "store")
+    chunks = sorted({c.digest for f in store.files(KEY).values() for c in f.chunks})
     for i, c in enumerate(rng.sample(chunks, 6)):
         if i % 2:
-            c.unlink()
+            lose_chunk(store.backend, c)
         else:
-            _flip_byte(c, rng.randrange(1 << 20))
+            corrupt_chunk(store.backend, c)
     dst = tmp_path / "dst"
     report = store.load(KEY, dst)
     assert report.missing, "damaged chunks must make some files a miss"
@@ -273,10 +281,10 @@ def test_corrupt_or_missing_chunks_never_yield_wrong_bytes(store: Store, tmp_pat
 
 
 def test_every_single_byte_corruption_is_caught(store: Store, tmp_path: Path) -> None:
-    """Flip each byte of a stored chunk in turn: the load reports a miss every time."""
+    """Flip each byte of a stored pack in turn: the load reports a miss every time."""
     write_tree(tmp_path / "src", {"f": os.urandom(3000)})
     store.save(tmp_path / "src", KEY)
-    (chunk,) = chunk_files(tmp_path / "store")
+    (chunk,) = pack_files(tmp_path / "store")
     original = chunk.read_bytes()
     for i in range(len(original)):
         _flip_byte(chunk, i)
@@ -497,20 +505,27 @@ def test_an_unchanged_file_never_uploads_bytes_under_a_digest_they_do_not_have(
 
 
 def test_large_files_are_streamed_not_read_whole(store: Store, tmp_path: Path) -> None:
-    size = 48 * 2**20
-    src = tmp_path / "src"
-    src.mkdir()
-    with open(src / "big.bin", "wb") as fh:
-        for _ in range(size // 2**20):
-            fh.write(os.urandom(2**20))
-    tracemalloc.start()
-    try:
-        report = store.save(src, KEY)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert report.new_bytes == size
-    assert peak < size // 3, f"peak {peak / 2**20:.1f} MiB while saving a 48 MiB file"
+    """A save's memory is bounded by the size of a pack, whatever the size of a file:
+    saving a file twice as large does not raise the peak."""
+    peaks = []
+    for n, size in enumerate((48 * 2**20, 96 * 2**20)):
+        src = tmp_path / f"src{n}"
+        src.mkdir()
+        with open(src / "big.bin", "wb") as fh:
+            for _ in range(size // 2**20):
+                fh.write(os.urandom(2**20))
+        tracemalloc.start()
+        try:
+            report = store.save(src, KEY)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert report.new_bytes == size
+        peaks.append(peak)
+    bound = 5 * constants.PACK_TARGET
+    assert peaks[1] < bound, f"peak {peaks[1] / 2**20:.1f} MiB saving a 96 MiB file"
+    assert peaks[1] < 1.25 * peaks[0], f"peaks {[p / 2**20 for p in peaks]} MiB grow with size"
+    src = tmp_path / "src1"
     view = store.files(KEY)["big.bin"]
     assert [(c.digest, c.size) for c in view.chunks] == [
         (c.digest, c.length) for c in chunking.cut((src / "big.bin").read_bytes())
@@ -539,7 +554,7 @@ def test_a_miss_leaves_the_target_exactly_as_it_was(store: Store, tmp_path: Path
     write_tree(tmp_path / "v2", {"g.so": os.urandom(700_000)})
     store.save(tmp_path / "v2", KEY)
     v2_chunks = store.files(KEY)["g.so"].chunks
-    store.backend.delete(objects.chunk_key(v2_chunks[-1].digest))
+    lose_chunk(store.backend, v2_chunks[-1].digest)
     report = store.load(KEY, tmp_path / "dst")
     assert report.missing == ["g.so"]
     assert (tmp_path / "dst" / "g.so").read_bytes() == b"version one" * 1000
@@ -555,10 +570,10 @@ def test_a_save_that_would_grow_the_key_past_the_cap_is_refused(
     write_tree(tmp_path / "one", {"one.so": os.urandom(600_000)})
     write_tree(tmp_path / "two", {"two.so": os.urandom(600_000)})
     store.save(tmp_path / "one", KEY, max_bytes=cap)
-    chunks = chunk_files(tmp_path / "store")
+    chunks = pack_files(tmp_path / "store")
     with pytest.raises(CacheTooLarge, match="key would hold"):
         store.save(tmp_path / "two", KEY, max_bytes=cap)
-    assert chunk_files(tmp_path / "store") == chunks  # nothing uploaded
+    assert pack_files(tmp_path / "store") == chunks  # nothing uploaded
     assert store.load(KEY, tmp_path / "dst", max_bytes=cap).missing == []
 
 
@@ -567,7 +582,7 @@ def test_a_special_file_in_place_of_a_chunk_never_hangs_a_load(
 ) -> None:
     write_tree(tmp_path / "src", {"f": os.urandom(5000)})
     store.save(tmp_path / "src", KEY)
-    (chunk,) = chunk_files(tmp_path / "store")
+    (chunk,) = pack_files(tmp_path / "store")
     chunk.unlink()
     os.mkfifo(chunk)
     result: list[object] = []
@@ -600,7 +615,7 @@ def test_an_unrenewable_chunk_is_never_republished_from_unverified_bytes(
     )
 
     def cannot_renew(key: str) -> bool:
-        if key.startswith(constants.CHUNKS_DIR) and store.backend.stat(key) is not None:
+        if key.startswith(constants.PACKS_DIR) and store.backend.stat(key) is not None:
             raise CannotRenew(f"cannot renew {key}", key=key)
         return store.backend.stat(key) is not None
 

@@ -82,7 +82,8 @@ class FileSystemBackend(Backend):
             parts: list[bytes] = []
             total = 0
             while True:
-                part = os.read(fd, max(limit + 1 - total, 1 << 16))
+                # Sized by the file, not the limit: os.read allocates what it is asked for.
+                part = os.read(fd, max(min(limit, st.st_size) + 1 - total, 1 << 16))
                 if not part:
                     break
                 parts.append(part)
