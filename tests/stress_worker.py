@@ -18,7 +18,7 @@ from pathlib import Path
 
 import blake3
 
-from casstore import CacheKey, NotFound, Store
+from casstore import CacheKey, NotFound, Store, chunk_index, constants
 from casstore import gc as gc_mod
 
 MODELS = [f"m{i}" for i in range(6)]
@@ -65,14 +65,12 @@ def seed_aged_garbage(
         shutil.rmtree(src)
         gc_mod.remove_key(store, key(f"old{i}"))
     then = time.time() - age
-    chunks = list(store.backend.list("chunks/"))
-    for info in chunks:
-        if store.root is not None:  # an object store's dates cannot be set: wait instead
-            os.utime(store.root / info.key, (then, then))
+    for prefix in (f"{constants.PACKS_DIR}/", f"{constants.INDEX_DIR}/"):
+        for info in list(store.backend.list(prefix)):
+            if store.root is not None:  # an object store's dates cannot be set: wait instead
+                os.utime(store.root / info.key, (then, then))
     live = {c.digest for k in store.keys() for f in store.files(k.key).values() for c in f.chunks}
-    candidates = [
-        info.key[-68:-4] for info in chunks if bytes.fromhex(info.key[-68:-4]) not in live
-    ]
+    candidates = [d.hex() for d in chunk_index.load(store.backend).digests() if d not in live]
     old_chunks_file(store).write_text("\n".join(candidates))
     return len(candidates)
 

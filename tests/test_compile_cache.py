@@ -16,7 +16,7 @@ from casstore import config as cfg
 from casstore import keys as keys_mod
 from casstore.compile_cache import is_transient
 from demo.replica import start_replica
-from tests.helpers import read_tree, temp_files, write_tree
+from tests.helpers import lose_chunk, read_tree, stored_chunks, temp_files, write_tree
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +173,7 @@ def test_size_cap_from_env_is_an_error_before_upload(
     status = save_compile_cache(cache_dir=tmp_path / "A", root=tmp_path / "store")
     assert status is OperationStatus.ERROR
     assert "MAX_CACHE_SIZE_MB" in caplog.text
-    assert not list((tmp_path / "store").rglob("*.zst"))
+    assert not list((tmp_path / "store").rglob("*.pack"))
 
 
 def test_invalid_env_values_are_logged_with_fallback(
@@ -412,8 +412,8 @@ def test_real_torch_compile_warm_start_from_the_store(
     }
     shared = chunks["mlp"] & chunks["conv"]
     assert shared, "identical artifacts of two models must be stored once"
-    stored = {p.name[:-4] for p in (root / "chunks").rglob("*.zst")}
-    assert {d.hex() for d in shared} <= stored
+    stored = stored_chunks(store.backend)
+    assert shared <= stored
     pch_keys = [k for k in store.keys() if k.key.extra.get("tree") == "precompiled_headers"]
     assert len(pch_keys) == 1 and pch_keys[0].key.model == "_shared"
 
@@ -502,15 +502,13 @@ def test_partial_restore_is_healed_by_an_unconditional_save(
     """The documented pattern: load, warm up, then always save. A load that restored only
     some files logs a warning with counts; the save uploads what the replica compiled
     again, so the next replica gets everything; a save with nothing new is SKIPPED."""
-    from casstore import objects
-
     root, a, b, c = tmp_path / "store", tmp_path / "A", tmp_path / "B", tmp_path / "C"
     tree = fake_cache(a, n=4)
     assert save_compile_cache(cache_dir=a, root=root) is OperationStatus.SUCCESS
     store = Store(root)
     (key,) = [k.key for k in store.keys()]
     lost = "fxgraph/01/entry1"
-    (root / objects.chunk_key(store.files(key)[lost].chunks[0].digest)).unlink()
+    lose_chunk(store.backend, store.files(key)[lost].chunks[0].digest)
     caplog.clear()
     assert load_compile_cache(cache_dir=b, root=root) is OperationStatus.SUCCESS
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -18,10 +18,17 @@ from pathlib import Path
 import blake3
 import pytest
 
-from casstore import CacheKey, OperationStatus, Store, audit, load_compile_cache, objects
+from casstore import CacheKey, OperationStatus, Store, audit, constants, load_compile_cache
 from casstore import gc as gc_mod
 from tests import cpu_host
-from tests.helpers import manifest_files, read_tree, temp_files, write_tree
+from tests.helpers import (
+    corrupt_chunk,
+    lose_chunk,
+    manifest_files,
+    read_tree,
+    temp_files,
+    write_tree,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = CacheKey(torch="t", arch="a", model="faults")
@@ -157,28 +164,24 @@ def test_damage_is_reported_and_never_restored(where: Path, tmp_path: Path) -> N
     write_tree(tmp_path / "src2", {"later": sealed(rng, 1000)})
     later = store.save(tmp_path / "src2", KEY).manifest
     assert first and later
-    # 9 chunks of the first save: 3 truncated, 3 with a flipped bit, 3 deleted.
+    # 9 chunks of the first save: 6 with wrong bytes (their packs rewritten so), 3 lost.
     listed = sorted({c.digest.hex() for f in files.values() for c in f.chunks})
     corrupt: set[str] = set()
     deleted: set[str] = set()
     for i, digest in enumerate(rng.sample(listed, 9)):
-        c = root / objects.chunk_key(digest)
-        blob = c.read_bytes()
-        if i % 3 == 0:
-            c.write_bytes(blob[: len(blob) // 2])  # truncated
-            corrupt.add(digest)
-        elif i % 3 == 1:
-            j = rng.randrange(len(blob))
-            c.write_bytes(blob[:j] + bytes([blob[j] ^ 0x80]) + blob[j + 1 :])  # flipped
-            corrupt.add(digest)
-        else:
-            c.unlink()
+        if i % 3 == 2:
+            lose_chunk(store.backend, bytes.fromhex(digest))
             deleted.add(digest)
+        else:
+            corrupt_chunk(store.backend, bytes.fromhex(digest))
+            corrupt.add(digest)
     blob = (root / later).read_bytes()
     (root / later).write_bytes(blob[:40] + bytes([blob[40] ^ 1]) + blob[41:])
     report = audit.verify(store)
     lost = corrupt | deleted
-    assert sorted(k for k, _ in report.corrupt) == sorted(map(objects.chunk_key, corrupt))
+    assert {d for ds in report.damaged_chunks.values() for d in ds} == corrupt
+    damaged_packs = {f"{constants.PACKS_DIR}/{p[:2]}/{p}.pack" for p in report.damaged_chunks}
+    assert {k for k, _ in report.corrupt} == damaged_packs
     # The intact manifest's references to every damaged or deleted chunk are missing ones.
     assert sorted(report.missing_chunks) == sorted((first, d) for d in lost)
     assert [k for k, _ in report.invalid_manifests] == [later]
@@ -195,8 +198,8 @@ def test_damage_is_reported_and_never_restored(where: Path, tmp_path: Path) -> N
     )
     assert cli.returncode == 4
     named = cli.stdout.splitlines()
-    assert sorted(line.split(":")[0] for line in named if "corrupt chunk" in line) == sorted(
-        f"  corrupt chunk {objects.chunk_key(d)}" for d in corrupt
+    assert sorted(line.split(":")[0] for line in named if "  damaged " in line) == sorted(
+        f"  damaged {k}" for k in damaged_packs
     )
     assert sorted(line for line in named if "references missing chunk" in line) == sorted(
         f"  {first} references missing chunk {d}" for d in lost

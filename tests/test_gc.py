@@ -13,13 +13,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from casstore import CacheKey, InvalidManifest, NotFound, Store, audit, constants, objects
+from casstore import CacheKey, InvalidManifest, NotFound, Store, audit, constants
 from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.locks import best_effort_lock
 from casstore.store import StoredManifest
 from casstore.sweep import trash_run_name
-from tests.helpers import chunk_files, manifest_files, read_tree, temp_files, write_tree
+from tests.helpers import manifest_files, pack_files, read_tree, temp_files, write_tree
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -40,7 +40,8 @@ def age(path: Path, seconds_ago: float, now: float) -> None:
 
 
 def age_all_chunks(store_root: Path, seconds_ago: float, now: float) -> None:
-    for c in chunk_files(store_root):
+    """Every pack and pack index dated ``seconds_ago``."""
+    for c in pack_files(store_root) + sorted((store_root / constants.INDEX_DIR).glob("*")):
         age(c, seconds_ago, now)
 
 
@@ -71,12 +72,12 @@ def test_max_age_drops_unused_keys_and_their_own_chunks(store: Store, tmp_path: 
     assert [d.state.key.model for d in p.drop] == ["old"]
     report = gc_mod.execute(store, p)
     # Run 1 sets the key aside: it stops loading at once, its chunks stay.
-    assert report.keys_dropped == 1 and report.chunks_deleted == 0
+    assert report.keys_dropped == 1 and report.packs_deleted == 0
     with pytest.raises(NotFound):
         store.load(key("old"), tmp_path / "d1")
     # Run 2 deletes it, and frees the chunks only it used.
     second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY), now=now))
-    assert second.keys_expired == 1 and second.chunks_deleted >= 1
+    assert second.keys_expired == 1 and second.packs_deleted >= 1
     assert loads_intact(store, key("new"), tmp_path / "d2", new_files)
     assert audit.verify(store).ok
 
@@ -117,7 +118,7 @@ def test_max_size_evicts_least_recently_used(store: Store, tmp_path: Path) -> No
     gc_mod.execute(store, p)
     assert {k.key.model for k in store.keys()} == {"b", "c"}
     gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(max_size=2_200_000), now=now))
-    stored = sum(c.stat().st_size for c in chunk_files(tmp_path / "store"))
+    stored = sum(c.stat().st_size for c in pack_files(tmp_path / "store"))
     assert stored <= 2_200_000
     assert {k.key.model for k in store.keys()} == {"b", "c"}
 
@@ -126,13 +127,13 @@ def test_grace_period_protects_young_unreferenced_chunks(store: Store, tmp_path:
     save(store, tmp_path, key("m"), {"f": os.urandom(100_000)})
     gc_mod.remove_key(store, key("m"))
     now = time.time()
-    chunks = chunk_files(tmp_path / "store")
+    chunks = pack_files(tmp_path / "store")
     assert gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now).chunks == ()
     age_all_chunks(tmp_path / "store", 2 * HOUR, now)
     p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
-    assert len(p.chunks) == len(chunks)
+    assert len(p.packs) == len(chunks)
     gc_mod.execute(store, p)
-    assert chunk_files(tmp_path / "store") == []
+    assert pack_files(tmp_path / "store") == []
 
 
 def test_rm_then_gc_frees_the_key(store: Store, tmp_path: Path) -> None:
@@ -141,7 +142,7 @@ def test_rm_then_gc_frees_the_key(store: Store, tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         store.load(key("m"), tmp_path / "d")
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert report.chunks_deleted == 1
+    assert report.packs_deleted == 1
 
 
 def test_compaction_merges_manifests_without_losing_files(store: Store, tmp_path: Path) -> None:
@@ -281,10 +282,10 @@ def test_late_manifest_protects_candidate_chunks(store: Store, tmp_path: Path) -
     now = time.time()
     age_all_chunks(tmp_path / "store", 2 * HOUR, now)
     p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
-    assert len(p.chunks) == len(chunk_files(tmp_path / "store")) > 1
+    assert len(p.packs) == len(pack_files(tmp_path / "store")) >= 1
     save(store, tmp_path, key("again"), data)  # reuses (and refreshes) every chunk
     report = gc_mod.execute(store, p)
-    assert report.chunks_deleted == 0 and report.chunks_kept_late == len(p.chunks)
+    assert report.packs_deleted == 0 and report.packs_kept_late == len(p.packs)
     assert loads_intact(store, key("again"), tmp_path / "d", data)
 
 
@@ -293,29 +294,33 @@ def test_refresh_just_before_the_sweep_restores_the_chunk(store: Store, tmp_path
     save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
     gc_mod.remove_key(store, key("m"))
     now = time.time()
-    (chunk,) = chunk_files(tmp_path / "store")
+    (chunk,) = pack_files(tmp_path / "store")
     age(chunk, 2 * HOUR, now)
     p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
-    assert len(p.chunks) == 1
+    assert len(p.packs) == 1
     os.utime(chunk)  # a saver's refresh, without a manifest yet
     report = gc_mod.execute(store, p)
-    assert report.chunks_deleted == 0 and chunk.exists()
-    assert not list((tmp_path / "store" / constants.TRASH_DIR).rglob("*.zst"))
+    assert report.packs_deleted == 0 and chunk.exists()
+    assert not list((tmp_path / "store" / constants.TRASH_DIR).rglob("*.pack"))
 
 
 def test_crashed_sweep_trash_is_recovered(store: Store, tmp_path: Path) -> None:
-    save(store, tmp_path, key("m"), {"keep": os.urandom(1000), "drop": os.urandom(1000)})
-    view = store.files(key("m"))
-    keep_key = objects.chunk_key(view["keep"].chunks[0].digest)
-    drop_key = objects.chunk_key(view["drop"].chunks[0].digest)
+    save(store, tmp_path, key("m1"), {"keep": os.urandom(1000)})
+    (keep_path,) = pack_files(tmp_path / "store")
+    save(store, tmp_path, key("m2"), {"drop": os.urandom(1000)})
+    (drop_path,) = set(pack_files(tmp_path / "store")) - {keep_path}
+    keep_key, drop_key = (
+        f"{constants.PACKS_DIR}/{p.parent.name}/{p.name}" for p in (keep_path, drop_path)
+    )
     run = f"{constants.TRASH_DIR}/crashed-run"
-    assert store.backend.move(keep_key, f"{run}/{keep_key.rsplit('/', 1)[-1]}")
-    assert store.backend.move(drop_key, f"{run}/{drop_key.rsplit('/', 1)[-1]}")
-    gc_mod.remove_key(store, key("m"))  # unreferenced now: only the mtime decides
+    assert store.backend.move(keep_key, f"{run}/{keep_path.name}")
+    assert store.backend.move(drop_key, f"{run}/{drop_path.name}")
+    for k in ("m1", "m2"):
+        gc_mod.remove_key(store, key(k))  # unreferenced now: only the mtime decides
     trash = tmp_path / "store" / run
     now = time.time()
-    age(trash / drop_key.rsplit("/", 1)[-1], 3 * HOUR, now)  # garbage: old
-    os.utime(trash / keep_key.rsplit("/", 1)[-1])  # refreshed by a saver: young
+    age(trash / drop_path.name, 3 * HOUR, now)  # garbage: old
+    os.utime(trash / keep_path.name)  # refreshed by a saver: young
     age(trash, 2 * HOUR, now)  # the crashed run is long gone
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
     assert report.trash_restored == 1
@@ -387,7 +392,7 @@ def test_cleanup_stops_at_its_time_budget(store: Store, tmp_path: Path) -> None:
 def test_repair_quarantines_and_the_next_save_heals(store: Store, tmp_path: Path) -> None:
     files = {"a": os.urandom(200_000), "b": os.urandom(5000)}
     save(store, tmp_path, key("m"), files)
-    victim = chunk_files(tmp_path / "store")[0]
+    victim = pack_files(tmp_path / "store")[0]
     victim.write_bytes(b"garbage")
     report = audit.verify(store)
     assert len(report.corrupt) == 1
@@ -435,7 +440,7 @@ def test_execute_keeps_a_key_loaded_and_extended_after_planning(
     (replica / "c.py").write_bytes(b"compiled later")
     store.save(replica, k)
     report = gc_mod.execute(store, p)
-    assert report.keys_dropped == 0 and report.chunks_deleted == 0
+    assert report.keys_dropped == 0 and report.packs_deleted == 0
     assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
     assert audit.verify(store).ok
 
@@ -479,7 +484,7 @@ def test_a_save_landing_while_gc_deletes_the_key_loses_nothing(
     monkeypatch.setattr(store.backend, "move", move)
     report = gc_mod.execute(store, p)
     monkeypatch.undo()
-    assert raced and report.keys_dropped == 0 and report.chunks_deleted == 0
+    assert raced and report.keys_dropped == 0 and report.packs_deleted == 0
     assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
     assert audit.verify(store).ok
 
@@ -488,14 +493,14 @@ def test_crashed_trash_gives_back_chunks_that_live_manifests_list(
     store: Store, tmp_path: Path
 ) -> None:
     """A crashed gc left a chunk in trash that a live manifest lists: old or not, it goes
-    back to chunks/."""
+    back to packs/."""
     files = {"live": os.urandom(1000)}
     save(store, tmp_path, key("m"), files)
-    (live,) = chunk_files(tmp_path / "store")
+    (live,) = pack_files(tmp_path / "store")
     now = time.time()
     age(live, 3 * HOUR, now)
     run = f"{constants.TRASH_DIR}/crashed-run"  # any name: runs of older versions too
-    live_key = f"{constants.CHUNKS_DIR}/{live.parent.name}/{live.name}"
+    live_key = f"{constants.PACKS_DIR}/{live.parent.name}/{live.name}"
     assert store.backend.move(live_key, f"{run}/{live.name}")
     age(tmp_path / "store" / run, 2 * HOUR, now)  # the crashed run is long gone
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
@@ -508,12 +513,12 @@ def test_crashed_trash_restores_what_its_own_run_would_have(store: Store, tmp_pa
     by a saver for that run: recovery judges it by the crashed run's cutoff."""
     save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
     gc_mod.remove_key(store, key("m"))
-    (chunk,) = chunk_files(tmp_path / "store")
+    (chunk,) = pack_files(tmp_path / "store")
     now = time.time()
     crashed_cutoff = now - 5 * HOUR
     age(chunk, 4 * HOUR, now)  # refreshed after the crashed run's cutoff
     run = f"{constants.TRASH_DIR}/{trash_run_name(crashed_cutoff)}"
-    ckey = f"{constants.CHUNKS_DIR}/{chunk.parent.name}/{chunk.name}"
+    ckey = f"{constants.PACKS_DIR}/{chunk.parent.name}/{chunk.name}"
     assert store.backend.move(ckey, f"{run}/{chunk.name}")
     age(tmp_path / "store" / run, 2 * HOUR, now)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now))
@@ -534,7 +539,7 @@ def test_a_manifest_with_an_impossible_time_never_stops_gc(store: Store, tmp_pat
     gc_mod.remove_key(store, key("gone"))
     p = gc_mod.plan(store, gc_mod.Policy(grace=0))
     report = gc_mod.execute(store, p)
-    assert report.keys_compacted == 1 and report.chunks_deleted == 1
+    assert report.keys_compacted == 1 and report.packs_deleted == 1
     assert loads_intact(store, k, tmp_path / "d", {"a": b"first", "b": b"second"})
 
 
@@ -549,7 +554,7 @@ def test_symlinks_in_trash_are_never_followed(store: Store, tmp_path: Path) -> N
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
-    fanout = sorted((tmp_path / "store" / constants.CHUNKS_DIR).iterdir())[0]
+    fanout = sorted((tmp_path / "store" / constants.PACKS_DIR).iterdir())[0]
     trash = tmp_path / "store" / constants.TRASH_DIR
     trash.mkdir()
     os.symlink(victim, trash / "evil-c0-x")
@@ -565,7 +570,7 @@ def test_symlinks_in_trash_are_never_followed(store: Store, tmp_path: Path) -> N
 def test_two_gcs_finishing_one_crashed_run_do_not_crash(store: Store, tmp_path: Path) -> None:
     save(store, tmp_path, key("m"), {"f": os.urandom(1000)})
     gc_mod.remove_key(store, key("m"))
-    (chunk,) = chunk_files(tmp_path / "store")
+    (chunk,) = pack_files(tmp_path / "store")
     run = tmp_path / "store" / constants.TRASH_DIR / "crashed"
     run.mkdir(parents=True)
     os.rename(chunk, run / chunk.name)
@@ -588,11 +593,11 @@ def test_gc_never_sweeps_chunks_of_a_manifest_from_a_newer_casstore(
     body = msgspec.msgpack.decode(path.read_bytes()[len(constants.MANIFEST_MAGIC) + 32 :])
     body["compression_level"] = 3
     path.write_bytes(mf.seal(msgspec.msgpack.encode(body)))
-    before = chunk_files(tmp_path / "store")
+    before = pack_files(tmp_path / "store")
     report = gc_mod.execute(
         store, gc_mod.plan(store, gc_mod.Policy(grace=60), now=time.time() + 2 * HOUR)
     )
-    assert report.chunks_deleted == 0 and chunk_files(tmp_path / "store") == before
+    assert report.packs_deleted == 0 and pack_files(tmp_path / "store") == before
     assert any("newer casstore" in e for e in report.errors), report.errors
 
 
@@ -618,7 +623,7 @@ def test_a_dropped_key_goes_in_two_runs_and_comes_back_if_saved_meanwhile(
     files = {"a.so": os.urandom(300_000), "b.py": os.urandom(2000)}
     save(store, tmp_path, k, files)
     first = gc_mod.execute(store, expired_plan(store, tmp_path, k))
-    assert first.keys_dropped == 1 and first.chunks_deleted == 0
+    assert first.keys_dropped == 1 and first.packs_deleted == 0
     with pytest.raises(NotFound):
         store.load(k, tmp_path / "gone")
     # A replica with a lagging view saves only its new file.
@@ -626,7 +631,7 @@ def test_a_dropped_key_goes_in_two_runs_and_comes_back_if_saved_meanwhile(
     write_tree(late, {"c.py": b"compiled later"})
     store.save(late, k)
     second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
-    assert second.chunks_deleted == 0
+    assert second.packs_deleted == 0
     assert loads_intact(store, k, tmp_path / "d", {**files, "c.py": b"compiled later"})
 
 
@@ -636,10 +641,10 @@ def test_set_aside_manifests_are_deleted_by_the_next_run_and_their_chunks_freed(
     k = key("m")
     save(store, tmp_path, k, {"a.so": os.urandom(300_000)})
     gc_mod.execute(store, expired_plan(store, tmp_path, k))
-    assert chunk_files(tmp_path / "store")
+    assert pack_files(tmp_path / "store")
     later = time.time() + 41 * DAY
     second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=later))
-    assert second.chunks_deleted > 0 and chunk_files(tmp_path / "store") == []
+    assert second.packs_deleted > 0 and pack_files(tmp_path / "store") == []
     leftovers = (tmp_path / "store" / constants.MANIFESTS_DIR).rglob("*")
     assert [p for p in leftovers if not p.is_dir()] == []
     assert not (tmp_path / "store" / Store.access_key(k.id)).exists()
@@ -705,7 +710,7 @@ def test_one_key_gc_cannot_write_does_not_stop_the_run(
     monkeypatch.setattr(store.backend, "move", move)
     p = gc_mod.plan(store, gc_mod.Policy(max_age=30 * DAY, grace=HOUR), now=now)
     report = gc_mod.execute(store, p)
-    assert report.chunks_deleted >= 1  # the rest of the run went on
+    assert report.packs_deleted >= 1  # the rest of the run went on
     assert any("Permission denied" in e for e in report.errors), report.errors
 
 
@@ -755,7 +760,7 @@ def test_chunks_of_shadowed_entries_in_live_manifests_are_kept(
     save(store, tmp_path / "v2", k, {"f.so": b"version two" * 300})
     age_all_chunks(tmp_path / "store", 2 * HOUR, time.time())
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR, compact=False)))
-    assert report.chunks_deleted == 0
+    assert report.packs_deleted == 0
     newest = manifest_files(tmp_path / "store")[-1]
     newest.unlink()
     assert loads_intact(store, k, tmp_path / "d", {"f.so": b"version one" * 300})

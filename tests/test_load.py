@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from casstore import CacheKey, Store, objects
+from casstore import CacheKey, Store
 from casstore.errors import CasstoreError
-from tests.helpers import wait_until
+from tests.helpers import stored_chunks, wait_until
 from tests.load_mix import MixResult, run_mix
 from tests.seaweed import wait_visible
 from tests.stress_worker import seed_aged_garbage
@@ -23,6 +23,7 @@ def not_yet_visible(store: Store, mix: MixResult) -> list[str]:
     for s in mix.saves:
         expected.setdefault(s["model"], {}).update(s["files"])
     absent: list[str] = []
+    stored = stored_chunks(store.backend)
     for model, files in expected.items():
         key = CacheKey(torch="t", arch="a", model=model, extra={"tree": "inductor"})
         try:
@@ -34,7 +35,7 @@ def not_yet_visible(store: Store, mix: MixResult) -> list[str]:
             shown = (
                 entry is not None
                 and entry.digest.hex() == digest
-                and all(store.backend.stat(objects.chunk_key(c.digest)) for c in entry.chunks)
+                and all(c.digest in stored for c in entry.chunks)
             )
             if not shown:
                 absent.append(path)

@@ -4,24 +4,19 @@ oversized (or hostile) key before anything is written, and partial restores are 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import threading
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from casstore import CacheKey, CacheTooLarge, NotFound, Store, constants, objects
+from casstore import CacheKey, CacheTooLarge, Store, constants
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
 from casstore.manifest import ChunkRef, FileEntry
-from casstore.store import _fetch_windowed
-from tests.helpers import KEY, read_tree, temp_files, write_tree
+from tests.helpers import KEY, lose_chunk, read_tree, temp_files, write_tree
 
 
 def by_top_dir(path: str) -> str | None:
@@ -53,10 +48,8 @@ def grouped(tmp_path: Path) -> tuple[Store, dict[str, bytes]]:
 
 
 def drop_chunk(store: Store, path: str, index: int = 0) -> None:
-    """Delete one chunk that ``path`` (and only it) needs."""
-    entry = store.files(KEY)[path]
-    assert store.root is not None
-    (store.root / objects.chunk_key(entry.chunks[index].digest)).unlink()
+    """Lose one chunk that ``path`` (and only it) needs."""
+    lose_chunk(store.backend, store.files(KEY)[path].chunks[index].digest)
 
 
 def restored(dest: Path) -> dict[str, bytes]:
@@ -192,97 +185,33 @@ def test_a_group_publishes_its_deepest_files_first(
     assert depths == sorted(depths, reverse=True), order
 
 
-# --- the chunk-fetch window (store._fetch_windowed) -----------------------------------------
-
-
-class InFlight:
-    """Calls of a fetch: how many run at once now, the most at once, and in all."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.now = self.most = self.calls = 0
-
-    @contextlib.contextmanager
-    def one(self) -> Iterator[None]:
-        with self._lock:
-            self.now += 1
-            self.calls += 1
-            self.most = max(self.most, self.now)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.now -= 1
-
-
-def refs(n: int, size: int = 10) -> tuple[ChunkRef, ...]:
-    return tuple(ChunkRef(i.to_bytes(32, "big"), size) for i in range(n))
-
-
-def test_the_fetch_window_bounds_the_fetches_in_flight() -> None:
-    """16 threads could fetch at once; the window lets 4."""
-    counter = InFlight()
-
-    def fetch(ref: ChunkRef, offset: int) -> int:
-        with counter.one():
-            time.sleep(0.002)  # long enough for the fetches to overlap
-        return ref.size
-
-    with ThreadPoolExecutor(16) as pool:
-        assert _fetch_windowed(pool, fetch, refs(200), 4) == 2000
-    assert (counter.calls, counter.most) == (200, 4)
-
-
-@pytest.mark.parametrize("first_missing", [0, 1, 50, 1000])
-def test_fetching_stops_within_a_window_of_the_first_failure(first_missing: int) -> None:
-    """10,000 chunks, every one from ``first_missing`` on missing: at most a window of
-    fetches is started past the first miss, and none is still running on return."""
-    window = 4
-    counter = InFlight()
-
-    def fetch(ref: ChunkRef, offset: int) -> int:
-        with counter.one():
-            if int.from_bytes(ref.digest, "big") < first_missing:
-                time.sleep(0.0002)
-                return ref.size
-            time.sleep(0.005)  # a miss takes a while: the window's others still run
-            raise NotFound(f"chunk {ref.digest.hex()} is missing")
-
-    with ThreadPoolExecutor(16) as pool:
-        with pytest.raises(NotFound):
-            _fetch_windowed(pool, fetch, refs(10_000), window)
-        running = counter.now  # at once: the pool's shutdown would wait for them
-    assert running == 0, f"{running} fetches still running after the file was given up"
-    assert first_missing < counter.calls <= first_missing + window
-    assert counter.most <= window
+# --- what a load reads ------------------------------------------------------------------
 
 
 class CountingBackend(FileSystemBackend):
-    """A filesystem backend counting the chunk reads in flight and in all."""
+    """A filesystem backend counting the pack reads."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.chunk_gets = InFlight()
+        self.pack_reads = 0
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        if not key.startswith(constants.CHUNKS_DIR + "/"):
-            return super().get(key, max_bytes=max_bytes)
-        with self.chunk_gets.one():
-            time.sleep(0.0005)  # a network filesystem's latency: fetches overlap
-            return super().get(key, max_bytes=max_bytes)
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if key.startswith(constants.PACKS_DIR + "/"):
+            self.pack_reads += 1
+        return super().get_ranges(key, ranges)
 
 
 @pytest.mark.parametrize("first_missing", [0, 100])
-def test_a_file_listing_thousands_of_missing_chunks_costs_a_window_of_reads(
+def test_a_file_listing_thousands_of_missing_chunks_costs_no_reads(
     tmp_path: Path, first_missing: int
 ) -> None:
     """A manifest's file lists one real chunk ``first_missing`` times, then 20,000 chunks
-    the store lacks: the load reads at most a window (4 x threads) of chunks past the
-    first miss, and never more than the window at once."""
-    threads = 2
+    the store lacks: the chunk index says they are missing before anything is read, so
+    the load reads at most the one block holding the real chunk, once, and writes
+    nothing."""
     backend = CountingBackend(tmp_path / "store")
     backend.ensure_root()
-    store = Store(backend=backend, threads=threads)
+    store = Store(backend=backend, threads=2)
     seed = CacheKey(torch="t", arch="a", model="seed")  # a real chunk, under another key
     write_tree(tmp_path / "src", {"seed": os.urandom(3000)})
     store.save(tmp_path / "src", seed)
@@ -293,10 +222,7 @@ def test_a_file_listing_thousands_of_missing_chunks_costs_a_window_of_reads(
     m = mf.new_manifest(KEY, [entry])
     name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at)}"
     store.backend.put_if_absent(name, mf.encode(m))
-    window = 4 * threads
     report = store.load(KEY, tmp_path / "dst")
     assert report.missing == ["huge"]
-    gets = backend.chunk_gets
-    assert first_missing < gets.calls <= first_missing + window
-    assert gets.most <= window and gets.now == 0
+    assert backend.pack_reads <= (1 if first_missing else 0)
     assert list((tmp_path / "dst").iterdir()) == []

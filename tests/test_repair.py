@@ -15,9 +15,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from casstore import CacheKey, Store, audit, constants, objects
+from casstore import CacheKey, Store, audit, chunk_index, constants, packs
 from casstore import manifest as mf
-from tests.helpers import manifest_files, read_tree, wait_until, write_tree
+from tests.helpers import (
+    corrupt_chunk,
+    lose_chunk,
+    manifest_files,
+    read_tree,
+    rewrite_pack_of,
+    wait_until,
+    write_tree,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = CacheKey(torch="t", arch="a", model="repair")
@@ -57,18 +65,17 @@ def test_verify_repair_with_every_kind_of_damage_at_once(
     store.save(tmp_path / "src2", KEY)  # a second manifest, damaged below
     view = store.files(KEY)
     flipped, truncated, deleted = (view[f"f0{i}.bin"].chunks[0].digest for i in range(3))
-    chunk = {d: root / objects.chunk_key(d) for d in (flipped, truncated, deleted)}
-    blob = chunk[flipped].read_bytes()
-    middle = len(blob) // 2
-    chunk[flipped].write_bytes(blob[:middle] + bytes([blob[middle] ^ 0x01]) + blob[middle + 1 :])
-    chunk[truncated].write_bytes(chunk[truncated].read_bytes()[:100])
-    chunk[deleted].unlink()
+    corrupt_chunk(store.backend, flipped)
+    rewrite_pack_of(store.backend, truncated, lambda d, b: b[:-1] + b"\0" if d == truncated else b)
+    lose_chunk(store.backend, deleted)
+    (damaged_pack,) = {loc.index.id for loc in chunk_index.load(store.backend).locate(flipped)}
+    in_pack = len(chunk_index.read_index(store.backend, damaged_pack).chunks)
     damaged_manifest = manifest_files(root)[-1]  # the newer one: later.bin
     blob = damaged_manifest.read_bytes()
     damaged_manifest.write_bytes(blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:])
     manifest_key = damaged_manifest.relative_to(root).as_posix()
-    corrupt_keys = {objects.chunk_key(flipped), objects.chunk_key(truncated)}
-    lost = {d.hex() for d in chunk}  # a corrupt chunk is missing too, to the manifests
+    corrupt_keys = {packs.pack_key(damaged_pack)}
+    lost = {d.hex() for d in (flipped, truncated, deleted)}  # damaged chunks are missing too
     expected = (corrupt_keys, lost, {manifest_key})
     repairer = Store(other, threads=4)
     wait_until(
@@ -87,15 +94,21 @@ def test_verify_repair_with_every_kind_of_damage_at_once(
     assert {k for k, _ in out["corrupt"]} == corrupt_keys
     assert {d for _, d in out["missing_chunks"]} == lost
     assert [k for k, _ in out["invalid_manifests"]] == [manifest_key]
-    assert out["repaired"] == {"chunks_quarantined": 2, "manifests_quarantined": 1}
+    assert out["damaged_chunks"] == {damaged_pack: sorted(d.hex() for d in (flipped, truncated))}
+    assert out["repaired"] == {
+        "packs_quarantined": 1,
+        "chunks_salvaged": in_pack - 2,  # every intact chunk of the damaged pack
+        "indexes_quarantined": 0,
+        "manifests_quarantined": 1,
+    }
 
     # Damaged objects are out of every reader's way, kept in quarantine/ for inspection.
     quarantine = other / constants.QUARANTINE_DIR
-    names = sorted(p.name.rsplit(".", 1)[0] for p in (quarantine / "chunks").iterdir())
-    assert names == sorted(objects.chunk_key(d).rsplit("/", 1)[-1] for d in (flipped, truncated))
+    names = sorted(p.name.rsplit(".", 1)[0] for p in (quarantine / "packs").iterdir())
+    assert names == [f"{damaged_pack}{constants.PACK_SUFFIX}"]
     assert len(list((quarantine / "manifests").iterdir())) == 1
     assert not (other / manifest_key).exists()
-    # What is left: three chunks missing (two quarantined, one deleted), nothing corrupt.
+    # What is left: three chunks missing (two damaged, one lost), nothing corrupt.
     assert damage_seen(repairer) == (set(), lost, set())
     report = repairer.load(KEY, tmp_path / "partial")
     assert report.missing == ["f00.bin", "f01.bin", "f02.bin"]

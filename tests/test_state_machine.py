@@ -18,9 +18,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from casstore import CacheKey, NotFound, Store, objects
+from casstore import CacheKey, NotFound, Store, chunk_index, packs
 from casstore import gc as gc_mod
-from tests.helpers import read_tree, temp_files, write_tree
+from tests.helpers import corrupt_chunk, lose_chunk, read_tree, temp_files, write_tree
 
 KEYS = [CacheKey(torch="t", arch="a", model=m) for m in ("m1", "m2", "m3")]
 PATHS = ["a", "b/c", "b/d", "e/f/g", "h"]
@@ -104,21 +104,23 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.model.values()))
     @rule(data=st.data(), how=st.sampled_from(["flip", "truncate", "delete"]))
     def damage_chunk(self, data: st.DataObject, how: str) -> None:
-        chunks = sorted((self.tmp / "store" / "chunks").rglob("*.zst"))
-        if not chunks:  # only empty files saved so far
+        index = chunk_index.load(self.store.backend)
+        digests = sorted(index.digests())
+        if not digests:  # only empty files saved so far
             return
-        victim = data.draw(st.sampled_from(chunks))
-        hexd = objects.digest_from_key(victim.name)
-        assert hexd is not None
-        blob = victim.read_bytes()
+        victim = data.draw(st.sampled_from(digests))
         if how == "delete":
-            victim.unlink()
-        elif how == "truncate":
-            victim.write_bytes(blob[: len(blob) // 2])
-        else:
-            i = data.draw(st.integers(0, len(blob) - 1))
-            victim.write_bytes(blob[:i] + bytes([blob[i] ^ 0x10]) + blob[i + 1 :])
-        self.damaged.add(bytes.fromhex(hexd))
+            lose_chunk(self.store.backend, victim)
+            self.damaged.add(victim)
+        elif how == "flip":
+            corrupt_chunk(self.store.backend, victim)
+            self.damaged.add(victim)
+        else:  # the whole pack holding it, cut short: every chunk in it is damaged
+            (loc, *_) = index.locate(victim)
+            path = self.tmp / "store" / packs.pack_key(loc.index.pack)
+            blob = path.read_bytes()
+            path.write_bytes(blob[: len(blob) // 2])
+            self.damaged.update(c.digest for c in loc.index.chunks)
 
     @invariant()
     def no_temp_files_in_store(self) -> None:
