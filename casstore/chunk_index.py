@@ -113,7 +113,7 @@ class IndexCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self.dir / f"{constants.TEMP_PREFIX}{uuid.uuid4().hex}"
             tmp.write_bytes(blob)
-            os.replace(tmp, self.dir / f"{pack_id}{constants.INDEX_SUFFIX}")
+            os.rename(tmp, self.dir / f"{pack_id}{constants.INDEX_SUFFIX}")
         except OSError as e:
             log.debug("index cache %s not written: %s", self.dir, e)
 

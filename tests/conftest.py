@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,9 @@ keys.GPU_DEVICE_PATHS = ()
 # signatures set them for themselves (and for the children they start).
 for _variable in ("CASSTORE_SIGNING_KEY", "CASSTORE_TRUSTED_KEYS"):
     os.environ.pop(_variable, None)
+# Pack indexes the tests' stores read are cached here, never in the developer's ~/.cache
+# (the children the tests start inherit it).
+os.environ["CASSTORE_INDEX_CACHE"] = tempfile.mkdtemp(prefix="casstore-test-index-")
 
 
 @pytest.fixture

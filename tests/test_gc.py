@@ -19,7 +19,14 @@ from casstore import manifest as mf
 from casstore.locks import best_effort_lock
 from casstore.store import StoredManifest
 from casstore.sweep import trash_run_name
-from tests.helpers import manifest_files, pack_files, read_tree, temp_files, write_tree
+from tests.helpers import (
+    corrupt_chunk,
+    manifest_files,
+    pack_files,
+    read_tree,
+    temp_files,
+    write_tree,
+)
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -128,7 +135,7 @@ def test_grace_period_protects_young_unreferenced_chunks(store: Store, tmp_path:
     gc_mod.remove_key(store, key("m"))
     now = time.time()
     chunks = pack_files(tmp_path / "store")
-    assert gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now).chunks == ()
+    assert gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now).packs == ()
     age_all_chunks(tmp_path / "store", 2 * HOUR, now)
     p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now)
     assert len(p.packs) == len(chunks)
@@ -332,7 +339,7 @@ def test_cleanup_removes_stale_temps_and_idle_locks_only(store: Store, tmp_path:
     root = tmp_path / "store"
     save(store, tmp_path, key("m"), {"f": b"1"})
     now = time.time()
-    stale = root / "chunks" / f"{constants.TEMP_PREFIX}crashed"
+    stale = pack_files(root)[0].parent / f"{constants.TEMP_PREFIX}crashed"
     fresh = root / "manifests" / f"{constants.TEMP_PREFIX}writing"
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"in progress")
@@ -392,12 +399,15 @@ def test_cleanup_stops_at_its_time_budget(store: Store, tmp_path: Path) -> None:
 def test_repair_quarantines_and_the_next_save_heals(store: Store, tmp_path: Path) -> None:
     files = {"a": os.urandom(200_000), "b": os.urandom(5000)}
     save(store, tmp_path, key("m"), files)
-    victim = pack_files(tmp_path / "store")[0]
-    victim.write_bytes(b"garbage")
+    (victim,) = pack_files(tmp_path / "store")
+    corrupt_chunk(store.backend, store.files(key("m"))["b"].chunks[0].digest)
+    (victim,) = pack_files(tmp_path / "store")
     report = audit.verify(store)
     assert len(report.corrupt) == 1
     repaired = audit.repair(store, report)
-    assert repaired.chunks_quarantined == 1 and not victim.exists()
+    in_pack = len({c.digest for f in store.files(key("m")).values() for c in f.chunks})
+    assert repaired.packs_quarantined == 1 and not victim.exists()
+    assert repaired.chunks_salvaged == in_pack - 1
     assert list((tmp_path / "store" / constants.QUARANTINE_DIR).rglob("*"))
     after = audit.verify(store)
     assert after.corrupt == [] and len(after.missing_chunks) == 1
