@@ -10,11 +10,10 @@ Corpora (real inductor caches of different models, each saved as its own key):
 
 Layouts, every one with chunk dedup across the caches, caches saved one after another:
 
-* per-chunk zstd 3: the chunk objects of format 1 (a real ``Store.save`` of each cache);
-* packs: casstore.packs.PackBuilder as a save uses it, one builder per save (small files'
-  chunks at the small-file level, large files' at the large-file level);
-* packs, level 3 everywhere; packs with a dictionary trained on the caches saved before
-  (a what-if: no dictionary is implemented).
+* each chunk alone at zstd level 3: what format 1 stored (one object per chunk);
+* casstore as it saves: a real ``Store.save`` of each cache, bytes of packs and indexes;
+* packs at other zstd levels (casstore.packs.PackBuilder as a save uses it), to show what
+  the level buys, with compression and decompression speeds.
 
 Compression and decompression speeds are per core, on this machine.
 """
@@ -64,25 +63,41 @@ def tar_gz_size(cache: Path) -> int:
     return len(buf.getvalue())
 
 
+def format1_bytes(caches: list[Path]) -> int:
+    """What format 1 stored: each distinct chunk alone, zstd level 3."""
+    cctx = zstandard.ZstdCompressor(level=3, write_content_size=True)
+    seen: set[bytes] = set()
+    total = 0
+    for cache in caches:
+        for _, data in files_of(cache):
+            for c in chunking.cut(data):
+                if c.digest not in seen:
+                    seen.add(c.digest)
+                    total += len(cctx.compress(data[c.offset : c.offset + c.length]))
+    return total
+
+
 def store_bytes(caches: list[Path], work: Path) -> int:
-    """Format 1: a real save of each cache into one store; bytes of its chunk objects."""
-    root = work / "store-format1"
+    """A real save of each cache into one store: bytes of its packs and indexes."""
+    root = work / "store"
     store = Store(root, create=True)
     for i, cache in enumerate(caches):
         store.save(cache, CacheKey(torch="t", arch="a", model=f"m{i}"))
-    return sum(p.stat().st_size for p in (root / constants.CHUNKS_DIR).rglob("*.zst"))
+    return sum(
+        p.stat().st_size
+        for d in (constants.PACKS_DIR, constants.INDEX_DIR)
+        for p in (root / d).rglob("*")
+        if p.is_file()
+    )
 
 
-def pack_bytes(
-    caches: list[Path], *, small_level: int, large_level: int, dictionary: bool = False
-) -> Row:
+def pack_bytes(caches: list[Path], *, small_level: int, large_level: int) -> Row:
     """Bytes of the packs and indexes the saves of ``caches`` would write."""
     stored: set[bytes] = set()
     total = 0
     raw = 0
     seconds = 0.0
     decompress_seconds = 0.0
-    seen_samples: list[bytes] = []
     saved_small, saved_large = constants.SMALL_FILE_LEVEL, constants.LARGE_FILE_LEVEL
     constants.SMALL_FILE_LEVEL, constants.LARGE_FILE_LEVEL = small_level, large_level
     try:
@@ -95,21 +110,6 @@ def pack_bytes(
                     if c.digest not in stored:
                         stored.add(c.digest)
                         new.append((c.digest, data[c.offset : c.offset + c.length], small))
-            if dictionary:
-                start = time.perf_counter()
-                if len(seen_samples) >= 8:
-                    d = zstandard.train_dictionary(112 * 1024, seen_samples, level=small_level)
-                    cctx = zstandard.ZstdCompressor(level=small_level, dict_data=d)
-                    total += len(d.as_bytes())  # the store keeps each dictionary once
-                else:
-                    cctx = zstandard.ZstdCompressor(level=small_level)
-                blob = b"".join(data for _, data, _ in new)
-                for i in range(0, len(blob), constants.BLOCK_TARGET):
-                    total += len(cctx.compress(blob[i : i + constants.BLOCK_TARGET]))
-                seconds += time.perf_counter() - start
-                raw += len(blob)
-                seen_samples += [data for _, data in files]
-                continue
             builder = packs.PackBuilder()
             start = time.perf_counter()
             sealed: list[packs.Sealed] = []
@@ -168,7 +168,11 @@ def measure(name: str, caches: list[Path], work: Path) -> list[str]:
     tgz = sum(tar_gz_size(c) for c in caches)
     rows = [
         Row("one tar.gz per cache (b10-style)", tgz),
-        Row("per-chunk zstd 3 (format 1 chunk objects)", store_bytes(caches, work / name)),
+        Row("each chunk alone, zstd 3 (format 1)", format1_bytes(caches)),
+        Row(
+            "casstore: packs as saved (a real `Store.save` of each cache)",
+            store_bytes(caches, work / name),
+        ),
     ]
     for layout, small, large in (
         (
@@ -183,9 +187,6 @@ def measure(name: str, caches: list[Path], work: Path) -> list[str]:
         row = pack_bytes(caches, small_level=small, large_level=large)
         row.layout = layout
         rows.append(row)
-    row = pack_bytes(caches, small_level=constants.SMALL_FILE_LEVEL, large_level=3, dictionary=True)
-    row.layout = "what-if: 8 MiB blocks with a dictionary trained on earlier saves"
-    rows.append(row)
     lines = [
         f"### {name}: {len(caches)} caches, {files} files, {raw / 1e6:.1f} MB",
         "",

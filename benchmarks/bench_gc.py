@@ -1,6 +1,7 @@
-"""gc benchmark: plan and sweep time for stores of 25k, 50k and 100k chunks with 250, 500
-and 1000 manifests (half the chunks referenced, half garbage past the grace period, two
-manifests per key so compaction runs too). Writes docs/gc-benchmarks.md.
+"""gc benchmark: plan and sweep time for stores of 25k, 50k and 100k chunks (in packs of
+1,000) with 250, 500 and 1000 manifests (half the chunks referenced, the packs of the other
+half garbage past the grace period, two manifests per key so compaction runs too). Writes
+docs/gc-benchmarks.md.
 
 Linear means the time per chunk stays flat as the store grows.
 """
@@ -19,31 +20,38 @@ from pathlib import Path
 import blake3
 
 from benchmarks.common import filesystem_of
-from casstore import CacheKey, Store, constants, objects
+from casstore import CacheKey, Store, constants, packs
 from casstore import gc as gc_mod
 from casstore import manifest as mf
 
-CHUNK_SIZES = [2_000, 8_000, 24_000, 64_000]  # bytes before compression (random: ~same after)
+# Chunk sizes stay small (the bench is about counts, not bytes), random: compression
+# cannot shrink them.
+CHUNK_SIZES = [100, 200, 400]
+PER_PACK = 1000
 
 
 def build(root: Path, chunks: int, manifests: int) -> Store:
-    """A store with ``chunks`` chunk files; manifests reference the first half."""
+    """A store with ``chunks`` chunks in packs of PER_PACK; manifests reference the first
+    half, so the second half's packs hold nothing live."""
     store = Store(root, fsync=False)
     rng = random.Random(0)
-    # Real chunk objects: zstd frames of the sizes a compile cache has (most files are a
-    # few KiB to a few tens of KiB, each one chunk), so unlink and rename cost what they do.
-    pool = [objects.encode_chunk(rng.randbytes(rng.choice(CHUNK_SIZES))) for _ in range(64)]
+    pool = [rng.randbytes(rng.choice(CHUNK_SIZES)) for _ in range(64)]
     digests = []
     old = time.time() - 2 * 3600
+    builder = packs.PackBuilder()
     for i in range(chunks):
-        blob = pool[i % len(pool)]
-        d = blake3.blake3(i.to_bytes(8, "little")).digest()  # a name per object
-        path = root / objects.chunk_key(d)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(blob)
-        os.utime(path, (old, old))
+        d = blake3.blake3(i.to_bytes(8, "little")).digest()  # a name per chunk
+        for sealed in builder.add(d, pool[i % len(pool)], small=True):
+            packs.publish(store.backend, sealed)
         digests.append(d)
+        if (i + 1) % PER_PACK == 0:
+            for sealed in builder.finish():
+                packs.publish(store.backend, sealed)
+    for sealed in builder.finish():
+        packs.publish(store.backend, sealed)
+    for prefix in (constants.PACKS_DIR, constants.INDEX_DIR):
+        for path in (root / prefix).rglob("*"):
+            os.utime(path, (old, old))
     referenced = digests[: chunks // 2]
     per = len(referenced) // manifests
     for i in range(manifests):
@@ -72,14 +80,14 @@ def run(sizes: list[tuple[int, int]]) -> str:
             t = time.perf_counter()
             report = gc_mod.execute(store, p, threads=8)
             executed = time.perf_counter() - t
-            assert report.chunks_deleted == chunks - chunks // 2, report
+            assert report.packs_deleted == (chunks - chunks // 2) // PER_PACK, report
             assert report.keys_compacted == manifests // 2, report
         finally:
             shutil.rmtree(work, ignore_errors=True)
         total = planned + executed
         rows.append(
             f"| {chunks:,} | {manifests:,} | {planned:.2f} | {executed:.2f} | {total:.2f} | "
-            f"{total / chunks * 1e6:.0f} | {report.chunks_deleted:,} | {setup:.0f} |"
+            f"{total / chunks * 1e6:.0f} | {report.packs_deleted:,} | {setup:.0f} |"
         )
     return "\n".join(
         [
@@ -94,7 +102,7 @@ def run(sizes: list[tuple[int, int]]) -> str:
             "- half the chunks referenced by the manifests, half unreferenced and past the grace;",
             "  two manifests per key, so every key is compacted; 8 sweep threads",
             "",
-            "| chunks | manifests | plan s | execute s | total s | µs per chunk | deleted | "
+            "| chunks | manifests | plan s | execute s | total s | µs per chunk | packs deleted | "
             "setup s |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,

@@ -62,7 +62,7 @@ def run(seconds: float) -> str:
             f"| misses (file not restored) | {mix.total('misses')} | | |",
             f"| errors | {len(mix.errors)} | | |",
             f"| gc runs | {mix.total('gc_runs')} | | |",
-            f"| chunks deleted by gc | {mix.total('chunks_deleted')} | | |",
+            f"| chunks deleted by gc | {mix.total('packs_deleted')} | | |",
             f"| old chunks reused by savers | {mix.total('reused_old_chunks')} | | |",
             "",
             f"`casstore verify` afterwards: {verified.chunks} chunks, {verified.manifests} "

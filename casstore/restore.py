@@ -222,7 +222,10 @@ def _read(
         trash_key = trash.key_of(index.id)
         if trash_key is None:
             raise
-        return _read_isolating(backend, index, numbers, trash_key)
+        try:
+            return _read_isolating(backend, index, numbers, trash_key)
+        except NotFound:  # given back (or deleted) since the trash was listed
+            return _read_isolating(backend, index, numbers)
 
 
 def _read_isolating(

@@ -604,17 +604,6 @@ class Store:
         except (OSError, NotImplementedError) as e:
             log.debug("could not record use of %s: %s", key, e)
 
-    def _republish(self, key: str, blob: bytes) -> None:
-        try:
-            self.backend.republish(key, blob)
-        except (OSError, NotImplementedError) as e:
-            raise CannotRenew(
-                f"cannot renew {key}, written by another user, nor write a fresh copy "
-                f"({getattr(e, 'strerror', None) or e}); give every writer of the store "
-                "one group, setgid directories and umask 002 (docs/deploy.md)",
-                key=key,
-            ) from e
-
     def _lock_path(self, key: CacheKey) -> Path | None:
         if isinstance(self.backend, FileSystemBackend):
             return self.backend.root / constants.LOCKS_DIR / f"{key.id}.lock"
@@ -701,7 +690,16 @@ class Store:
 
         def publish(sealed: list[packs.Sealed]) -> None:
             for one in sealed:
-                packs.publish(self.backend, one)
+                try:
+                    packs.publish(self.backend, one)
+                except PermissionError as e:
+                    raise CannotRenew(
+                        f"cannot renew the packs this save reuses (written by another "
+                        f"user), nor write packs of its own ({e.strerror or e}); give every "
+                        "writer of the store one group, setgid directories and umask 002 "
+                        "(docs/deploy.md)",
+                        key=packs.pack_key(one.id),
+                    ) from e
                 with stats_lock:
                     report.packs += 1
                     report.stored_bytes += len(one.data)

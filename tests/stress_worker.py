@@ -161,12 +161,12 @@ def collector(store: Store, deadline: float, grace: float) -> dict[str, object]:
     while time.monotonic() < deadline:
         try:
             p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
-            deleted += gc_mod.execute(store, p, threads=1).chunks_deleted
+            deleted += gc_mod.execute(store, p, threads=1).packs_deleted
         except Exception as e:
             errors.append(f"gc: {type(e).__name__}: {e}")
         runs += 1
         time.sleep(0.05)
-    return {"gc_runs": runs, "chunks_deleted": deleted, "errors": errors}
+    return {"gc_runs": runs, "packs_deleted": deleted, "errors": errors}
 
 
 def main() -> None:

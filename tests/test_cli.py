@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 
 import casstore
+from casstore.backends.fs import FileSystemBackend
 from casstore.keys import detect_cpu_isa
 from tests import cpu_host
-from tests.helpers import chunk_files, manifest_files, read_tree, write_tree
+from tests.helpers import (
+    corrupt_chunk,
+    manifest_files,
+    pack_files,
+    read_tree,
+    stored_chunks,
+    write_tree,
+)
 
 KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "cli"]
 
@@ -53,9 +61,14 @@ def saved(tmp_path: Path) -> tuple[Path, dict[str, object]]:
     return tmp_path / "store", json.loads(out.stdout)
 
 
+def root_backend(root: Path) -> FileSystemBackend:
+    return FileSystemBackend(root)
+
+
 def test_save_and_load_json_reports(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
     root, report = saved
-    assert report["files"] == 2 and report["new_chunks"] == len(chunk_files(root))
+    assert report["files"] == 2 and report["new_chunks"] == len(stored_chunks(root_backend(root)))
+    assert report["packs"] == len(pack_files(root)) == 1
     assert isinstance(report["key_id"], str) and len(report["key_id"]) == 32
     out = run(root, "load", str(tmp_path / "dst"), *KEY_ARGS, "--json")
     loaded = json.loads(out.stdout)
@@ -84,15 +97,16 @@ def test_verify_reports_each_damaged_chunk(
 ) -> None:
     root, _ = saved
     assert json.loads(run(root, "verify", "--json").stdout)["ok"] is True
-    damaged = chunk_files(root)[:2]
-    for c in damaged:
-        c.write_bytes(c.read_bytes()[:-3] + b"bad")
+    backend = root_backend(root)
+    damaged = sorted(stored_chunks(backend))[:2]
+    for d in damaged:
+        corrupt_chunk(backend, d)
+    (pack,) = pack_files(root)
     proc = run(root, "verify", "--json", check=False)
     assert proc.returncode == 4
     report = json.loads(proc.stdout)
-    assert sorted(k.rsplit("/", 1)[-1] for k, _ in report["corrupt"]) == sorted(
-        c.name for c in damaged
-    )
+    assert [k.rsplit("/", 1)[-1] for k, _ in report["corrupt"]] == [pack.name]
+    assert report["damaged_chunks"] == {pack.name[:-5]: sorted(d.hex() for d in damaged)}
     load = run(root, "load", str(tmp_path / "dst"), *KEY_ARGS, check=False)
     assert load.returncode == 4 and "could not be restored" in load.stderr
 
@@ -178,29 +192,32 @@ def test_gc_dry_run_then_execute_and_rm(
     key_id = str(report["key_id"])
     removed = json.loads(run(root, "rm", key_id[:10], "-y", "--json").stdout)
     assert removed["manifests_deleted"] == 1
-    chunks_before = len(chunk_files(root))
+    packs_before = len(pack_files(root))
     no_grace = ["--grace", "0", "--unsafe-grace"]
     dry = json.loads(run(root, "gc", *no_grace, "--dry-run", "--json").stdout)
-    assert dry["executed"] is False and dry["plan"]["chunks_to_delete"] == chunks_before
-    assert len(chunk_files(root)) == chunks_before  # a dry run changes nothing
+    assert dry["executed"] is False and dry["plan"]["packs_to_delete"] == packs_before
+    assert len(pack_files(root)) == packs_before  # a dry run changes nothing
     wet = json.loads(run(root, "gc", *no_grace, "-y", "--json").stdout)
-    assert wet["report"]["chunks_deleted"] == chunks_before
-    assert chunk_files(root) == []
+    assert wet["report"]["packs_deleted"] == packs_before
+    assert wet["report"]["indexes_deleted"] == packs_before
+    assert pack_files(root) == [] and not list((root / "index").iterdir())
     bad = run(root, "gc", "--grace", "soon", check=False)
     assert bad.returncode == 2 and "not a duration" in bad.stderr
 
 
 def test_verify_repair_and_du(tmp_path: Path, saved: tuple[Path, dict[str, object]]) -> None:
     root, _ = saved
-    victim = chunk_files(root)[0]
+    usage = json.loads(run(root, "du", "--json").stdout)
+    assert [u["model"] for u in usage] == ["cli"] and usage[0]["keys"] == 1
+    # Each chunk's share of its block's compressed bytes: about the whole pack.
+    (pack,) = pack_files(root)
+    assert 0.95 * pack.stat().st_size <= usage[0]["own_bytes"] <= pack.stat().st_size
+    (victim,) = pack_files(root)
     victim.write_bytes(b"rot")
     proc = run(root, "verify", "--repair", "--json", check=False)
     assert proc.returncode == 4
-    assert json.loads(proc.stdout)["repaired"]["chunks_quarantined"] == 1
+    assert json.loads(proc.stdout)["repaired"]["packs_quarantined"] == 1
     assert not victim.exists()
-    usage = json.loads(run(root, "du", "--json").stdout)
-    assert [u["model"] for u in usage] == ["cli"] and usage[0]["keys"] == 1
-    assert usage[0]["own_bytes"] == sum(c.stat().st_size for c in chunk_files(root))
 
 
 # The CLI on a host whose GPU node is visible: the node's path is patched in, then the real

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from casstore import CacheKey, Store, objects
+from casstore import CacheKey, Store, chunk_index, packs
 from casstore import gc as gc_mod
 from casstore import intents as intents_mod
 from casstore import manifest as mf
@@ -55,18 +55,28 @@ def store_clock(store: Store) -> float:
 def aged(store: Store, seconds: float) -> None:
     """Wait until every chunk is older than ``seconds`` by the store's clock (S3 has no
     utime: time must pass), polling the clock with a bound."""
-    newest = max(i.mtime for i in store.backend.list("chunks/"))
-    wait_until(lambda: store_clock(store) > newest + seconds, seconds + 30, "chunks to age")
+    newest = max(i.mtime for i in store.backend.list("packs/"))
+    wait_until(lambda: store_clock(store) > newest + seconds, seconds + 30, "packs to age")
+
+
+def pack_of(store: Store, digest: bytes) -> str:
+    """The key of the (one) pack holding ``digest``."""
+    (loc,) = chunk_index.load(store.backend).locate(digest)
+    return packs.pack_key(loc.index.pack)
 
 
 def present(store: Store, digest: bytes) -> bool:
-    return store.backend.stat(objects.chunk_key(digest)) is not None
+    """Whether a pack holding ``digest`` is in packs/."""
+    return any(
+        store.backend.stat(packs.pack_key(loc.index.pack)) is not None
+        for loc in chunk_index.load(store.backend).locate(digest)
+    )
 
 
 def test_gc_sweeps_garbage_and_keeps_live_chunks(s3_url: str, tmp_path: Path) -> None:
     store, keep, garbage = two_keys(s3_url, tmp_path)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert report.errors == [] and report.chunks_deleted == 1
+    assert report.errors == [] and report.packs_deleted == 1
     assert not present(store, garbage)
     assert Store(s3_url, create=False).load(KEEP, tmp_path / "out").missing == []
     assert {p: d for p, (d, _) in read_tree(tmp_path / "out").items()} == keep
@@ -81,25 +91,25 @@ def test_a_saver_that_looked_first_gets_its_chunk_back(s3_url: str, tmp_path: Pa
     intent.announce([garbage])
     assert present(store, garbage)  # what the saver saw
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert report.chunks_deleted == 0 and report.chunks_kept_late >= 1
+    assert report.packs_deleted == 0 and report.packs_kept_late >= 1
     assert present(store, garbage)
     intent.close()
     aged(store, 0)  # given back means written anew: it ages from now
     again = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert again.chunks_deleted == 1 and not present(store, garbage)
+    assert again.packs_deleted == 1 and not present(store, garbage)
 
 
 def test_intents_of_dead_saves_expire_after_the_grace(s3_url: str, tmp_path: Path) -> None:
     store, _keep, garbage = two_keys(s3_url, tmp_path)
     Intent(store.backend).announce([garbage])  # a saver that died: never withdrawn
     kept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
-    assert kept.chunks_deleted == 0 and list(store.backend.list("intents/"))
+    assert kept.packs_deleted == 0 and list(store.backend.list("intents/"))
     intents = list(store.backend.list("intents/"))
     wait_until(
         lambda: store_clock(store) > max(i.mtime for i in intents) + 1, 30, "the intent to age"
     )
     swept = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert swept.chunks_deleted == 1 and list(store.backend.list("intents/")) == []
+    assert swept.packs_deleted == 1 and list(store.backend.list("intents/")) == []
 
 
 def test_a_set_aside_copied_but_not_deleted_is_whole_again(s3_url: str, tmp_path: Path) -> None:
@@ -120,8 +130,7 @@ def test_a_crashed_sweep_is_finished_by_the_next_run(s3_url: str, tmp_path: Path
     backend = store.backend
     live = store.files(KEEP)["keep.py"].chunks[0].digest
     run = "trash/20260101T000000-c0-deadbeef"
-    for digest in (live, garbage):
-        key = objects.chunk_key(digest)
+    for key in {pack_of(store, live), pack_of(store, garbage)}:
         assert backend.move(key, f"{run}/{key.rsplit('/', 1)[-1]}")
     plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
     later = dataclasses.replace(plan, store_clock=(plan.store_clock or 0) + 700)  # run aged
@@ -146,7 +155,7 @@ def test_gc_sweeps_while_savers_reuse_the_chunks_it_sweeps_on_s3(
     mix = run_mix([s3_url], tmp_path / "work", 10.0, savers=2, loaders=2, gc_grace=grace)
     assert mix.errors == []
     assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
-    assert mix.total("chunks_deleted") > 0, "gc must really sweep"
+    assert mix.total("packs_deleted") > 0, "gc must really sweep"
     assert mix.total("bad") == 0 and mix.total("misses") == 0
     assert_every_save_loads(Store(s3_url, create=False), mix, tmp_path)
 
@@ -159,7 +168,7 @@ def test_a_saver_that_looks_between_gcs_check_and_its_move_gets_the_chunk_back(
     after moving, and gives it back."""
     store, _keep, garbage = two_keys(s3_url, tmp_path)
     backend = store.backend
-    key = objects.chunk_key(garbage)
+    key = pack_of(store, garbage)
     real_move = backend.move
     seen: list[bool] = []
     intent = Intent(backend)
@@ -173,7 +182,7 @@ def test_a_saver_that_looks_between_gcs_check_and_its_move_gets_the_chunk_back(
     monkeypatch.setattr(backend, "move", move)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
     assert seen == [True]  # the saver found it, so it will list it without uploading
-    assert report.chunks_deleted == 0 and present(store, garbage)
+    assert report.packs_deleted == 0 and present(store, garbage)
     intent.close()
 
 
@@ -181,7 +190,7 @@ def test_a_load_finds_a_chunk_gc_holds_in_trash(s3_url: str, tmp_path: Path) -> 
     """Between gc's move to trash and its giving the chunk back, a load of a save that just
     listed it reads the trashed copy (verified like any chunk) instead of missing."""
     store, keep, _garbage = two_keys(s3_url, tmp_path)
-    key = objects.chunk_key(store.files(KEEP)["keep.py"].chunks[0].digest)
+    key = pack_of(store, store.files(KEEP)["keep.py"].chunks[0].digest)
     assert store.backend.move(key, f"trash/run-in-progress/{key.rsplit('/', 1)[-1]}")
     report = Store(s3_url, create=False).load(KEEP, tmp_path / "out")
     assert report.missing == []
@@ -211,7 +220,7 @@ def test_a_new_manifest_gc_cannot_read_keeps_the_batch(
     timeout): gc must keep the chunk, not judge the manifest absent."""
     store, _keep, garbage = two_keys(s3_url, tmp_path)
     backend = store.backend
-    key = objects.chunk_key(garbage)
+    key = pack_of(store, garbage)
     real_move, real_get = backend.move, backend.get
     published: list[str] = []
 
@@ -247,7 +256,7 @@ def test_recovery_reads_the_manifests_published_since_planning(
     intents: the manifest must still protect the chunk."""
     store, _keep, garbage = two_keys(s3_url, tmp_path)
     backend = store.backend
-    key = objects.chunk_key(garbage)
+    key = pack_of(store, garbage)
     intent = Intent(backend)
     intent.announce([garbage])
     assert backend.move(key, f"trash/20260101T000000-c0-deadbeef/{key.rsplit('/', 1)[-1]}")
@@ -273,7 +282,7 @@ def test_a_trash_copy_that_vanished_is_an_error_not_a_kept_chunk(
 ) -> None:
     store, _keep, garbage = two_keys(s3_url, tmp_path)
     backend = store.backend
-    key = objects.chunk_key(garbage)
+    key = pack_of(store, garbage)
     intent = Intent(backend)
     real_move = backend.move
 
@@ -286,7 +295,7 @@ def test_a_trash_copy_that_vanished_is_an_error_not_a_kept_chunk(
 
     monkeypatch.setattr(backend, "move", move)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
-    assert report.chunks_kept_late == 0 and any("vanished" in e for e in report.errors)
+    assert report.packs_kept_late == 0 and any("vanished" in e for e in report.errors)
     intent.close()
 
 
@@ -294,7 +303,7 @@ def test_a_load_reads_the_chunk_again_when_gc_gives_it_back_meanwhile(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _keep, _garbage = two_keys(s3_url, tmp_path)
-    key = objects.chunk_key(store.files(KEEP)["keep.py"].chunks[0].digest)
+    key = pack_of(store, store.files(KEEP)["keep.py"].chunks[0].digest)
     trash_key = f"trash/20990101T000000-c0-feedface/{key.rsplit('/', 1)[-1]}"
     assert store.backend.move(key, trash_key)
     loader = Store(s3_url, create=False)

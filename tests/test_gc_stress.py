@@ -37,7 +37,7 @@ def test_gc_sweeps_while_savers_reuse_the_chunks_it_sweeps(tmp_path: Path) -> No
     mix = run_mix([root], tmp_path / "work", 8.0, savers=3, loaders=3, gc_grace=20.0)
     assert mix.errors == []
     assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
-    assert mix.total("chunks_deleted") >= garbage // 2, "gc must really sweep"
+    assert mix.total("packs_deleted") > 0, "gc must really sweep"
     assert mix.total("reused_old_chunks") > 0, "savers must reuse chunks gc saw as old"
     assert mix.total("bad") == 0 and mix.total("misses") == 0
     assert_every_save_loads(Store(root), mix, tmp_path)
@@ -52,7 +52,7 @@ def test_gc_with_no_grace_never_serves_a_wrong_byte(tmp_path: Path) -> None:
     mix = run_mix([root], tmp_path / "work", 6.0, savers=3, loaders=3, gc_grace=0.0)
     assert mix.errors == []
     assert mix.total("gc_runs") > 0 and mix.total("loads") > 0
-    assert mix.total("chunks_deleted") > 0
+    assert mix.total("packs_deleted") > 0
     assert mix.total("bad") == 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import chunk_files, manifest_files, write_tree
+from tests.helpers import manifest_files, pack_files, write_tree
 
 GROUP = 47000
 ALICE, BOB = 47001, 47002
@@ -101,7 +101,7 @@ def test_a_teammate_renews_chunks_another_user_wrote(team_volume: Path) -> None:
     root = team_volume / "cas"
     alice = save_as(ALICE, 0o002, root, shared_source(team_volume, "a", {"k.so": shared}), "a")
     assert alice["manifest"]
-    (chunk,) = chunk_files(root)
+    (chunk,) = pack_files(root)
     assert chunk.stat().st_uid == ALICE and chunk.stat().st_gid == GROUP
     os.utime(chunk, (1000, 1000))  # "written long ago": gc's grace has run out
     bob = save_as(BOB, 0o002, root, shared_source(team_volume, "b", {"k.so": shared}), "b")
@@ -117,7 +117,7 @@ def test_a_chunk_nobody_else_can_renew_fails_the_save_clearly(team_volume: Path)
     assert save_as(ALICE, 0o022, root, shared_source(team_volume, "a", {"k.so": shared}), "a")[
         "manifest"
     ]
-    (chunk,) = chunk_files(root)
+    (chunk,) = pack_files(root)
     os.utime(chunk, (1000, 1000))
     before = manifest_files(root)
     bob = save_as(BOB, 0o002, root, shared_source(team_volume, "b", {"k.so": shared}), "b")

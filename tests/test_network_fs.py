@@ -29,7 +29,15 @@ from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
 from casstore.errors import NotFound
 from tests.backend_conformance import BackendConformance
-from tests.helpers import KEY, chunk_files, read_tree, temp_files, write_tree
+from tests.helpers import (
+    KEY,
+    corrupt_chunk,
+    lose_chunk,
+    pack_files,
+    read_tree,
+    temp_files,
+    write_tree,
+)
 from tests.seaweed import wait_visible
 from tests.test_store import trees
 
@@ -137,12 +145,12 @@ def test_corruption_on_one_host_never_yields_wrong_bytes_on_the_other(
     write_tree(tmp_path / "src", tree)
     report = h1.save(tmp_path / "src", KEY)
     saved_visible(shared_dirs[1], report.manifest)
-    damaged = rng.sample(chunk_files(shared_dirs[1] / "store"), 4)
-    for i, c in enumerate(damaged):
+    listed = sorted({c.digest for f in h2.files(KEY).values() for c in f.chunks})
+    for i, d in enumerate(rng.sample(listed, 4)):
         if i % 2:
-            c.unlink()
+            lose_chunk(h2.backend, d)
         else:
-            c.write_bytes(c.read_bytes()[:-7] + b"garbage")
+            corrupt_chunk(h2.backend, d)
     # Read through host1: it must notice (after its metadata cache catches up) or serve
     # the bytes it had; never anything else.
     dst = tmp_path / "dst"
@@ -247,17 +255,17 @@ def test_gc_on_one_host_while_the_other_resaves_the_same_data(
     h1.save(tmp_path / "src", old)
     gc_mod.remove_key(h1, old)
     hour_ago = time.time() - 3600
-    for c in chunk_files(shared_dirs[0] / "store"):
+    for c in pack_files(shared_dirs[0] / "store"):
         os.utime(c, (hour_ago, hour_ago))
     p = gc_mod.plan(h1, gc_mod.Policy(grace=600))
-    assert len(p.chunks) == len(chunk_files(shared_dirs[0] / "store")) > 12
+    assert len(p.packs) == len(pack_files(shared_dirs[0] / "store")) >= 1
     new = CacheKey(torch="t", arch="a", model="new")
     report = h2.save(tmp_path / "src", new)
     assert report.new_chunks == 0  # every chunk reused from the sweep candidates
     assert report.manifest is not None
     wait_visible(shared_dirs[0] / "store" / report.manifest)
     done = gc_mod.execute(h1, p)
-    assert done.chunks_deleted == 0 and done.chunks_kept_late == len(p.chunks)
+    assert done.packs_deleted == 0 and done.packs_kept_late == len(p.packs)
     dest = tmp_path / "dst"
     assert h2.load(new, dest).missing == []
     assert {k: d for k, (d, _) in read_tree(dest).items()} == files

@@ -20,7 +20,7 @@ from casstore import gc as gc_mod
 from casstore import manifest as mf
 from casstore.errors import InvalidKey, NotTrusted, UnsupportedManifest
 from tests import cpu_host
-from tests.helpers import KEY, chunk_files, manifest_files, read_tree, write_tree
+from tests.helpers import KEY, manifest_files, pack_files, read_tree, write_tree
 
 KEY_ARGS = ["--torch", "2.13.0+cpu", "--arch", "sm_90", "--model", "signed"]
 CLI_KEY = CacheKey(torch="2.13.0+cpu", arch="sm_90", model="signed", extra={"tree": "inductor"})
@@ -627,7 +627,7 @@ def test_writers_without_a_trusted_key_cannot_push_trusted_keys_out(
     aged_save(root, tmp_path / "g", good, writers["trusted"], now - 3 * 86400)
     aged_save(root, tmp_path / "e", evil, None, now + 86400)  # clock "ahead" on purpose
     trusting = Store(root, trusted=trust(writers["trusted"].public))
-    room_for_one = max(p.stat().st_size for p in chunk_files(root))
+    room_for_one = max(p.stat().st_size for p in pack_files(root))
     for policy in (gc_mod.Policy(keep_last=1), gc_mod.Policy(max_size=room_for_one)):
         dropped = {d.state.key.torch for d in gc_mod.plan(trusting, policy).drop}
         assert "2.13.0" not in dropped, (policy, dropped)

@@ -13,8 +13,9 @@ import pytest
 
 from casstore import CacheKey, NotFound, Store, usage
 from casstore import gc as gc_mod
+from casstore.backends.fs import FileSystemBackend
 from tests import cpu_host
-from tests.helpers import KEY, chunk_files, wait_until, write_tree
+from tests.helpers import KEY, pack_files, stored_chunks, wait_until, write_tree
 
 DAY = 86400.0
 
@@ -31,7 +32,7 @@ def test_every_load_and_save_leaves_one_record(tmp_path: Path) -> None:
     store.save(tmp_path / "src", KEY)  # unchanged
     store.load(KEY, tmp_path / "d1")
     store.load(KEY, tmp_path / "d1")  # every file present: still complete
-    for chunk in chunk_files(tmp_path / "store"):
+    for chunk in pack_files(tmp_path / "store"):
         chunk.unlink()
     store.load(KEY, tmp_path / "d2")  # partial: the chunks are gone
     with pytest.raises(NotFound):
@@ -123,7 +124,8 @@ def test_stats_json_ls_and_the_prometheus_text_parsed_back(tmp_path: Path) -> No
     }
     where = ("store", str(root))
     assert samples[("casstore_keys", (where,))] == 1
-    assert samples[("casstore_chunks", (where,))] == len(chunk_files(root))
+    assert samples[("casstore_chunks", (where,))] == len(stored_chunks(FileSystemBackend(root)))
+    assert samples[("casstore_packs", (where,))] == len(pack_files(root)) >= 1
     window = ("window", "7d")
     assert samples[("casstore_loads", (("outcome", "complete"), where, window))] == 3
     assert samples[("casstore_loads", (("outcome", "miss"), where, window))] == 1

@@ -14,12 +14,12 @@ from typing import Any
 import blake3
 import pytest
 
-from casstore import CacheKey, OperationStatus, Store, objects
+from casstore import CacheKey, OperationStatus, Store
 from casstore.errors import CasstoreError
 from casstore.keys import detect_key
 from casstore.vllm import Sidecar, SidecarOptions
 from tests.fake_vllm import AOT
-from tests.helpers import Lines, read_tree, temp_files, wait_until, write_tree
+from tests.helpers import Lines, lose_chunk, read_tree, temp_files, wait_until, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 KEY: CacheKey = detect_key("vmodel", {"tree": "vllm"})
@@ -287,7 +287,7 @@ def test_restore_never_leaves_an_index_without_its_artifacts(
         f"{H1}/rank_0_0/backbone/artifact_shape_None_subgraph_0",
         f"{AOT_NEW}/rank_0_0/model",
     ):
-        (store_root / objects.chunk_key(store.files(KEY)[path].chunks[-1].digest)).unlink()
+        lose_chunk(store.backend, store.files(KEY)[path].chunks[-1].digest)
     fresh = tmp_path / "fresh"
     assert restore(store_root, fresh) is OperationStatus.SUCCESS
     got = {p: d for p, (d, _) in read_tree(fresh).items()}
