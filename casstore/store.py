@@ -685,6 +685,7 @@ class Store:
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
         pack_state: dict[str, bool] = {}  # pack id -> present (and renewed) for this save
+        pack_locks: dict[str, threading.Lock] = {}
         stats_lock = threading.Lock()
         builder = packs.PackBuilder()
 
@@ -712,13 +713,13 @@ class Store:
             for loc in reversed(index.locate(digest)):
                 pack_id = loc.index.id
                 with stats_lock:
-                    known = pack_state.get(pack_id)
-                if known is None:
-                    known = self._pack_present(pack_id)
-                    with stats_lock:
-                        pack_state[pack_id] = known
-                if known:
-                    return True
+                    pack_lock = pack_locks.setdefault(pack_id, threading.Lock())
+                # One look per pack and save, however many threads need it at once.
+                with pack_lock:
+                    if pack_id not in pack_state:
+                        pack_state[pack_id] = self._pack_present(pack_id)
+                    if pack_state[pack_id]:
+                        return True
             return False
 
         def ensure_chunk(data: memoryview, ref: ChunkRef, trusted: bool, small: bool) -> None:

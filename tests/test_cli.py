@@ -507,7 +507,7 @@ def test_gc_plan_shows_set_aside_keys_and_what_the_grace_keeps(tmp_path: Path) -
     zero = ["--grace", "0", "--unsafe-grace", "--json"]
     plan = json.loads(run(root, "gc", "--dry-run", *zero).stdout)["plan"]
     assert plan["expire_keys"] == [old_id] and plan["restore_keys"] == []
-    assert plan["chunks_to_delete"] > 0 and plan["chunks_kept_by_grace"] == 0
+    assert plan["packs_to_delete"] > 0 and plan["packs_kept_by_grace"] == 0
 
 
 # --- conventions ----------------------------------------------------------------------------

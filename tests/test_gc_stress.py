@@ -72,12 +72,24 @@ def assert_every_save_loads(store: Store, mix: MixResult, tmp_path: Path) -> Non
 
 
 # `casstore gc --grace 0 --unsafe-grace -y --json`, reporting from inside: "executing N"
-# once it has planned and starts to change the store (N chunks to sweep), "swept DONE N"
-# after each chunk, and "executed" when it is done (then its --json report).
+# once it has planned and starts to change the store (N packs to sweep or repack), "swept
+# DONE N" after each pack, and "executed" when it is done (then its --json report). Its
+# renames and deletes take 20 ms each, as on a slow network volume, so that a kill at a
+# random moment lands anywhere in the run, not after a sweep of a few packs is over.
 _GC = """
-import sys, threading
+import sys, threading, time
 from casstore import gc as gc_mod
+from casstore.backends.fs import FileSystemBackend
 from casstore.cli import main
+
+def slow(method):
+    def slowed(self, *args, **kwargs):
+        time.sleep(0.02)
+        return method(self, *args, **kwargs)
+    return slowed
+
+FileSystemBackend.move = slow(FileSystemBackend.move)
+FileSystemBackend.delete = slow(FileSystemBackend.delete)
 
 execute = gc_mod.execute
 lock = threading.Lock()
@@ -88,7 +100,7 @@ def say(line):
         sys.stdout.flush()
 
 def reporting_execute(store, plan, **kwargs):
-    say(f"executing {len(plan.chunks)}")
+    say(f"executing {len(plan.packs) + len(plan.repack)}")
     kwargs["progress"] = lambda done, total: say(f"swept {done} {total}")
     report = execute(store, plan, **kwargs)
     say("executed")
@@ -102,7 +114,7 @@ main()
 
 def kill_gc_while_it_runs(env: dict[str, str], rng: random.Random, log: Path) -> list[str]:
     """Start gc; once it reports executing, SIGKILL it at a random delay (0 to 0.3 s), or as
-    soon as it has swept 3/4 of its chunks if that comes first: either way before it is done.
+    soon as it has swept 3/4 of its packs if that comes first: either way before it is done.
     Returns the lines it wrote."""
     with log.open("w") as errors:
         proc = subprocess.Popen(
@@ -122,7 +134,7 @@ def kill_gc_while_it_runs(env: dict[str, str], rng: random.Random, log: Path) ->
         seen = [lines.get(timeout=120)]
         assert seen[0].startswith("executing "), (seen, log.read_text())
         chunks = int(seen[0].split()[1])
-        assert chunks >= 1000, "every round leaves ~1000 garbage chunks to sweep"
+        assert chunks >= 10, "every round leaves 10 garbage packs to sweep"
         deadline = time.monotonic() + rng.uniform(0, 0.3)
         while (wait := deadline - time.monotonic()) > 0:
             try:
@@ -150,15 +162,21 @@ def test_gc_killed_at_random_points_leaves_a_sound_store(tmp_path: Path) -> None
     env = {**os.environ, "CASSTORE_ROOT": str(root)}
     for round_ in range(12):
         # Give gc work: garbage from removed keys, live keys with several manifests.
-        for i in range(3):
+        for i in range(12):
             k = CacheKey(torch="t", arch="a", model=f"r{round_}-{i}")
-            # The removed key (i == 0) leaves ~1000 garbage chunks, on top of what killed
-            # gcs left unswept: more to sweep than gc gets done before it is killed.
-            count, top = (1000, 3000) if i == 0 else (30, 200_000)
+            # The removed keys (i < 10) leave 10 garbage packs, on top of what killed gcs
+            # left unswept: more to sweep than gc gets done before it is killed.
+            count, top = (100, 3000) if i < 10 else (30, 200_000)
             files = {f"d{j % 40}/f{j}": rng.randbytes(rng.randrange(1, top)) for j in range(count)}
+            if i == 0:
+                first_garbage = files
+            if i == 10:
+                # Five files of a removed key live on here: its pack is mostly dead, so gc
+                # repacks those five before it sweeps the pack.
+                files |= {f"reused/{p}": first_garbage[p] for p in list(first_garbage)[:5]}
             write_tree(tmp_path / "src" / k.id, files)
             store.save(tmp_path / "src" / k.id, k)
-            if i == 0:
+            if i < 10:
                 gc_mod.remove_key(store, k)
             else:
                 live[k] = files
@@ -185,3 +203,14 @@ def test_gc_killed_at_random_points_leaves_a_sound_store(tmp_path: Path) -> None
     )
     assert json.loads(final.stdout)["executed"] is True
     assert audit.verify(store).ok
+    # Nothing left to sweep or repack: every removed key's pack is gone, and the five
+    # files each round's live key reused from one now live in a pack of their own.
+    # (One more run first: the final one's compactions renewed the packs their merged
+    # manifests list, mostly dead ones among them, so its sweep rightly kept those.)
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0)))
+    left = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    assert (left.packs, left.repack) == ((), ())
+    for k, files in live.items():
+        dest = tmp_path / "again" / k.id
+        assert store.load(k, dest).missing == []
+        assert {p: d for p, (d, _) in read_tree(dest).items()} == files

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from casstore import CacheKey, Store, audit, constants
+from casstore import CacheKey, Store, audit, chunking, constants
 from casstore import manifest as mf
 from casstore.backends.s3 import S3Backend
 from casstore.errors import StoreUnavailable
 from casstore.intents import INTENTS_DIR
-from tests.helpers import KEY, read_tree, wait_until, write_tree
+from tests.helpers import KEY, corrupt_chunk, lose_chunk, read_tree, wait_until, write_tree
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -59,8 +59,9 @@ def test_damage_through_the_s3_api_is_a_miss_never_wrong_bytes(s3_url: str, tmp_
     backend = S3Backend(s3_url)
     ref_a = store.files(KEY)["a.py"].chunks[0]
     ref_b = store.files(KEY)["b.py"].chunks[0]
-    backend.republish(f"chunks/{ref_a.digest.hex()[:2]}/{ref_a.digest.hex()}.zst", b"garbage")
-    backend.delete(f"chunks/{ref_b.digest.hex()[:2]}/{ref_b.digest.hex()}.zst")
+    # Through the S3 API: a.py's chunk rewritten with wrong bytes, b.py's lost.
+    corrupt_chunk(backend, ref_a.digest)
+    lose_chunk(backend, ref_b.digest)
     report = Store(s3_url, create=False).load(KEY, tmp_path / "dst")
     assert sorted(report.missing) == ["a.py", "b.py"]
     assert not (tmp_path / "dst" / "a.py").exists()
@@ -100,57 +101,64 @@ def test_a_missing_bucket_and_a_fresh_prefix(s3_url: str) -> None:
 def test_every_chunk_a_save_looks_for_was_announced_first(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The order gc relies on: an intent listing a chunk exists before the save checks
-    whether that chunk is present."""
+    """The order gc relies on: an intent listing every chunk of the tree exists before the
+    save looks at what the store holds (the chunk index, a pack)."""
     files = tree(tmp_path / "src")
     store = Store(s3_url)
     backend = store.backend
-    announced: set[str] = set()
-    late: list[str] = []
+    announced: set[bytes] = set()
+    looks: list[tuple[str, bool]] = []  # (what, everything announced by then)
+    wanted: set[bytes] = set()
     real_put, real_stat, real_list = backend.put_if_absent, backend.stat, backend.list
 
     def put(key: str, data: bytes) -> bool:
         if key.startswith(f"{INTENTS_DIR}/"):
             import msgspec
 
-            announced.update(d.hex() for d in msgspec.msgpack.decode(data))
+            announced.update(msgspec.msgpack.decode(data))
         return real_put(key, data)
 
     def stat(key: str):  # type: ignore[no-untyped-def]
-        if key.startswith("chunks/") and key.rsplit("/", 1)[-1][:-4] not in announced:
-            late.append(key)
+        if key.startswith(f"{constants.PACKS_DIR}/"):
+            looks.append((key, wanted <= announced))
         return real_stat(key)
 
     def listing(prefix: str):  # type: ignore[no-untyped-def]
-        for info in real_list(prefix):
-            name = info.key.rsplit("/", 1)[-1]
-            if prefix.startswith("chunks/") and name[:-4] not in announced:
-                late.append(info.key)  # a look at a chunk not announced yet
-            yield info
+        if prefix.startswith((f"{constants.INDEX_DIR}/", f"{constants.PACKS_DIR}/")):
+            looks.append((prefix, wanted <= announced))
+        yield from real_list(prefix)
 
     monkeypatch.setattr(backend, "put_if_absent", put)
     monkeypatch.setattr(backend, "stat", stat)
     monkeypatch.setattr(backend, "list", listing)
-    store.save(tmp_path / "src", KEY)  # a first save: looks by HEAD
+    wanted = digests_of(tmp_path / "src")
+    store.save(tmp_path / "src", KEY)  # a first save: nothing to reuse
     many = {f"many/{i:04d}.py": os.urandom(1000) for i in range(600)}
     write_tree(tmp_path / "src", many)
     announced.clear()
-    store.save(tmp_path / "src", KEY)  # many chunks: looks by listing
-    assert late == [] and len(announced) >= len(files) + len(many) - 1
+    wanted = digests_of(tmp_path / "src")
+    store.save(tmp_path / "src", KEY)  # reuses the first save's pack
+    assert looks and all(ok for _, ok in looks), looks
+    assert any(what.startswith(f"{constants.PACKS_DIR}/") for what, _ in looks)
+    assert len(wanted) >= len(files) + len(many) - 1
 
 
-def test_saves_look_by_listing_when_it_is_cheaper_and_still_heal(
+def digests_of(src: Path) -> set[bytes]:
+    return {c.digest for p in src.rglob("*") if p.is_file() for c in chunking.cut(p.read_bytes())}
+
+
+def test_a_save_asks_about_packs_not_chunks_and_still_heals(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hundreds of chunks: a few listings instead of a HEAD each; a chunk lost from the
-    store is still uploaded again by the next save that holds it."""
+    """Hundreds of chunks in one pack: a save that reuses them asks about the pack, once;
+    a chunk lost from the store is still packed again by the next save that holds it."""
     files = {f"f/{i:04d}.py": os.urandom(2000) for i in range(800)}
     write_tree(tmp_path / "src", files)
     store = Store(s3_url)
     store.save(tmp_path / "src", KEY)
     lost = store.files(KEY)["f/0007.py"].chunks[0].digest
     backend = store.backend
-    backend.delete(f"chunks/{lost.hex()[:2]}/{lost.hex()}.zst")
+    lose_chunk(backend, lost)
     heads: list[str] = []
     real_stat = backend.stat
 
@@ -161,7 +169,7 @@ def test_saves_look_by_listing_when_it_is_cheaper_and_still_heal(
     monkeypatch.setattr(backend, "stat", stat)
     report = store.save(tmp_path / "src", KEY)
     assert report.new_chunks == 1 and report.manifest is None  # healed, nothing new to list
-    assert len([h for h in heads if h.startswith("chunks/")]) < 50
+    assert len([h for h in heads if h.startswith(f"{constants.PACKS_DIR}/")]) == 1
     monkeypatch.setattr(backend, "stat", real_stat)
     assert Store(s3_url, create=False).load(KEY, tmp_path / "dst").missing == []
 
@@ -262,7 +270,7 @@ def test_a_server_killed_mid_save_leaves_a_store_that_loads(
 
     from tests.seaweed import SeaweedFS, create_bucket
 
-    files = {f"f{i:04d}.bin": os.urandom(40_000) for i in range(600)}
+    files = {f"f{i:04d}.bin": os.urandom(40_000) for i in range(1500)}  # 60 MB: 4 packs
     write_tree(tmp_path / "src", files)
     server = SeaweedFS(tmp_path / "sw", s3=True)
     server.start()
@@ -287,7 +295,7 @@ def test_a_server_killed_mid_save_leaves_a_store_that_loads(
             text=True,
         )
         watcher = S3Backend("s3://casstore/cas", env=env)
-        wait_until(lambda: sum(1 for _ in watcher.list("chunks/")) >= 50, 120, "50 chunks uploaded")
+        wait_until(lambda: any(True for _ in watcher.list("packs/")), 120, "a first pack uploaded")
         assert saver.poll() is None, "the save ended before the server was killed"
         for proc in server.procs:
             proc.send_signal(signal.SIGKILL)
