@@ -686,9 +686,20 @@ def execute(
         # finds a pack whose index it cannot read.
         for pack_id in swept.deleted_packs:
             report.indexes_deleted += store.backend.delete(packs.index_key(pack_id))
+        # An index whose pack is gone (a run that crashed between the two deletes); one
+        # whose pack sits in trash/ stays: a run may still give that pack back.
+        in_trash = {
+            pack_id
+            for info in store.backend.list(f"{constants.TRASH_DIR}/")
+            if (pack_id := packs.pack_id_from_key(info.key)) is not None
+        }
         for key in p.orphan_indexes:
             orphan = packs.pack_id_from_key(key)
-            if orphan is not None and store.backend.stat(packs.pack_key(orphan)) is None:
+            if (
+                orphan is not None
+                and orphan not in in_trash
+                and store.backend.stat(packs.pack_key(orphan)) is None
+            ):
                 report.indexes_deleted += store.backend.delete(key)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
