@@ -689,9 +689,9 @@ def execute(
         # An index whose pack is gone (a run that crashed between the two deletes); one
         # whose pack sits in trash/ stays: a run may still give that pack back.
         in_trash = {
-            pack_id
+            trashed
             for info in store.backend.list(f"{constants.TRASH_DIR}/")
-            if (pack_id := packs.pack_id_from_key(info.key)) is not None
+            if (trashed := packs.pack_id_from_key(info.key)) is not None
         }
         for key in p.orphan_indexes:
             orphan = packs.pack_id_from_key(key)
