@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 
 from casstore import chunk_index, constants, packs
 from casstore import manifest as mf
-from casstore.errors import CorruptObject, InvalidManifest, NotFound, UnsupportedManifest
+from casstore.errors import (
+    CasstoreError,
+    CorruptObject,
+    InvalidManifest,
+    NotFound,
+    UnsupportedManifest,
+)
 from casstore.store import Store
 
 if TYPE_CHECKING:
@@ -28,6 +34,9 @@ class VerifyReport:
     damaged_chunks: dict[str, list[str]] = field(default_factory=dict)
     # Packs with no index (a save that crashed between the two): garbage gc removes.
     unindexed_packs: list[str] = field(default_factory=list)
+    # Objects that could not be read now (permissions, I/O, a newer format): not judged,
+    # never quarantined; the store is not known to be whole.
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
     manifests: int = 0
     invalid_manifests: list[tuple[str, str]] = field(default_factory=list)
     # Manifests of a newer casstore (another format, an unknown field): not damage, and
@@ -43,7 +52,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.corrupt or self.invalid_manifests or self.missing_chunks)
+        return not (
+            self.corrupt or self.invalid_manifests or self.missing_chunks or self.unreadable
+        )
 
 
 @dataclass
@@ -130,43 +141,52 @@ def verify(
         and info.key == packs.pack_key(pack_id)
     }
     index = chunk_index.load(store.backend, threads=threads)
-    for pack_id, why in sorted(index.unreadable.items()):
+    for pack_id, why in sorted(index.damaged.items()):
         report.corrupt.append((packs.index_key(pack_id), why))
+    for pack_id, why in sorted(index.unreadable.items()):
+        report.unreadable.append((packs.index_key(pack_id), why))
     present: set[str] = set()
     lock = threading.Lock()
     done = 0
     todo = [index.packs[p] for p in sorted(listed) if p in index.packs]
     report.unindexed_packs = sorted(
-        p for p in listed if p not in index.packs and p not in index.unreadable
+        p
+        for p in listed
+        if p not in index.packs and p not in index.unreadable and p not in index.damaged
     )
 
     def check(pack: packs.PackIndex) -> None:
         nonlocal done
         reason = None
         damaged: list[bytes] = []
+        intact = True
         if listed[pack.id].size != pack.size:
             reason = f"holds {listed[pack.id].size} bytes, its index says {pack.size}"
-            damaged = [c.digest for c in pack.chunks]
-        else:
-            try:
-                damaged = packs.verify_pack(store.backend, pack)
-            except NotFound:
-                return  # deleted since the listing (gc)
-            except CorruptObject as e:
-                reason, damaged = str(e), [c.digest for c in pack.chunks]
+        try:
+            damaged, intact = packs.verify_pack(store.backend, pack)
+        except NotFound:
+            return  # deleted since the listing (gc)
+        except CorruptObject as e:
+            reason, damaged, intact = str(e), [c.digest for c in pack.chunks], False
+        except (CasstoreError, OSError) as e:
+            with lock:
+                report.unreadable.append((packs.pack_key(pack.id), str(e)))
+            return
         bad = set(damaged)
         with lock:
             done += 1
             report.chunks += len(pack.chunks)
             present.update(c.digest.hex() for c in pack.chunks if c.digest not in bad)
-            if damaged:
+            if damaged or not intact or reason:
+                # Repair rewrites the pack from its intact chunks either way.
                 report.damaged_chunks[pack.id] = sorted(d.hex() for d in bad)
-                report.corrupt.append(
-                    (
-                        packs.pack_key(pack.id),
-                        reason or f"{len(bad)} of its {len(pack.chunks)} chunks are damaged",
+                if not reason:
+                    reason = (
+                        f"{len(bad)} of its {len(pack.chunks)} chunks are damaged"
+                        if bad
+                        else "its bytes differ from its checksum (every chunk reads intact)"
                     )
-                )
+                report.corrupt.append((packs.pack_key(pack.id), reason))
         if progress is not None:
             progress(done, len(todo))
 
@@ -255,7 +275,7 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
             out.packs_quarantined += 1
             store.backend.delete(packs.index_key(pack_id))
     for key, _why in report.corrupt:
-        if key.startswith(f"{constants.INDEX_DIR}/"):
+        if key.startswith(f"{constants.INDEX_DIR}/") and _still_damaged(store, key):
             dest = f"{constants.QUARANTINE_DIR}/index/{key.rsplit('/', 1)[-1]}"
             if store.backend.move(key, f"{dest}.{uuid.uuid4().hex[:8]}"):
                 out.indexes_quarantined += 1
@@ -264,6 +284,18 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
         if store.backend.move(key, f"{dest}.{uuid.uuid4().hex[:8]}"):
             out.manifests_quarantined += 1
     return out
+
+
+def _still_damaged(store: Store, key: str) -> bool:
+    """Whether the index at ``key`` fails its checks when read again now: only then is it
+    quarantined (never for a read that fails, nor for a newer format)."""
+    try:
+        packs.decode_index(store.backend.get(key, max_bytes=constants.MAX_INDEX_BYTES), source=key)
+    except CorruptObject:
+        return True
+    except (CasstoreError, OSError):
+        return False
+    return False
 
 
 @dataclass

@@ -43,15 +43,20 @@ class ChunkIndex:
     repacking): every location is kept, newest pack last."""
 
     packs: dict[str, PackIndex] = field(default_factory=dict)
-    #: Index objects listed but unreadable (damaged, or from a newer casstore): their
-    #: packs' contents are unknown, so gc must not judge those packs.
+    #: Index objects listed but that fail their checks (checksum, encoding, bounds).
+    damaged: dict[str, str] = field(default_factory=dict)
+    #: Index objects listed but not readable now (permissions, I/O, a newer format).
+    #: With the damaged ones, their packs' contents are unknown: gc never judges them.
     unreadable: dict[str, str] = field(default_factory=dict)
+    #: When each pack's index was published (its listing), to try newer packs first.
+    published: dict[str, float] = field(default_factory=dict)
     _where: dict[bytes, list[Location]] = field(default_factory=dict)
 
-    def add(self, index: PackIndex) -> None:
+    def add(self, index: PackIndex, published: float = 0.0) -> None:
         if index.id in self.packs:
             return
         self.packs[index.id] = index
+        self.published[index.id] = published
         for c in index.chunks:
             self._where.setdefault(c.digest, []).append(Location(index, c))
 
@@ -67,7 +72,9 @@ class ChunkIndex:
                 self._where.pop(c.digest, None)
 
     def locate(self, digest: bytes) -> list[Location]:
-        return list(self._where.get(digest, ()))
+        """Every location of ``digest``, the most recently published pack last."""
+        found = self._where.get(digest, ())
+        return sorted(found, key=lambda loc: self.published.get(loc.index.id, 0.0))
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._where
@@ -142,6 +149,10 @@ def list_indexes(backend: Backend) -> dict[str, ObjectInfo]:
     return found
 
 
+#: What fetching one index gave: the index, why it could not be read, or None (gone).
+_Fetched = PackIndex | CasstoreError | OSError | None
+
+
 def load(
     backend: Backend,
     *,
@@ -155,7 +166,9 @@ def load(
     wanted = listed if only is None else {p: listed[p] for p in set(only) if p in listed}
     result = ChunkIndex()
 
-    def fetch(item: tuple[str, ObjectInfo]) -> tuple[str, PackIndex | str]:
+    def fetch(
+        item: tuple[str, ObjectInfo],
+    ) -> tuple[str, PackIndex | CasstoreError | OSError | None]:
         pack_id, info = item
         if cache is not None and (blob := cache.get(pack_id, info.size)) is not None:
             try:
@@ -166,9 +179,9 @@ def load(
             blob = backend.get(info.key, max_bytes=constants.MAX_INDEX_BYTES)
             index = _checked(blob, info.key, pack_id)
         except NotFound:
-            return pack_id, ""  # deleted since the listing: its pack is gone too
+            return pack_id, None  # deleted since the listing: its pack is gone too
         except (CasstoreError, OSError) as e:
-            return pack_id, str(e)
+            return pack_id, e
         if cache is not None:
             cache.put(pack_id, blob)
         return pack_id, index
@@ -177,9 +190,11 @@ def load(
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="casstore-index") as pool:
         for pack_id, outcome in pool.map(fetch, items):
             if isinstance(outcome, PackIndex):
-                result.add(outcome)
-            elif outcome:
-                result.unreadable[pack_id] = outcome
+                result.add(outcome, wanted[pack_id].mtime)
+            elif isinstance(outcome, CorruptObject):
+                result.damaged[pack_id] = str(outcome)
+            elif outcome is not None:
+                result.unreadable[pack_id] = str(outcome)
     if cache is not None and only is None:
         cache.prune(listed)
     return result

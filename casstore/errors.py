@@ -28,6 +28,11 @@ class InvalidManifest(CasstoreError, ValueError):
     """A manifest is malformed, of an unknown format, or names an unsafe path."""
 
 
+class UnsupportedIndex(CasstoreError):
+    """A pack index this casstore cannot read although it may be valid (a newer format):
+    never damage, never quarantined; its pack is left alone."""
+
+
 class UnsupportedManifest(InvalidManifest):
     """A manifest this casstore cannot read although it may be valid: another format
     version, or a field this version does not know (written by a newer casstore)."""

@@ -444,7 +444,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     cutoff = (clock if clock is not None else now) - policy.grace
     dead, repack, young = [], [], []
     for pack_id, info in sorted(pack_infos.items()):
-        if pack_id in index.unreadable:
+        if pack_id in index.unreadable or pack_id in index.damaged:
             continue  # what it holds is unknown: never swept on a guess
         pack = index.packs.get(pack_id)
         if pack is None:
@@ -612,9 +612,10 @@ def execute(
             protected.update(a.chunks)
     # 3. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
+    sweeping = {packs.pack_id_from_key(c.key) for c in p.packs + p.repack}
     for s in p.compact:
         try:
-            if compact_key(store, s.key_id, s.manifests):
+            if compact_key(store, s.key_id, s.manifests, sweeping={x for x in sweeping if x}):
                 report.keys_compacted += 1
         except Exception as e:  # one key's trouble never stops the rest of gc
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
@@ -854,7 +855,13 @@ def compaction_refused(store: Store, signers: Iterable[bytes | None]) -> str | N
     return None
 
 
-def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
+def compact_key(
+    store: Store,
+    key_id: str,
+    names: tuple[str, ...],
+    *,
+    sweeping: frozenset[str] | set[str] = frozenset(),
+) -> bool:
     """Replace the manifests ``names`` of one key by a single merged manifest.
 
     gc publishes like any saver (docs/gc.md, S1-S2): every chunk the merged manifest
@@ -880,8 +887,11 @@ def compact_key(store: Store, key_id: str, names: tuple[str, ...]) -> bool:
     renewed: dict[str, bool] = {}
     for digest in {c.digest for f in view.values() for c in f.chunks}:
         present = False
-        for loc in index.locate(digest):
+        for loc in reversed(index.locate(digest)):
             pack_id = loc.index.id
+            if pack_id in sweeping:
+                present = True  # live, so repacked by this run before the pack goes
+                continue
             if pack_id not in renewed:
                 renewed[pack_id] = _renew(store, pack_id)
             if renewed[pack_id]:

@@ -4,7 +4,8 @@ A compile cache is thousands of small files, and a store pays per object (a roun
 per open on a network filesystem, a request on an object store, an inode on a shared
 volume). A save therefore writes its new chunks into a few *packs*:
 
-* a pack (``packs/<hh>/<id>.pack``, ``id`` the BLAKE3 of its bytes) is a sequence of
+* a pack (``packs/<hh>/<id>.pack``, ``id`` random: every pack ever published has a name
+  of its own, so a pack is never "already there" with another index) is a sequence of
   *blocks*, each one zstd frame holding whole chunks back to back, up to
   :data:`constants.BLOCK_TARGET` uncompressed bytes. A compile cache repeats itself across
   files (a Triton kernel kept at five stages of lowering, FX entries bundling copies of
@@ -20,6 +21,7 @@ A pack is published before its index, and both before any manifest that needs th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import zstandard
 
 from casstore import chunking, constants
 from casstore.backends.base import Backend
-from casstore.errors import CorruptObject
+from casstore.errors import CorruptObject, UnsupportedIndex
 
 INDEX_FORMAT_VERSION = 1
 
@@ -53,10 +55,11 @@ class ChunkLoc(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
 
 class PackIndex(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: int
-    pack: bytes  # the pack's id: BLAKE3 of its bytes
+    pack: bytes  # the pack's id: 32 random bytes, unique to this pack
     size: int  # the pack's length in bytes
     blocks: tuple[BlockRef, ...]
     chunks: tuple[ChunkLoc, ...]
+    checksum: bytes  # BLAKE3 of the pack's bytes (verify checks it)
 
     @property
     def id(self) -> str:
@@ -132,6 +135,15 @@ def decode_index(blob: bytes, *, source: str = "index") -> PackIndex:
     if chunking.digest(body) != checksum:
         raise CorruptObject(f"{source} does not match its checksum", path=source)
     try:
+        header = msgspec.msgpack.decode(body, type=_Header)
+    except msgspec.DecodeError as e:
+        raise CorruptObject(f"{source} cannot be decoded: {e}", path=source) from e
+    if header.format != INDEX_FORMAT_VERSION:
+        raise UnsupportedIndex(
+            f"{source} is a format {header.format} pack index; this casstore reads "
+            f"format {INDEX_FORMAT_VERSION} (upgrade casstore)"
+        )
+    try:
         index = _decoder.decode(body)
     except msgspec.DecodeError as e:
         raise CorruptObject(f"{source} cannot be decoded: {e}", path=source) from e
@@ -139,18 +151,28 @@ def decode_index(blob: bytes, *, source: str = "index") -> PackIndex:
     return index
 
 
+class _Header(msgspec.Struct):
+    """Read first, leniently: a newer format is unsupported, not damaged."""
+
+    format: int
+
+
 def _validate(index: PackIndex, source: str) -> None:
     def bad(why: str) -> CorruptObject:
         return CorruptObject(f"{source}: {why}", path=source)
 
-    if index.format != INDEX_FORMAT_VERSION:
-        raise bad(f"index format {index.format}, this casstore reads {INDEX_FORMAT_VERSION}")
     if len(index.pack) != constants.DIGEST_SIZE or not 0 <= index.size <= constants.MAX_PACK_BYTES:
         raise bad("invalid pack id or size")
+    if len(index.checksum) != constants.DIGEST_SIZE:
+        raise bad("invalid checksum")
     end = 0
     for b in index.blocks:
         if b.offset != end or b.length <= 0 or not 0 < b.usize <= constants.MAX_BLOCK_USIZE:
             raise bad("blocks are not laid end to end within their limits")
+        # zstd never expands its input by more than this: a longer "block" is a way to make
+        # readers fetch and hold gigabytes for a few bytes of chunk.
+        if b.length > b.usize + (b.usize >> 7) + 2**16:
+            raise bad("a block is longer than its content could ever compress to")
         end = b.offset + b.length
     if end != index.size:
         raise bad("blocks do not cover the pack exactly")
@@ -220,6 +242,7 @@ class PackBuilder:
         self._frames: list[tuple[bytes, int, list[tuple[bytes, int, int]]]] = []
         self._frames_size = 0
         self._added: set[bytes] = set()
+        self._compressing = 0  # blocks being compressed outside the lock
 
     def add(self, digest: bytes, data: bytes | memoryview, *, small: bool) -> list[Sealed]:
         """Add one chunk (a digest already added is skipped); returns the packs that this
@@ -234,14 +257,23 @@ class PackBuilder:
             block.size += len(data)
             if block.size < self.block_target:
                 return []
-            self._close_block(small)
+            self._open[small] = _OpenBlock(block.level)
+            self._compressing += 1
+        # Compressed outside the lock: other threads go on adding to the next block.
+        frame = _compressor(block.level).compress(b"".join(block.parts))
+        with self._lock:
+            self._compressing -= 1
+            self._frames.append((frame, block.size, block.chunks))
+            self._frames_size += len(frame)
             if self._frames_size < self.pack_target:
                 return []
             return [self._seal()]
 
     def finish(self) -> list[Sealed]:
-        """Seal whatever is left (no pack at all when nothing was added)."""
+        """Seal whatever is left (no pack at all when nothing was added). Call once every
+        ``add`` has returned."""
         with self._lock:
+            assert self._compressing == 0, "finish() while add() is still running"
             for small in (True, False):
                 if self._open[small].chunks:
                     self._close_block(small)
@@ -272,20 +304,27 @@ class PackBuilder:
         self._frames_size = 0
         index = PackIndex(
             format=INDEX_FORMAT_VERSION,
-            pack=chunking.digest(data),
+            # Random, not the hash of the bytes: two packs with the same bytes but other
+            # chunk tables (or one published again after gc deleted it) must not share a
+            # name, or one's index is refused and its chunks are in no pack.
+            pack=os.urandom(constants.DIGEST_SIZE),
             size=len(data),
             blocks=tuple(blocks),
             chunks=tuple(chunks),
+            checksum=chunking.digest(data),
         )
         return Sealed(data, index)
 
 
-def publish(backend: Backend, sealed: Sealed) -> bool:
-    """Publish a pack, then its index (a reader that finds the index finds the pack).
-    True when this call wrote the pack; an identical one published first is as good."""
-    wrote = backend.put_if_absent(pack_key(sealed.index.pack), sealed.data)
-    backend.put_if_absent(index_key(sealed.index.pack), encode_index(sealed.index))
-    return wrote
+def publish(backend: Backend, sealed: Sealed) -> None:
+    """Publish a pack, then its index (a reader that finds the index finds the pack). Pack
+    ids are random: finding either name taken means the store is not what it should be."""
+    for key, data in (
+        (pack_key(sealed.index.pack), sealed.data),
+        (index_key(sealed.index.pack), encode_index(sealed.index)),
+    ):
+        if not backend.put_if_absent(key, data):
+            raise CorruptObject(f"{key} exists already: pack ids are random", path=key)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -350,26 +389,34 @@ def chunk_of(block: bytes, loc: ChunkLoc, source: str) -> bytes:
     return data
 
 
-def verify_pack(backend: Backend, index: PackIndex) -> list[bytes]:
-    """Digests of the chunks of ``index`` that cannot be read back intact (a damaged
-    block damages all of its chunks). Raises NotFound when the pack is gone."""
+def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
+    """The digests of the chunks of ``index`` that cannot be read back intact (a damaged
+    block damages all of its chunks), and whether the pack's bytes match its checksum
+    (they may not while every chunk reads intact: damage between blocks, or bytes added
+    at the end). Reads the whole pack once. Raises NotFound when the pack is gone."""
+    key = pack_key(index.pack)
+    data = backend.get(key, max_bytes=constants.MAX_PACK_BYTES)
+    if len(data) == index.size and chunking.digest(data) == index.checksum:
+        return [], True
     damaged: list[bytes] = []
     by_block: dict[int, list[ChunkLoc]] = {}
     for c in index.chunks:
         by_block.setdefault(c.block, []).append(c)
-    source = pack_key(index.pack)
     for n, locs in sorted(by_block.items()):
+        b = index.blocks[n]
         try:
-            block = read_blocks(backend, index, [n])[n]
+            if b.offset + b.length > len(data):
+                raise CorruptObject(f"{key} is shorter than its index says", path=key)
+            block = decode_block(data[b.offset : b.offset + b.length], b, key)
         except CorruptObject:
             damaged.extend(c.digest for c in locs)
             continue
         for c in locs:
             try:
-                chunk_of(block, c, source)
+                chunk_of(block, c, key)
             except CorruptObject:
                 damaged.append(c.digest)
-    return damaged
+    return damaged, False
 
 
 def blocks_for(index: PackIndex, digests: Sequence[bytes]) -> list[ChunkLoc]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from casstore import constants, packs
 from casstore.backends.base import Backend
 from casstore.chunk_index import ChunkIndex
-from casstore.errors import CorruptObject, NotFound
+from casstore.errors import CasstoreError, CorruptObject, NotFound
 from casstore.manifest import FileEntry
 from casstore.packs import ChunkLoc, PackIndex
 
@@ -37,8 +37,9 @@ log = logging.getLogger("casstore")
 # MAX_READERS tasks at once, a restore holds about 128 MiB of blocks whatever its size.
 BLOCKS_PER_READ = 2
 MAX_READERS = 8
-# Rounds of reading: the first location of each chunk, then its others.
-ROUNDS = 3
+# Rounds of reading: the newest location of each chunk, then its others, newest first.
+# Bounded, so that planted indexes cannot make a load try locations without end.
+ROUNDS = 16
 
 
 @dataclass(eq=False)
@@ -104,18 +105,20 @@ def fetch_files(
     threads: int,
     finished: Callable[[FileJob], None],
     trash: PackTrash | None = None,
+    reload: Callable[[], ChunkIndex] | None = None,
 ) -> Outcome:
     """Write every chunk of ``jobs`` into their temp files. ``finished(job)`` is called
     (from a worker thread) as soon as a job's last chunk is written; failed jobs are
-    returned, their ``failed`` saying why. OSErrors of writing (a full disk) propagate."""
+    returned, their ``failed`` saying why. OSErrors of writing (a full disk) propagate.
+    ``reload()`` lists the indexes again, once, when a chunk has no location left."""
     trash = trash if trash is not None else PackTrash(backend)
     outcome = Outcome()
     lock = threading.Lock()
-    uses: dict[bytes, list[tuple[FileJob, int]]] = defaultdict(list)
+    uses: dict[bytes, list[tuple[FileJob, int, int]]] = defaultdict(list)  # job, offset, size
     for job in jobs:
         offset = 0
         for ref in job.entry.chunks:
-            uses[ref.digest].append((job, offset))
+            uses[ref.digest].append((job, offset, ref.size))
             offset += ref.size
         job.remaining = len(job.entry.chunks)
     for job in jobs:
@@ -126,9 +129,14 @@ def fetch_files(
     why: dict[bytes, str] = {}
 
     def deliver(loc: ChunkLoc, data: bytes) -> None:
-        for job, offset in uses[loc.digest]:
+        for job, offset, size in uses[loc.digest]:
             with lock:
                 if job.failed is not None:
+                    continue
+                if size != len(data):
+                    # The manifest declares another size for these bytes: the file it
+                    # describes cannot be these chunks.
+                    job.failed = f"chunk {loc.digest.hex()} holds {len(data)} bytes, not {size}"
                     continue
             _write_all(job.tmp, data, offset)
             with lock:
@@ -145,10 +153,13 @@ def fetch_files(
         failed: set[bytes] = set()
         try:
             blocks = _read(backend, trash, index, numbers)
-        except NotFound:
+        except (CasstoreError, OSError) as e:
+            # Gone, unreadable (permissions, I/O), the store unreachable: these chunks'
+            # other packs are tried next; only this pack's files are at stake.
+            gone = isinstance(e, NotFound)
             for n in numbers:
                 for loc in wanted[n]:
-                    why[loc.digest] = f"pack {index.id} is gone"
+                    why[loc.digest] = f"pack {index.id} is gone" if gone else str(e)
             return {loc.digest for n in numbers for loc in wanted[n]}
         for n in numbers:
             block = blocks.get(n)
@@ -168,9 +179,22 @@ def fetch_files(
             outcome.bytes_fetched += sum(index.blocks[n].length for n in numbers if n in blocks)
         return failed
 
+    reloaded = False
     for _ in range(ROUNDS):
         if not pending:
             break
+        if (
+            not reloaded
+            and reload is not None
+            and any(
+                not [loc for loc in index.locate(d) if loc.index.id not in tried[d]]
+                for d in pending
+            )
+        ):
+            # A chunk with no location left: the listing of indexes may predate a pack
+            # (gc repacked it, or another host's save is not visible yet): list again, once.
+            index = reload()
+            reloaded = True
         plan: dict[str, tuple[PackIndex, dict[int, list[ChunkLoc]]]] = {}
         unplaced: set[bytes] = set()
         for digest in pending:
@@ -204,9 +228,9 @@ def fetch_files(
     return outcome
 
 
-def _fail(placements: list[tuple[FileJob, int]], why: str, lock: threading.Lock) -> None:
+def _fail(placements: list[tuple[FileJob, int, int]], why: str, lock: threading.Lock) -> None:
     with lock:
-        for job, _ in placements:
+        for job, _, _ in placements:
             if job.failed is None:
                 job.failed = why
 

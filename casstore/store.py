@@ -706,9 +706,12 @@ class Store:
                     report.stored_bytes += len(one.data)
 
         def reusable(digest: bytes) -> bool:
-            if intent is not None and not intent.covers(digest):
+            late = intent is not None and not intent.covers(digest)
+            if late and intent is not None:
                 # A chunk not in the first pass (its file changed since): announced
-                # before it is looked for, like the others.
+                # before it is looked for, like the others, and looked for afresh: an
+                # earlier look at its pack predates the announcement, and gc may have
+                # moved the pack since without a reason to give it back.
                 intent.announce([digest])
             for loc in reversed(index.locate(digest)):
                 pack_id = loc.index.id
@@ -716,7 +719,7 @@ class Store:
                     pack_lock = pack_locks.setdefault(pack_id, threading.Lock())
                 # One look per pack and save, however many threads need it at once.
                 with pack_lock:
-                    if pack_id not in pack_state:
+                    if late or pack_id not in pack_state:
                         pack_state[pack_id] = self._pack_present(pack_id)
                     if pack_state[pack_id]:
                         return True
@@ -726,6 +729,10 @@ class Store:
             """Make sure ``ref`` is in the store: reused, or packed by this save.
             ``trusted=False``: ``ref`` comes from a manifest, not from cutting ``data``;
             check the bytes before packing them under its digest."""
+            # Bytes a manifest attributes to a digest are checked before anything is
+            # claimed: a lying chunk list must not keep another file's chunk out.
+            if not trusted and chunking.digest(data) != ref.digest:
+                raise _ChunkListMismatch(ref.digest.hex())
             with stats_lock:
                 # Claimed by the first thread to meet it: the manifest is published only
                 # after every thread is done and every pack is out, so the others need
@@ -734,8 +741,6 @@ class Store:
                     return
                 present.add(ref.digest)
             if not reusable(ref.digest):
-                if not trusted and chunking.digest(data) != ref.digest:
-                    raise _ChunkListMismatch(ref.digest.hex())
                 publish(builder.add(ref.digest, data, small=small))
                 with stats_lock:
                     report.new_chunks += 1
@@ -983,6 +988,7 @@ class Store:
                     threads=self.threads,
                     finished=finished,
                     trash=trash,
+                    reload=self.chunk_index,
                 )
                 report.bytes_fetched += outcome.bytes_fetched
                 for job in outcome.failed:

@@ -8,6 +8,7 @@ import random
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from casstore import chunk_index, chunking, constants, packs
@@ -48,11 +49,12 @@ def test_a_pack_round_trips_every_chunk_through_its_index(backend: Backend) -> N
     assert len(sealed) == 1
     index = sealed[0].index
     assert len(index.blocks) > 3  # several blocks, so reads must pick the right ones
-    assert packs.publish(backend, sealed[0]) is True
-    assert packs.publish(backend, sealed[0]) is False  # an identical pack: harmless
+    packs.publish(backend, sealed[0])
+    with pytest.raises(CorruptObject, match="exists already"):
+        packs.publish(backend, sealed[0])  # ids are random: a taken name is never "as good"
     read_back = chunk_index.read_index(backend, index.id)
     assert read_back == index
-    assert index.pack == chunking.digest(backend.get(packs.pack_key(index.pack)))
+    assert index.checksum == chunking.digest(backend.get(packs.pack_key(index.pack)))
     # Read a few blocks at once (neighbours merged into one range), out of order.
     wanted = [len(index.blocks) - 1, 0, 1]
     blocks = packs.read_blocks(backend, index, wanted)
@@ -62,7 +64,7 @@ def test_a_pack_round_trips_every_chunk_through_its_index(backend: Backend) -> N
         if loc.block in blocks:
             assert packs.chunk_of(blocks[loc.block], loc, "t") == by_digest[loc.digest]
     assert {loc.digest for loc in index.chunks} == set(by_digest)
-    assert packs.verify_pack(backend, index) == []
+    assert packs.verify_pack(backend, index) == ([], True)
 
 
 def test_blocks_compress_across_chunks() -> None:
@@ -130,8 +132,8 @@ def test_a_damaged_block_is_an_error_never_wrong_bytes(tmp_path: Path) -> None:
         for loc in index.chunks:
             if loc.block == 1:
                 packs.chunk_of(block, loc, "t")
-    damaged = set(packs.verify_pack(backend, index))
-    assert damaged == {loc.digest for loc in index.chunks if loc.block == 1}
+    damaged, intact = packs.verify_pack(backend, index)
+    assert set(damaged) == {loc.digest for loc in index.chunks if loc.block == 1} and not intact
     # The other blocks still read.
     assert packs.read_blocks(backend, index, [0])[0]
     path.unlink()
@@ -156,16 +158,16 @@ def test_hostile_or_damaged_indexes_are_refused(damage: str) -> None:
         blob = blob[:-1] + bytes([blob[-1] ^ 1])
     else:
         if damage == "wrong pack":
-            index = packs.PackIndex(1, b"\0" * 31, index.size, index.blocks, index.chunks)
+            index = msgspec.structs.replace(index, pack=b"\0" * 31)
         elif damage == "chunk outside its block":
             c = index.chunks[0]
             bad = packs.ChunkLoc(c.digest, c.block, index.blocks[c.block].usize, c.size)
-            index = packs.PackIndex(1, index.pack, index.size, index.blocks, (bad,))
+            index = msgspec.structs.replace(index, chunks=(bad,))
         else:
             b = index.blocks[1]
             moved = packs.BlockRef(b.offset + 1, b.length, b.usize)
             blocks = (index.blocks[0], moved, *index.blocks[2:])
-            index = packs.PackIndex(1, index.pack, index.size, blocks, index.chunks)
+            index = msgspec.structs.replace(index, blocks=blocks)
         blob = packs.encode_index(index)
     with pytest.raises(CorruptObject):
         packs.decode_index(blob, source="t")
@@ -224,4 +226,4 @@ def test_an_unreadable_index_is_reported_not_skipped_silently(tmp_path: Path) ->
     backend.put_if_absent(packs.index_key("ab" * 32), b"not an index")
     index = chunk_index.load(backend)
     assert set(index.packs) == {sealed.id}
-    assert list(index.unreadable) == ["ab" * 32]
+    assert list(index.damaged) == ["ab" * 32] and index.unreadable == {}
