@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from casstore import chunk_index, constants, packs
 from casstore import manifest as mf
+from casstore.chunk_index import UNSUPPORTED_MARK
 from casstore.errors import (
     CasstoreError,
     CorruptObject,
@@ -34,9 +35,11 @@ class VerifyReport:
     damaged_chunks: dict[str, list[str]] = field(default_factory=dict)
     # Packs with no index (a save that crashed between the two): garbage gc removes.
     unindexed_packs: list[str] = field(default_factory=list)
-    # Objects that could not be read now (permissions, I/O, a newer format): not judged,
-    # never quarantined; the store is not known to be whole.
+    # Objects that could not be read now (permissions, I/O): not judged, never
+    # quarantined; the store is not known to be whole, so verify does not say ok.
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    # Pack indexes of a newer casstore: kept, like unsupported manifests (upgrade to check).
+    unsupported_indexes: list[tuple[str, str]] = field(default_factory=list)
     manifests: int = 0
     invalid_manifests: list[tuple[str, str]] = field(default_factory=list)
     # Manifests of a newer casstore (another format, an unknown field): not damage, and
@@ -144,8 +147,12 @@ def verify(
     for pack_id, why in sorted(index.damaged.items()):
         report.corrupt.append((packs.index_key(pack_id), why))
     for pack_id, why in sorted(index.unreadable.items()):
-        report.unreadable.append((packs.index_key(pack_id), why))
+        if why.startswith(UNSUPPORTED_MARK):
+            report.unsupported_indexes.append((packs.index_key(pack_id), why))
+        else:
+            report.unreadable.append((packs.index_key(pack_id), why))
     present: set[str] = set()
+    unknown: set[str] = set()  # chunks of packs that could not be read: not judged missing
     lock = threading.Lock()
     done = 0
     todo = [index.packs[p] for p in sorted(listed) if p in index.packs]
@@ -171,6 +178,7 @@ def verify(
         except (CasstoreError, OSError) as e:
             with lock:
                 report.unreadable.append((packs.pack_key(pack.id), str(e)))
+                unknown.update(c.digest.hex() for c in pack.chunks)
             return
         bad = set(damaged)
         with lock:
@@ -190,14 +198,15 @@ def verify(
         if progress is not None:
             progress(done, len(todo))
 
-    with ThreadPoolExecutor(threads) as pool:
+    # Each check holds a whole pack (up to ~25 MiB): a few at once, whatever the threads.
+    with ThreadPoolExecutor(max(1, min(threads, 4))) as pool:
         list(pool.map(check, todo))
     report.packs = len(listed)
     report.corrupt.sort()
     for name, m in manifests:
         for f in m.files:
             for c in f.chunks:
-                if c.digest.hex() not in present:
+                if c.digest.hex() not in present and c.digest.hex() not in unknown:
                     report.missing_chunks.append((name, c.digest.hex()))
     return report
 
@@ -240,8 +249,9 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
     A damaged pack's intact chunks are first packed again (a new pack, published with its
     index), so only its damaged chunks go missing. A missing chunk is uploaded again by
     the next save that holds its bytes; files that need it are misses until then, never
-    wrong bytes. An unreadable index is quarantined too: its pack's chunks count as
-    missing (gc removes the pack once it is older than the grace).
+    wrong bytes. A damaged index (one that fails its checks when read again) is
+    quarantined too: its pack's chunks count as missing (gc removes the pack once it is
+    older than the grace). What could merely not be read is left alone.
     """
     out = RepairReport()
     index = chunk_index.load(store.backend)
@@ -287,10 +297,14 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
 
 
 def _still_damaged(store: Store, key: str) -> bool:
-    """Whether the index at ``key`` fails its checks when read again now: only then is it
-    quarantined (never for a read that fails, nor for a newer format)."""
+    """Whether the index at ``key`` fails its checks when read again now (its name
+    included): only then is it quarantined, never for a read that fails, nor for a newer
+    format."""
+    pack_id = packs.pack_id_from_key(key)
+    if pack_id is None:
+        return False
     try:
-        packs.decode_index(store.backend.get(key, max_bytes=constants.MAX_INDEX_BYTES), source=key)
+        chunk_index.read_index(store.backend, pack_id)
     except CorruptObject:
         return True
     except (CasstoreError, OSError):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from casstore import constants
 from casstore.backends.base import Backend, ObjectInfo
-from casstore.errors import CasstoreError, CorruptObject, NotFound
+from casstore.errors import CasstoreError, CorruptObject, NotFound, UnsupportedIndex
 from casstore.packs import ChunkLoc, PackIndex, decode_index, index_key, pack_id_from_key
 
 log = logging.getLogger("casstore")
@@ -149,6 +149,9 @@ def list_indexes(backend: Backend) -> dict[str, ObjectInfo]:
     return found
 
 
+#: Starts the reason of an index from a newer casstore in ``ChunkIndex.unreadable``.
+UNSUPPORTED_MARK = "newer format: "
+
 #: What fetching one index gave: the index, why it could not be read, or None (gone).
 _Fetched = PackIndex | CasstoreError | OSError | None
 
@@ -193,6 +196,8 @@ def load(
                 result.add(outcome, wanted[pack_id].mtime)
             elif isinstance(outcome, CorruptObject):
                 result.damaged[pack_id] = str(outcome)
+            elif isinstance(outcome, UnsupportedIndex):
+                result.unreadable[pack_id] = f"{UNSUPPORTED_MARK}{outcome}"
             elif outcome is not None:
                 result.unreadable[pack_id] = str(outcome)
     if cache is not None and only is None:

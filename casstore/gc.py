@@ -463,6 +463,33 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             dead.append(Candidate(info.key, info.size, members))
         elif live_bytes < REPACK_BELOW * sum(held.values()):
             repack.append(Candidate(info.key, info.size, members))
+    # A live chunk of a mostly dead pack that another pack (staying this run) holds too is
+    # covered already: it is not copied again, so repeated runs never pile up copies, and a
+    # pack all of whose live chunks are held elsewhere is swept without a repack.
+    sweeping = {c.key for c in dead + repack}
+    staying = {
+        pack_id
+        for pack_id in index.packs
+        if packs.pack_key(pack_id) not in sweeping and pack_id in pack_infos
+    }
+
+    def held_elsewhere(c: Candidate) -> frozenset[bytes]:
+        own = packs.pack_id_from_key(c.key)
+        return frozenset(
+            d
+            for d in c.members & live
+            if any(loc.index.id in staying and loc.index.id != own for loc in index.locate(d))
+        )
+
+    still_repack = []
+    for c in repack:
+        covered = held_elsewhere(c)
+        c = replace(c, covered=covered)
+        if c.members & live <= covered:
+            dead.append(c)
+        else:
+            still_repack.append(c)
+    repack = still_repack
     orphan_indexes = tuple(
         info.key
         for pack_id, info in sorted(index_infos.items())
@@ -520,8 +547,8 @@ def _stored_sizes(index: ChunkIndex) -> dict[bytes, int]:
 
 def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candidate | None:
     """Pack ``keep``'s chunks of ``candidate`` again (a new pack, published with its
-    index like any save's), and return the candidate with them covered; None when its
-    live chunks cannot all be read (it is then left alone)."""
+    index like any save's), and return the candidate with them covered too; None when its
+    pack is gone. Raises when a live chunk cannot be read (it is then left alone)."""
     pack_id = packs.pack_id_from_key(candidate.key)
     if pack_id is None:
         return None
@@ -538,7 +565,7 @@ def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candid
             sealed += builder.add(c.digest, packs.chunk_of(block, c, candidate.key), small=True)
     for one in sealed + builder.finish():
         packs.publish(store.backend, one)
-    return replace(candidate, covered=frozenset(c.digest for c in wanted))
+    return replace(candidate, covered=candidate.covered | {c.digest for c in wanted})
 
 
 def _stale_temps(root: Path, older_than: float) -> Iterable[str]:
@@ -613,9 +640,20 @@ def execute(
     # 3. Compaction never drops a file: it merges only manifests it read, and deletes
     #    only those; one published meanwhile stays, and is newer, so it still wins.
     sweeping = {packs.pack_id_from_key(c.key) for c in p.packs + p.repack}
+    # One view of the packs for every key compacted, read now (not at planning: packs
+    # published since count), and one renewal per pack for the whole run.
+    where = store.chunk_index() if p.compact else None
+    renewed: dict[str, bool] = {}
     for s in p.compact:
         try:
-            if compact_key(store, s.key_id, s.manifests, sweeping={x for x in sweeping if x}):
+            if compact_key(
+                store,
+                s.key_id,
+                s.manifests,
+                sweeping={x for x in sweeping if x},
+                index=where,
+                renewed=renewed,
+            ):
                 report.keys_compacted += 1
         except Exception as e:  # one key's trouble never stops the rest of gc
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
@@ -663,13 +701,13 @@ def execute(
         candidates = list(p.packs)
         for c in p.repack:
             try:
-                repacked = repack(store, c, c.members & live)
+                repacked = repack(store, c, (c.members & live) - c.covered)
             except (CasstoreError, OSError) as e:
                 report.errors.append(f"repacking {c.key}: {e}")
                 continue
             if repacked is not None:
                 report.packs_repacked += 1
-                report.chunks_repacked += len(repacked.covered)
+                report.chunks_repacked += len(repacked.covered - c.covered)
                 candidates.append(repacked)
         todo = [c for c in candidates if not c.needed_by & protected]
         report.packs_kept_late += len(candidates) - len(todo)
@@ -861,6 +899,8 @@ def compact_key(
     names: tuple[str, ...],
     *,
     sweeping: frozenset[str] | set[str] = frozenset(),
+    index: ChunkIndex | None = None,
+    renewed: dict[str, bool] | None = None,
 ) -> bool:
     """Replace the manifests ``names`` of one key by a single merged manifest.
 
@@ -883,8 +923,8 @@ def compact_key(
     signed = loaded[0].signer is not None
     newest = max(s.manifest.created_at for s in loaded)
     view = mf.merge(s.manifest for s in loaded)
-    index = store.chunk_index()
-    renewed: dict[str, bool] = {}
+    index = index if index is not None else store.chunk_index()
+    renewed = renewed if renewed is not None else {}
     for digest in {c.digest for f in view.values() for c in f.chunks}:
         present = False
         for loc in reversed(index.locate(digest)):

@@ -318,13 +318,16 @@ class PackBuilder:
 
 def publish(backend: Backend, sealed: Sealed) -> None:
     """Publish a pack, then its index (a reader that finds the index finds the pack). Pack
-    ids are random: finding either name taken means the store is not what it should be."""
+    ids are random, so a name found taken holds this very write (a request the client
+    retried after it had landed) or something that must not be trusted: the bytes decide."""
     for key, data in (
         (pack_key(sealed.index.pack), sealed.data),
         (index_key(sealed.index.pack), encode_index(sealed.index)),
     ):
         if not backend.put_if_absent(key, data):
-            raise CorruptObject(f"{key} exists already: pack ids are random", path=key)
+            found = backend.get(key, max_bytes=len(data))
+            if chunking.digest(found) != chunking.digest(data):
+                raise CorruptObject(f"{key} exists already with other bytes", path=key)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -395,7 +398,8 @@ def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
     (they may not while every chunk reads intact: damage between blocks, or bytes added
     at the end). Reads the whole pack once. Raises NotFound when the pack is gone."""
     key = pack_key(index.pack)
-    data = backend.get(key, max_bytes=constants.MAX_PACK_BYTES)
+    # No more than the index says: a pack grown past it is damaged, not read whole.
+    data = backend.get(key, max_bytes=index.size)
     intact = len(data) == index.size and chunking.digest(data) == index.checksum
     # Every chunk is re-hashed even when the checksum matches: a writer may have packed
     # bytes that are not what their digest names (the checksum covers what was written).

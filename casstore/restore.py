@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from casstore import constants, packs
 from casstore.backends.base import Backend
-from casstore.chunk_index import ChunkIndex
+from casstore.chunk_index import ChunkIndex, Location
 from casstore.errors import CasstoreError, CorruptObject, NotFound
 from casstore.manifest import FileEntry
 from casstore.packs import ChunkLoc, PackIndex
@@ -37,9 +37,11 @@ log = logging.getLogger("casstore")
 # MAX_READERS tasks at once, a restore holds about 128 MiB of blocks whatever its size.
 BLOCKS_PER_READ = 2
 MAX_READERS = 8
-# Rounds of reading: the newest location of each chunk, then its others, newest first.
-# Bounded, so that planted indexes cannot make a load try locations without end.
+# Rounds of reading: the newest location of each chunk, then its others, newest first. A
+# round whose only failures are packs that do not exist does not count (planted indexes
+# name packs that were never there); the rest are bounded.
 ROUNDS = 16
+MAX_PASSES = 1000
 
 
 @dataclass(eq=False)
@@ -125,6 +127,7 @@ def fetch_files(
         if job.remaining == 0:
             finished(job)
     tried: dict[bytes, set[str]] = defaultdict(set)
+    damaged_blocks: set[tuple[str, int]] = set()
     pending = set(uses)
     why: dict[bytes, str] = {}
 
@@ -157,6 +160,8 @@ def fetch_files(
             # Gone, unreadable (permissions, I/O), the store unreachable: these chunks'
             # other packs are tried next; only this pack's files are at stake.
             gone = isinstance(e, NotFound)
+            with lock:
+                (absent if gone else broken).add(index.id)
             for n in numbers:
                 for loc in wanted[n]:
                     why[loc.digest] = f"pack {index.id} is gone" if gone else str(e)
@@ -167,43 +172,53 @@ def fetch_files(
                 if block is None:
                     why[loc.digest] = f"a block of pack {index.id} is damaged"
                     failed.add(loc.digest)
+                    with lock:
+                        damaged_blocks.add((index.id, n))
                     continue
                 try:
                     data = packs.chunk_of(block, loc, source)
                 except CorruptObject as e:
                     why[loc.digest] = str(e)
                     failed.add(loc.digest)
+                    with lock:
+                        damaged_blocks.add((index.id, n))
                     continue
                 deliver(loc, data)
         with lock:
             outcome.bytes_fetched += sum(index.blocks[n].length for n in numbers if n in blocks)
         return failed
 
+    absent: set[str] = set()  # packs in neither packs/ nor trash/: skipped for every chunk
+    broken: set[str] = set()  # packs that failed otherwise this pass
     reloaded = False
-    for _ in range(ROUNDS):
-        if not pending:
-            break
-        if (
-            not reloaded
-            and reload is not None
-            and any(
-                not [loc for loc in index.locate(d) if loc.index.id not in tried[d]]
-                for d in pending
-            )
-        ):
+    rounds = passes = 0
+
+    def choices(where: ChunkIndex, digest: bytes) -> list[Location]:
+        return [
+            loc
+            for loc in where.locate(digest)
+            if loc.index.id not in tried[digest] and loc.index.id not in absent
+        ]
+
+    while pending and rounds < ROUNDS and passes < MAX_PASSES:
+        passes += 1
+        if not reloaded and reload is not None and any(not choices(index, d) for d in pending):
             # A chunk with no location left: the listing of indexes may predate a pack
             # (gc repacked it, or another host's save is not visible yet): list again, once.
-            index = reload()
+            try:
+                index = reload()
+            except (CasstoreError, OSError) as e:
+                log.warning("could not list the pack indexes again: %s", e)
             reloaded = True
         plan: dict[str, tuple[PackIndex, dict[int, list[ChunkLoc]]]] = {}
         unplaced: set[bytes] = set()
         for digest in pending:
-            choices = [loc for loc in index.locate(digest) if loc.index.id not in tried[digest]]
-            if not choices:
+            left = choices(index, digest)
+            if not left:
                 unplaced.add(digest)
                 why.setdefault(digest, f"chunk {digest.hex()} is in no pack of the store")
                 continue
-            loc = choices[-1]  # the newest pack listed
+            loc = left[-1]  # the most recently published pack
             tried[digest].add(loc.index.id)
             entry = plan.setdefault(loc.index.id, (loc.index, defaultdict(list)))
             entry[1][loc.chunk.block].append(loc.chunk)
@@ -214,11 +229,15 @@ def fetch_files(
                 group = numbers[i : i + BLOCKS_PER_READ]
                 tasks.append((pack_index, group, {n: by_block[n] for n in group}))
         failed: set[bytes] = set(unplaced)
+        broken.clear()
+        damaged_before = len(damaged_blocks)
         with ThreadPoolExecutor(
             max(1, min(threads, MAX_READERS)), thread_name_prefix="casstore-read"
         ) as pool:
             for lost in pool.map(read, tasks):
                 failed |= lost
+        if broken or len(damaged_blocks) > damaged_before:
+            rounds += 1  # something real failed, not only packs that do not exist
         pending = failed - unplaced
         for digest in unplaced:
             _fail(uses[digest], why[digest], lock)

@@ -395,6 +395,10 @@ def verify(
         )
         for key, why in report.corrupt:
             out.print(f"  damaged {key}: {why}")
+        for key, why in report.unreadable:
+            out.print(f"  could not read {key} (not checked): {why}")
+        for key, why in report.unsupported_indexes:
+            out.print(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
         for pack_id in report.unindexed_packs:
             out.print(f"  pack without an index (a save that crashed; gc removes it): {pack_id}")
         for key, why in report.invalid_manifests:
