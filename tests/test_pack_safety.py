@@ -227,3 +227,102 @@ def test_a_mostly_dead_pack_is_freed_in_one_run_though_its_key_is_compacted(
     assert report.packs_repacked == 1 and report.packs_deleted == 1
     assert max(f.stat().st_size for f in pack_files(tmp_path / "store")) < 1_000_000
     assert store.load(key("hot"), tmp_path / "out").missing == []
+
+
+# --- found by a second review, each seen failing before its fix ---------------------------
+
+
+def test_planted_indexes_beyond_the_round_limit_never_hide_the_real_pack(
+    store: Store, tmp_path: Path
+) -> None:
+    """40 planted indexes, all newer than the real one, naming packs that do not exist:
+    those cost no round of their own."""
+    data = os.urandom(20_000)
+    digest = chunking.digest(data)
+    write_tree(tmp_path / "src", {"f": data})
+    store.save(tmp_path / "src", key("m"))
+    for _ in range(40):
+        pack_id = os.urandom(32)
+        planted = packs.PackIndex(
+            format=1,
+            pack=pack_id,
+            size=10,
+            blocks=(packs.BlockRef(0, 10, 20_000),),
+            chunks=(packs.ChunkLoc(digest, 0, 0, 20_000),),
+            checksum=b"\0" * 32,
+        )
+        store.backend.put_if_absent(packs.index_key(pack_id), packs.encode_index(planted))
+    assert store.load(key("m"), tmp_path / "out").missing == []
+
+
+def test_a_repack_kept_by_a_saver_is_not_copied_again_next_run(
+    store: Store, tmp_path: Path
+) -> None:
+    """A mostly dead pack survives its repack (a saver renewed it); the next run finds its
+    live chunk in the repack's output and sweeps it without another copy."""
+    small = os.urandom(20_000)
+    write_tree(tmp_path / "old", {"a": small, "b": os.urandom(3_000_000)})
+    store.save(tmp_path / "old", key("old"))
+    gc_mod.remove_key(store, key("old"))
+    write_tree(tmp_path / "hot", {"a": small})
+    store.save(tmp_path / "hot", key("hot"))
+    (old_pack,) = [p for p in pack_files(tmp_path / "store") if p.stat().st_size > 1_000_000]
+    age_packs(tmp_path / "store", 2 * HOUR)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR))
+    os.utime(old_pack)  # a saver reusing a chunk of it, during the run
+    first = gc_mod.execute(store, p)
+    assert first.packs_repacked == 1 and first.packs_deleted == 0 and old_pack.exists()
+    age_packs(tmp_path / "store", 2 * HOUR)
+    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert second.packs_repacked == 0 and second.packs_deleted == 1
+    # hot's save reused a from the old pack: what is left is the one copy the repack made.
+    assert len(pack_files(tmp_path / "store")) == 1
+    assert store.load(key("hot"), tmp_path / "out").missing == []
+
+
+def test_repair_quarantines_an_index_that_describes_another_pack(
+    store: Store, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "src", {"f": os.urandom(5000)})
+    store.save(tmp_path / "src", key("m"))
+    (real,) = chunk_index.load(store.backend).packs.values()
+    impostor = os.urandom(32).hex()
+    store.backend.put_if_absent(packs.index_key(impostor), packs.encode_index(real))
+    report = audit.verify(store)
+    assert [k for k, _ in report.corrupt] == [packs.index_key(impostor)]
+    assert audit.repair(store, report).indexes_quarantined == 1
+    assert audit.verify(store).ok
+
+
+def test_publish_accepts_its_own_retried_write(tmp_path: Path) -> None:
+    """A request retried after it landed finds the name taken by its own bytes."""
+    from casstore.backends.fs import FileSystemBackend
+
+    backend = FileSystemBackend(tmp_path / "store")
+    data = os.urandom(5000)
+    builder = packs.PackBuilder()
+    builder.add(chunking.digest(data), data, small=True)
+    (sealed,) = builder.finish()
+    backend.put_if_absent(packs.pack_key(sealed.index.pack), sealed.data)  # the first try
+    packs.publish(backend, sealed)  # the retry
+    assert chunk_index.read_index(backend, sealed.id) == sealed.index
+
+
+def test_a_second_listing_that_fails_costs_files_not_the_load(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tree(tmp_path / "src", {"f": os.urandom(5000)})
+    store.save(tmp_path / "src", key("m"))
+    real_load = chunk_index.load
+    calls: list[int] = []
+
+    def flaky(backend: Backend, **kwargs: object) -> chunk_index.ChunkIndex:
+        calls.append(1)
+        if len(calls) == 1:
+            return chunk_index.ChunkIndex()
+        raise StoreUnavailable("the listing timed out")
+
+    monkeypatch.setattr(chunk_index, "load", flaky)
+    report = store.load(key("m"), tmp_path / "out")
+    monkeypatch.setattr(chunk_index, "load", real_load)
+    assert report.missing == ["f"] and len(calls) == 2
