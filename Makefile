@@ -29,6 +29,7 @@ bench:
 	$(BIN)/python -m benchmarks.bench_load
 	$(BIN)/python -m benchmarks.bench_s3_clients
 	$(BIN)/python -m benchmarks.bench_s3
+	$(BIN)/python -m benchmarks.bench_compression
 
 demo:
 	$(BIN)/python -m demo.run_demo
