@@ -677,3 +677,14 @@ def test_every_option_names_its_flag_explicitly() -> None:
             if not flags:
                 unnamed.append(f"{source.name}:{node.lineno}")
     assert unnamed == []
+
+
+def test_gc_with_a_root_never_warns_about_the_default_one(tmp_path: Path) -> None:
+    """`casstore --root X gc` read the model.py settings, which resolve the default root:
+    a warning that the local fallback store was being used, about a store gc never
+    touched."""
+    root = tmp_path / "store"
+    write_tree(tmp_path / "src", {"a": b"1"})
+    run(None, "--root", str(root), "save", str(tmp_path / "src"), *KEY_ARGS)
+    proc = run(None, "--root", str(root), "gc", "--dry-run", env={"HOME": str(tmp_path)})
+    assert "not mounted" not in proc.stderr and "local store" not in proc.stderr, proc.stderr

@@ -31,6 +31,7 @@ from casstore.cli.common import (
     parse_duration,
     parse_size,
     progress,
+    root_choice,
     stdin_is_terminal,
     usage_error,
     warn,
@@ -195,7 +196,9 @@ def gc(
             f"--grace {grace} is below the {duration_text(GRACE_FLOOR_SECONDS)} floor: a save "
             "that takes longer than the grace can lose chunks; add --unsafe-grace to use it"
         )
-    settings = config.read_settings()
+    # The timeouts only: the root is gc's own (--root), never the model.py default, whose
+    # resolution warns about a local fallback store gc does not touch.
+    settings = config.read_settings(root=root_choice(warn=False).path)
     policy = gc_mod.Policy(
         max_age=parse_duration(max_age, "--max-age") if max_age is not None else None,
         max_size=parse_size(max_size, "--max-size") if max_size is not None else None,
