@@ -56,9 +56,11 @@ class FileSystemBackend(Backend):
             raise ValueError(f"invalid object key {key!r}")
         return os.path.join(self._root, key)
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO planted at an object's name must
-        # be refused, not followed or waited on (a FIFO would block every loader).
+    def _open_regular(self, key: str) -> tuple[int, os.stat_result]:
+        """An fd of the object (and its stat), refused unless it is a regular file.
+
+        O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO planted at an object's name must be
+        refused, not followed or waited on (a FIFO would block every loader)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(self._path(key), flags)
@@ -72,6 +74,14 @@ class FileSystemBackend(Backend):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptObject(f"object {key} is not a regular file", path=key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        fd, st = self._open_regular(key)
+        try:
             limit = max_bytes if max_bytes is not None else st.st_size
             if st.st_size > limit:
                 raise CorruptObject(
@@ -99,19 +109,8 @@ class FileSystemBackend(Backend):
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         # One open for every range (a round trip each on a network filesystem), then
         # positioned reads; refused like get() for a symlink or a non-regular file.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd, st = self._open_regular(key)
         try:
-            fd = os.open(self._path(key), flags)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFound(f"no object {key}") from None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CorruptObject(f"object {key} is a symlink", path=key) from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptObject(f"object {key} is not a regular file", path=key)
             out = []
             for offset, length in ranges:
                 if offset < 0 or length < 0 or offset + length > st.st_size:
