@@ -137,12 +137,7 @@ def verify(
     report.manifests = (
         len(manifests) + len(report.invalid_manifests) + len(report.unsupported_manifests)
     )
-    listed = {
-        pack_id: info
-        for info in store.backend.list(f"{constants.PACKS_DIR}/")
-        if (pack_id := packs.pack_id_from_key(info.key)) is not None
-        and info.key == packs.pack_key(pack_id)
-    }
+    listed = chunk_index.list_packs(store.backend)
     index = chunk_index.load(store.backend, threads=threads)
     for pack_id, why in sorted(index.damaged.items()):
         report.corrupt.append((packs.index_key(pack_id), why))
@@ -323,12 +318,7 @@ class ModelUsage:
 
 def usage_by_model(store: Store) -> list[ModelUsage]:
     """Who uses the space: per model fingerprint, its own and its shared stored bytes."""
-    # A chunk's stored bytes: its share of its block's compressed length.
-    sizes: dict[bytes, int] = {}
-    for pack in store.chunk_index().packs.values():
-        for c in pack.chunks:
-            block = pack.blocks[c.block]
-            sizes[c.digest] = block.length * c.size // block.usize
+    sizes = store.chunk_index().stored_sizes()
     manifests, _ = _all_manifests(store)
     by_key: dict[str, list[mf.Manifest]] = {}
     for _, m in manifests:

@@ -14,6 +14,7 @@ store lists an object of that name and size, and is checked like a fetched one.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -26,7 +27,14 @@ from pathlib import Path
 from casstore import constants
 from casstore.backends.base import Backend, ObjectInfo
 from casstore.errors import CasstoreError, CorruptObject, NotFound, UnsupportedIndex
-from casstore.packs import ChunkLoc, PackIndex, decode_index, index_key, pack_id_from_key
+from casstore.packs import (
+    ChunkLoc,
+    PackIndex,
+    decode_index,
+    index_key,
+    pack_id_from_key,
+    pack_key,
+)
 
 log = logging.getLogger("casstore")
 
@@ -58,23 +66,27 @@ class ChunkIndex:
         self.packs[index.id] = index
         self.published[index.id] = published
         for c in index.chunks:
-            self._where.setdefault(c.digest, []).append(Location(index, c))
-
-    def remove(self, pack_id: str) -> None:
-        index = self.packs.pop(pack_id, None)
-        if index is None:
-            return
-        for c in index.chunks:
-            rest = [loc for loc in self._where.get(c.digest, []) if loc.index is not index]
-            if rest:
-                self._where[c.digest] = rest
-            else:
-                self._where.pop(c.digest, None)
+            # Kept in publishing order as they are added: looked up for every chunk of
+            # every restore, never sorted again.
+            bisect.insort(
+                self._where.setdefault(c.digest, []),
+                Location(index, c),
+                key=lambda loc: self.published[loc.index.id],
+            )
 
     def locate(self, digest: bytes) -> list[Location]:
         """Every location of ``digest``, the most recently published pack last."""
-        found = self._where.get(digest, ())
-        return sorted(found, key=lambda loc: self.published.get(loc.index.id, 0.0))
+        return list(self._where.get(digest, ()))
+
+    def stored_sizes(self) -> dict[bytes, int]:
+        """Each chunk's stored bytes: its share of its block's compressed length (what
+        ``du`` and gc's --max-size count)."""
+        sizes: dict[bytes, int] = {}
+        for pack in self.packs.values():
+            for c in pack.chunks:
+                block = pack.blocks[c.block]
+                sizes[c.digest] = block.length * c.size // max(1, block.usize)
+        return sizes
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._where
@@ -137,6 +149,26 @@ class IndexCache:
                     os.unlink(e.path)
                 except OSError:
                     pass
+
+
+def list_packs(backend: Backend) -> dict[str, ObjectInfo]:
+    """Pack id -> the listing of its pack object (``packs/``)."""
+    found: dict[str, ObjectInfo] = {}
+    for info in backend.list(f"{constants.PACKS_DIR}/"):
+        pack_id = pack_id_from_key(info.key)
+        if pack_id is not None and info.key == pack_key(pack_id):
+            found[pack_id] = info
+    return found
+
+
+def list_trashed(backend: Backend) -> dict[str, str]:
+    """Pack id -> the key of its copy in ``trash/`` (a sweep in progress, or a crashed one)."""
+    found: dict[str, str] = {}
+    for info in backend.list(f"{constants.TRASH_DIR}/"):
+        pack_id = pack_id_from_key(info.key)
+        if pack_id is not None and info.key.endswith(constants.PACK_SUFFIX):
+            found[pack_id] = info.key
+    return found
 
 
 def list_indexes(backend: Backend) -> dict[str, ObjectInfo]:

@@ -410,15 +410,10 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     object on an object store, written and deleted to read the store's clock."""
     fs = _fs(store)
     now = time.time() if now is None else now
-    pack_infos = {
-        pack_id: info
-        for info in store.backend.list(f"{constants.PACKS_DIR}/")
-        if (pack_id := packs.pack_id_from_key(info.key)) is not None
-        and info.key == packs.pack_key(pack_id)
-    }
+    pack_infos = chunk_index.list_packs(store.backend)
     index_infos = chunk_index.list_indexes(store.backend)
     index = chunk_index.load(store.backend, threads=store.threads)
-    sizes = _stored_sizes(index)
+    sizes = index.stored_sizes()
     listing = _list_manifests(store)
     states, blocked = _key_states(store, listing, now)
     drop = _retention(states, sizes, policy, now)
@@ -532,17 +527,6 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         grace_kept=len(young),
         grace_kept_bytes=sum(young),
     )
-
-
-def _stored_sizes(index: ChunkIndex) -> dict[bytes, int]:
-    """Each chunk's stored bytes: its share of its block's compressed length (what
-    --max-size counts)."""
-    sizes: dict[bytes, int] = {}
-    for pack in index.packs.values():
-        for c in pack.chunks:
-            block = pack.blocks[c.block]
-            sizes[c.digest] = block.length * c.size // max(1, block.usize)
-    return sizes
 
 
 def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candidate | None:
@@ -727,11 +711,7 @@ def execute(
             report.indexes_deleted += store.backend.delete(packs.index_key(pack_id))
         # An index whose pack is gone (a run that crashed between the two deletes); one
         # whose pack sits in trash/ stays: a run may still give that pack back.
-        in_trash = {
-            trashed
-            for info in store.backend.list(f"{constants.TRASH_DIR}/")
-            if (trashed := packs.pack_id_from_key(info.key)) is not None
-        }
+        in_trash = chunk_index.list_trashed(store.backend)
         for key in p.orphan_indexes:
             orphan = packs.pack_id_from_key(key)
             if (

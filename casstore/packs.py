@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -64,13 +64,6 @@ class PackIndex(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def id(self) -> str:
         return self.pack.hex()
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.size
-
-    def chunk_bytes(self) -> int:
-        return sum(c.size for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -279,11 +272,6 @@ class PackBuilder:
                     self._close_block(small)
             return [self._seal()] if self._frames else []
 
-    @property
-    def pending(self) -> bool:
-        with self._lock:
-            return bool(self._frames or any(b.chunks for b in self._open.values()))
-
     def _close_block(self, small: bool) -> None:
         block = self._open[small]
         frame = _compressor(block.level).compress(b"".join(block.parts))
@@ -422,9 +410,3 @@ def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
             except CorruptObject:
                 damaged.append(c.digest)
     return damaged, intact
-
-
-def blocks_for(index: PackIndex, digests: Sequence[bytes]) -> list[ChunkLoc]:
-    """The locations in ``index`` of those of ``digests`` it holds."""
-    wanted = set(digests)
-    return [c for c in index.chunks if c.digest in wanted]

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from casstore import constants, packs
+from casstore import packs
 from casstore.backends.base import Backend
-from casstore.chunk_index import ChunkIndex, Location
+from casstore.chunk_index import ChunkIndex, Location, list_trashed
 from casstore.errors import CasstoreError, CorruptObject, NotFound
 from casstore.manifest import FileEntry
 from casstore.packs import ChunkLoc, PackIndex
@@ -70,21 +70,13 @@ class PackTrash:
         self._relisted = False
         self._lock = threading.Lock()
 
-    def _list(self) -> dict[str, str]:
-        found = {}
-        for info in self._backend.list(f"{constants.TRASH_DIR}/"):
-            pack_id = packs.pack_id_from_key(info.key)
-            if pack_id is not None and info.key.endswith(constants.PACK_SUFFIX):
-                found[pack_id] = info.key
-        return found
-
     def key_of(self, pack_id: str) -> str | None:
         with self._lock:
             if self._names is None:
-                self._names = self._list()
+                self._names = list_trashed(self._backend)
             elif pack_id not in self._names and not self._relisted:
                 self._relisted = True
-                self._names = self._list()
+                self._names = list_trashed(self._backend)
             return self._names.get(pack_id)
 
 
