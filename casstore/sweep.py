@@ -91,6 +91,19 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     deleted_packs: list[str] = field(default_factory=list)  # pack ids deleted for good
 
+    def count(self, item: Candidate, outcome: str) -> bool:
+        """Count a swept candidate's ``deleted`` or ``kept``; False for any other outcome."""
+        if outcome == "deleted":
+            self.deleted += 1
+            self.bytes_freed += item.size
+            if (pack_id := packs.pack_id_from_key(item.key)) is not None:
+                self.deleted_packs.append(pack_id)
+        elif outcome == "kept":
+            self.kept += 1
+        else:
+            return False
+        return True
+
 
 def trash_run_name(cutoff: float) -> str:
     """``trash/`` subdirectory of one sweep. It records the run's cutoff, so that a later
@@ -196,13 +209,7 @@ def by_rename(
         outcome = _sweep_pack(fs, key, f"{run_trash}/{key.rsplit('/', 1)[-1]}", cutoff)
         with lock:
             done += 1
-            if outcome == "deleted":
-                tally.deleted += 1
-                tally.bytes_freed += item.size
-                if (pack_id := packs.pack_id_from_key(key)) is not None:
-                    tally.deleted_packs.append(pack_id)
-            elif outcome == "kept":
-                tally.kept += 1
+            tally.count(item, outcome)
         if progress is not None:
             progress(done, len(candidates))
 
@@ -354,19 +361,11 @@ def by_intents(
                 return "lost"
 
             for (item, _trash), outcome in zip(moved, pool.map(settle, moved), strict=True):
-                key = item.key
-                if outcome == "deleted":
-                    tally.deleted += 1
-                    tally.bytes_freed += item.size
-                    if (pack_id := packs.pack_id_from_key(key)) is not None:
-                        tally.deleted_packs.append(pack_id)
-                elif outcome == "kept":
-                    tally.kept += 1
-                else:
+                if not tally.count(item, outcome):
                     tally.errors.append(
-                        f"{key}: listed by a save, but its trash copy vanished before gc could "
-                        "give it back (a second gc on this store?); the next save of that "
-                        "file packs it again"
+                        f"{item.key}: listed by a save, but its trash copy vanished before gc "
+                        "could give it back (a second gc on this store?); the next save of "
+                        "that file packs it again"
                     )
             done += len(batch)
             if progress is not None:

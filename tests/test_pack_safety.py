@@ -34,6 +34,19 @@ def age_packs(root: Path, seconds_ago: float) -> None:
             os.utime(p, (then, then))
 
 
+def plant_index(store: Store, pack_id: bytes, digest: bytes) -> None:
+    """An index naming ``digest`` (20,000 bytes) in a pack that does not exist."""
+    planted = packs.PackIndex(
+        format=1,
+        pack=pack_id,
+        size=10,
+        blocks=(packs.BlockRef(0, 10, 20_000),),
+        chunks=(packs.ChunkLoc(digest, 0, 0, 20_000),),
+        checksum=b"\0" * 32,
+    )
+    store.backend.put_if_absent(packs.index_key(pack_id), packs.encode_index(planted))
+
+
 def test_identical_pack_bytes_with_another_chunk_table_are_two_packs(
     store: Store, tmp_path: Path
 ) -> None:
@@ -155,16 +168,7 @@ def test_planted_indexes_never_hide_the_real_pack(store: Store, tmp_path: Path) 
     write_tree(tmp_path / "src", {"f": data})
     store.save(tmp_path / "src", key("m"))
     for i in range(12):
-        pack_id = bytes([0xFF] * 31 + [i])
-        planted = packs.PackIndex(
-            format=1,
-            pack=pack_id,
-            size=10,
-            blocks=(packs.BlockRef(0, 10, 20_000),),
-            chunks=(packs.ChunkLoc(digest, 0, 0, 20_000),),
-            checksum=b"\0" * 32,
-        )
-        store.backend.put_if_absent(packs.index_key(pack_id), packs.encode_index(planted))
+        plant_index(store, bytes([0xFF] * 31 + [i]), digest)
     assert store.load(key("m"), tmp_path / "out").missing == []
 
 
@@ -242,16 +246,7 @@ def test_planted_indexes_beyond_the_round_limit_never_hide_the_real_pack(
     write_tree(tmp_path / "src", {"f": data})
     store.save(tmp_path / "src", key("m"))
     for _ in range(40):
-        pack_id = os.urandom(32)
-        planted = packs.PackIndex(
-            format=1,
-            pack=pack_id,
-            size=10,
-            blocks=(packs.BlockRef(0, 10, 20_000),),
-            chunks=(packs.ChunkLoc(digest, 0, 0, 20_000),),
-            checksum=b"\0" * 32,
-        )
-        store.backend.put_if_absent(packs.index_key(pack_id), packs.encode_index(planted))
+        plant_index(store, os.urandom(32), digest)
     assert store.load(key("m"), tmp_path / "out").missing == []
 
 
