@@ -2,8 +2,8 @@
 
 It is the union of every pack's index object (``index/<pack id>.idx``, written once, never
 changed, see :mod:`casstore.packs`). A save reads it to skip every chunk any earlier save
-of any model stored (org-wide dedup); a load reads it only for a chunk the packs its
-manifests name no longer hold (gc repacked them); gc reads it to know what each pack
+of any model stored (org-wide dedup); a load reads it to find the packs holding the
+chunks it needs (manifests name chunks, not packs); gc reads it to know what each pack
 holds.
 
 Index objects are immutable and named after their pack, so a host keeps the ones it has
@@ -193,12 +193,12 @@ def load(
     *,
     cache: IndexCache | None = None,
     threads: int = 8,
-    only: Iterable[str] | None = None,
+    listed: dict[str, ObjectInfo] | None = None,
 ) -> ChunkIndex:
-    """The chunk index of the store: every listed index object (or those of the packs in
-    ``only``), read from ``cache`` where it holds them, else fetched in parallel."""
-    listed = list_indexes(backend)
-    wanted = listed if only is None else {p: listed[p] for p in set(only) if p in listed}
+    """The chunk index of the store: every listed index object, read from ``cache`` where
+    it holds them, else fetched in parallel. ``listed``: a listing of ``index/`` the
+    caller made already (:func:`list_indexes`)."""
+    listed = list_indexes(backend) if listed is None else listed
     result = ChunkIndex()
 
     def fetch(
@@ -221,17 +221,17 @@ def load(
             cache.put(pack_id, blob)
         return pack_id, index
 
-    items = sorted(wanted.items())
+    items = sorted(listed.items())
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="casstore-index") as pool:
         for pack_id, outcome in pool.map(fetch, items):
             if isinstance(outcome, PackIndex):
-                result.add(outcome, wanted[pack_id].mtime)
+                result.add(outcome, listed[pack_id].mtime)
             elif isinstance(outcome, CorruptObject):
                 result.damaged[pack_id] = str(outcome)
             elif isinstance(outcome, UnsupportedIndex):
                 result.unreadable[pack_id] = f"{UNSUPPORTED_MARK}{outcome}"
             elif outcome is not None:
                 result.unreadable[pack_id] = str(outcome)
-    if cache is not None and only is None:
+    if cache is not None:
         cache.prune(listed)
     return result

@@ -412,7 +412,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
     pack_infos = chunk_index.list_packs(store.backend)
     index_infos = chunk_index.list_indexes(store.backend)
-    index = chunk_index.load(store.backend, threads=store.threads)
+    index = chunk_index.load(store.backend, threads=store.threads, listed=index_infos)
     sizes = index.stored_sizes()
     listing = _list_manifests(store)
     states, blocked = _key_states(store, listing, now)
