@@ -255,26 +255,10 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
         if pack is None:
             continue
         bad = {bytes.fromhex(d) for d in damaged}
-        intact = [c for c in pack.chunks if c.digest not in bad]
-        builder = packs.PackBuilder()
-        sealed: list[packs.Sealed] = []
-        by_block: dict[int, list[packs.ChunkLoc]] = {}
-        for c in intact:
-            by_block.setdefault(c.block, []).append(c)
-        for n, locs in sorted(by_block.items()):
-            try:
-                block = packs.read_blocks(store.backend, pack, [n])[n]
-            except (CorruptObject, NotFound):
-                continue
-            for c in locs:
-                try:
-                    data = packs.chunk_of(block, c, packs.pack_key(pack_id))
-                except CorruptObject:
-                    continue
-                sealed += builder.add(c.digest, data, small=True)
-                out.chunks_salvaged += 1
-        for one in sealed + builder.finish():
-            packs.publish(store.backend, one)
+        intact = [c.digest for c in pack.chunks if c.digest not in bad]
+        out.chunks_salvaged += len(
+            packs.copy_chunks(store.backend, pack, intact, skip_damaged=True)
+        )
         dest = f"{constants.QUARANTINE_DIR}/packs/{pack_id}{constants.PACK_SUFFIX}"
         if store.backend.move(packs.pack_key(pack_id), f"{dest}.{uuid.uuid4().hex[:8]}"):
             out.packs_quarantined += 1

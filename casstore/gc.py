@@ -537,19 +537,8 @@ def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candid
     if pack_id is None:
         return None
     index = chunk_index.read_index(store.backend, pack_id)
-    wanted = [c for c in index.chunks if c.digest in keep]
-    by_block: dict[int, list[packs.ChunkLoc]] = defaultdict(list)
-    for c in wanted:
-        by_block[c.block].append(c)
-    builder = packs.PackBuilder()
-    sealed: list[packs.Sealed] = []
-    for n, locs in sorted(by_block.items()):
-        block = packs.read_blocks(store.backend, index, [n])[n]
-        for c in locs:
-            sealed += builder.add(c.digest, packs.chunk_of(block, c, candidate.key), small=True)
-    for one in sealed + builder.finish():
-        packs.publish(store.backend, one)
-    return replace(candidate, covered=candidate.covered | {c.digest for c in wanted})
+    copied = packs.copy_chunks(store.backend, index, keep)
+    return replace(candidate, covered=candidate.covered | copied)
 
 
 def _stale_temps(root: Path, older_than: float) -> Iterable[str]:

@@ -31,7 +31,7 @@ import zstandard
 
 from casstore import chunking, constants
 from casstore.backends.base import Backend
-from casstore.errors import CorruptObject, UnsupportedIndex
+from casstore.errors import CorruptObject, NotFound, UnsupportedIndex
 
 INDEX_FORMAT_VERSION = 1
 
@@ -410,3 +410,40 @@ def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
             except CorruptObject:
                 damaged.append(c.digest)
     return damaged, intact
+
+
+def copy_chunks(
+    backend: Backend, index: PackIndex, digests: Iterable[bytes], *, skip_damaged: bool = False
+) -> set[bytes]:
+    """Pack the chunks ``digests`` of ``index``'s pack again, into new packs published
+    with their indexes like any save's; returns the digests copied. A block or chunk that
+    cannot be read raises (NotFound, CorruptObject), or is left out with ``skip_damaged``
+    (repair salvaging what it can)."""
+    wanted = set(digests)
+    by_block: dict[int, list[ChunkLoc]] = {}
+    for c in index.chunks:
+        if c.digest in wanted:
+            by_block.setdefault(c.block, []).append(c)
+    source = pack_key(index.pack)
+    builder = PackBuilder()
+    sealed: list[Sealed] = []
+    copied: set[bytes] = set()
+    for n, locs in sorted(by_block.items()):
+        try:
+            block = read_blocks(backend, index, [n])[n]
+        except (CorruptObject, NotFound):
+            if not skip_damaged:
+                raise
+            continue
+        for c in locs:
+            try:
+                data = chunk_of(block, c, source)
+            except CorruptObject:
+                if not skip_damaged:
+                    raise
+                continue
+            sealed += builder.add(c.digest, data, small=True)
+            copied.add(c.digest)
+    for one in sealed + builder.finish():
+        publish(backend, one)
+    return copied
