@@ -33,9 +33,9 @@ FAKE_CASSTORE = """#!/bin/sh
 printf '%s\\n' "$*" >> "$FAKE_CASSTORE_LOG"
 """
 
-# Put first on PYTHONPATH: the CLI's `import typer` then fails as where the `cli` extra
+# Put first on PYTHONPATH: the CLI's `import click` then fails as where the `cli` extra
 # is not installed.
-NO_TYPER = "raise ModuleNotFoundError(\"No module named 'typer'\", name='typer')\n"
+NO_CLICK = "raise ModuleNotFoundError(\"No module named 'click'\", name='click')\n"
 
 
 def code_blocks(doc: str, lang: str) -> list[str]:
@@ -104,19 +104,19 @@ def test_the_server_starts_when_casstore_is_not_installed(doc: str, tmp_path: Pa
 
 @pytest.mark.parametrize("doc", START_DOCS)
 def test_the_server_starts_when_the_cli_extra_is_missing(doc: str, tmp_path: Path) -> None:
-    """`casstore` is installed, but without `[cli]`: the command fails importing typer."""
+    """`casstore` is installed, but without `[cli]`: the command fails importing click."""
     bin_dir = _fake_bin(tmp_path)
     casstore = bin_dir / "casstore"
     casstore.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m casstore "$@"\n')
     casstore.chmod(0o755)
-    blocker = tmp_path / "no-typer"
+    blocker = tmp_path / "no-click"
     blocker.mkdir()
-    (blocker / "typer.py").write_text(NO_TYPER)
+    (blocker / "click.py").write_text(NO_CLICK)
     env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"}
     for argv in server_start_commands(doc):
         _, args, stderr = _start(argv, tmp_path, env)
         assert args.startswith("serve "), args
-        assert "typer" in stderr  # the sidecar really could not run
+        assert "click" in stderr  # the sidecar really could not run
 
 
 @pytest.mark.parametrize("doc", START_DOCS)

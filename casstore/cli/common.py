@@ -1,43 +1,45 @@
-"""What every command shares: the typer app and its global options, the consoles, exit
-codes and error handling, option types, value parsing, JSON output and formatting.
+"""What every command shares: the lazy command group, the global options and the options
+several commands take (as decorators), exit codes and error handling, value parsing, and
+output.
 
 Global options (``--root``, ``--threads``, ``-v``) are accepted before the command and
-after it: each command declares them too and calls :func:`apply_globals`; a value given
-after the command wins over one given before it.
+after it: each command declares them too (:func:`global_options`) and calls
+:func:`apply_globals`; a value given after the command wins over one given before it.
+
+Start-up stays light: this module imports neither the store nor rich. A command imports
+what it needs when it runs (:func:`open_store` imports the store; :func:`progress` and
+:func:`print_table` import rich, the first only on a terminal), and :class:`LazyGroup`
+imports only the module of the command invoked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
 import re
 import sys
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
+import click
 import msgspec
-import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.text import Text
 
-from casstore import __version__, config, signing
+from casstore import config, signing
+from casstore.cli.without_extra import CLI_LIBRARIES
+from casstore.cli.without_extra import main as without_extra
 from casstore.errors import CasstoreError, InvalidManifest, NotFound, UnsupportedRoot
-from casstore.keys import CacheKey, detect_key, model_label
-from casstore.store import Store
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from casstore.keys import CacheKey
+    from casstore.store import Store
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # anything else: one line on stderr
@@ -45,27 +47,36 @@ EXIT_USAGE = 2  # a bad option value, a missing directory, a file where a direct
 EXIT_NOT_FOUND = 3  # no such key
 EXIT_INCOMPLETE = 4  # a load with missing files, a verify that found damage
 
-app = typer.Typer(
-    name="casstore",
-    # Plain help: no rich panels, no "<bool>" beside flags; one line per usage error (main).
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# Every command and group in this package, and the settings the root group hands down to
+# them: -h as well as --help, and `[default: ...]` shown in help wherever one is set.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
 
-# Off a terminal, rich would wrap tables at 80 columns; scripts want whole lines.
-# markup=False: what is printed includes text anyone who can write the store chose (a
-# manifest's producer host, object names); rich markup in it ("[conceal]") must print as
-# it is, never restyle or hide what follows. Styles go through rich.text.Text.
-out = Console(
-    soft_wrap=True,
-    width=None if sys.stdout.isatty() else 1000,
-    highlight=False,
-    markup=False,
-    emoji=False,  # ":a:" in a model label (org:a:v1) is text, not an emoji code
-)
-err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False)
+FC = TypeVar("FC", bound=Callable[..., Any])
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are named ``"module:attribute"`` and imported only when one
+    is invoked (``--help`` imports them all, to list their help): a command pays for its
+    own imports, never for those of the others."""
+
+    def __init__(
+        self, *args: Any, lazy_commands: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})  # in the order help lists them
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.lazy_commands, *super().list_commands(ctx)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_commands.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
 
 
 @dataclasses.dataclass
@@ -80,18 +91,71 @@ class GlobalOptions:
 options = GlobalOptions()
 
 
+# --- output ---------------------------------------------------------------------------------
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """One line on stdout (stderr with ``err``), printed as it is: what is printed includes
+    text anyone who can write the store chose (a manifest's producer host, object names),
+    so nothing in it is read as markup or emoji codes ("[conceal]", ":a:" print as they
+    are), and nothing is stripped either."""
+    click.echo(text, err=err, color=True)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def paint(text: str, color: str, *, err: bool = False) -> str:
+    """``text`` in ``color`` where it goes to a terminal (and $NO_COLOR is not set);
+    elsewhere as it is."""
+    stream = sys.stderr if err else sys.stdout
+    if not color or not _is_terminal(stream) or os.environ.get("NO_COLOR", ""):
+        return text
+    return click.style(text, fg=color)
+
+
+def emit_json(doc: Any) -> None:
+    """``doc`` as indented JSON on stdout; text other than ASCII as it is."""
+    echo(json.dumps(msgspec.to_builtins(doc), indent=2, ensure_ascii=False))
+
+
+def print_table(table: Table) -> None:
+    """A rich table on stdout. Off a terminal, rich would wrap it at 80 columns; scripts
+    want whole lines. markup=False: cells hold text anyone who can write the store chose;
+    rich markup in it must print as it is, never restyle or hide what follows. emoji=False:
+    ":a:" in a model label (org:a:v1) is text, not an emoji code."""
+    from rich.console import Console
+
+    Console(
+        soft_wrap=True,
+        width=None if _is_terminal(sys.stdout) else 1000,
+        highlight=False,
+        markup=False,
+        emoji=False,
+    ).print(table)
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
-def say(label: str, style: str, message: str) -> None:
-    """``label: message`` as one line on stderr (never parsed as markup)."""
-    err.print(Text.assemble((f"{label}:", style), " ", " ".join(message.split())))
+def say(label: str, color: str, message: str) -> None:
+    """``label: message`` as one line on stderr, the label in ``color`` on a terminal."""
+    echo(f"{paint(f'{label}:', color, err=True)} {' '.join(message.split())}", err=True)
+
+
+def exit_with(code: int) -> NoReturn:
+    """End the command with exit status ``code`` (main() exits with it)."""
+    raise click.exceptions.Exit(code)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
     say("error", "red", message)
-    raise typer.Exit(code)
+    exit_with(code)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -118,63 +182,139 @@ def errors() -> Iterator[None]:
         fail(f"{e.strerror or e}{where}")
 
 
-def main() -> NoReturn:
-    """Run the app; usage errors are one line too, and exit 2."""
+def run(group: click.Group) -> NoReturn:
+    """Run ``group`` as the ``casstore`` command; usage errors are one line too, and exit 2;
+    any other error is one line, with its traceback under -v."""
     try:
-        code = app(standalone_mode=False, prog_name="casstore")
-    except typer.TyperException as e:  # usage errors (exit 2) and the like
+        code = group.main(prog_name="casstore", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors (exit 2) and the like
         say("error", "red", e.format_message())
         sys.exit(e.exit_code)
-    except typer.Abort:  # Ctrl-C or end of input at a prompt
+    except click.exceptions.Abort:  # Ctrl-C or end of input at a prompt
         say("error", "red", "aborted")
         sys.exit(EXIT_ERROR)
     except Exception as e:  # a bug: still one line, the traceback with -v
+        if isinstance(e, ModuleNotFoundError) and _top_name(e.name) in CLI_LIBRARIES:
+            without_extra()  # rich, imported by the commands that draw tables and bars
         if options.verbose:
+            import traceback
+
             traceback.print_exc()
         say("error", "red", f"unexpected {type(e).__name__}: {e} (-v shows the traceback)")
         sys.exit(EXIT_ERROR)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-# --- global options -------------------------------------------------------------------------
+def _top_name(module: str | None) -> str:
+    return (module or "").partition(".")[0]
+
+
+# --- option decorators ----------------------------------------------------------------------
+
+
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[FC], FC]:
+    """One decorator applying ``decorators``; help lists their options in this order."""
+
+    def apply(f: FC) -> FC:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
 
 # Strings, not Paths: a URL root must be refused before Path() collapses its "//".
-RootOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--root",
-        metavar="PATH",
-        show_default=False,
-        help="Store root (default: $CASSTORE_ROOT, else the scope's volume such as "
-        "/cache/org/cas when mounted, else ~/.cache/casstore; `casstore doctor` tells).",
+root_option = click.option(
+    "--root",
+    metavar="PATH",
+    help="Store root (default: $CASSTORE_ROOT, else the scope's volume such as "
+    "/cache/org/cas when mounted, else ~/.cache/casstore; `casstore doctor` tells).",
+)
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1, max=256),
+    metavar="N",
+    help="I/O threads. Default: $CASSTORE_THREADS, else 4 per core (at most 32).",
+)
+verbose_option = click.option("--verbose", "-v", is_flag=True, help="Log details on stderr.")
+#: --root, --threads, -v: each command takes them after its name too (``apply_globals``).
+global_options = _options(root_option, threads_option, verbose_option)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from casstore import __version__
+
+        click.echo(f"casstore {__version__}")
+        ctx.exit()
+
+
+version_option = click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the version and exit.",
+)
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."
+)
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Show what would be done; change nothing."
+)
+#: --torch, --arch, --model, --tree, --extra: the key of save and load (:func:`build_key`).
+key_options = _options(
+    click.option(
+        "--torch", metavar="VERSION", help="torch version of the key (default: the installed one)."
     ),
-]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        min=1,
-        max=256,
-        metavar="N",
-        show_default=False,
-        help="I/O threads. Default: $CASSTORE_THREADS, else 4 per core (at most 32).",
+    click.option(
+        "--arch",
+        metavar="ARCH",
+        help="Accelerator arch of the key: sm_XY or a CPU ISA label (default: this host).",
     ),
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log details on stderr.")]
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"casstore {__version__}")
-        raise typer.Exit()
-
-
-VersionOpt = Annotated[
-    bool,
-    typer.Option(
-        "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    click.option(
+        "--model",
+        metavar="MODEL",
+        default="default",
+        envvar="CASSTORE_MODEL",
+        show_envvar=True,
+        help="Model fingerprint.",
     ),
-]
+    click.option(
+        "--tree",
+        metavar="TREE",
+        default="inductor",
+        help="Tree name, a key factor: 'inductor' (the default) gives the key of "
+        "load_compile_cache()/save_compile_cache(), 'vllm' that of `casstore vllm`.",
+    ),
+    click.option(
+        "--extra", metavar="NAME=VALUE", multiple=True, help="Extra key factor (repeatable)."
+    ),
+)
+signing_key_option = click.option(
+    "--signing-key",
+    metavar="PATH",
+    help="Sign the manifests published with this private key (`casstore keygen`). "
+    "Default: $CASSTORE_SIGNING_KEY.",
+)
+trusted_keys_option = click.option(
+    "--trusted-keys",
+    metavar="KEYS",
+    help="Use only manifests signed by these public keys: ed25519:... separated by "
+    "commas, or a file with one per line. Default: $CASSTORE_TRUSTED_KEYS; unset: "
+    "every manifest, signed or not.",
+)
+#: ID: a key id or an unambiguous prefix of one (click shows no help for arguments: the
+#: commands' help says so).
+key_ref_argument = click.argument("ref", metavar="ID")
+
+
+# --- global options -------------------------------------------------------------------------
 
 
 def apply_globals(root: str | None, threads: int | None, verbose: bool) -> None:
@@ -190,25 +330,6 @@ def apply_globals(root: str | None, threads: int | None, verbose: bool) -> None:
     if verbose:
         options.verbose = True
         logging.getLogger("casstore").setLevel(logging.INFO)
-
-
-@app.callback(invoke_without_command=True)
-def global_options(
-    ctx: typer.Context,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
-    version: VersionOpt = False,
-) -> None:
-    """Content-addressed store for torch.compile caches on a shared volume.
-
-    Exit codes: 0 success; 1 error; 2 usage error; 3 key not found; 4 incomplete.
-    """
-    logging.basicConfig(level=logging.WARNING, format="casstore: %(message)s", stream=sys.stderr)
-    apply_globals(root, threads, verbose)
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
-        raise typer.Exit(EXIT_USAGE)
 
 
 def root_choice(*, warn: bool = True) -> config.RootChoice:
@@ -241,6 +362,8 @@ def open_store(
     or $CASSTORE_TRUSTED_KEYS (``trust_variable``), when either is set. Keys that cannot
     be read, or a setting given but empty, are an error, before the store is opened or
     created."""
+    from casstore.store import Store
+
     signer = signing.signing_key_from(signing_key, signing_variable) if sign else None
     trusted = signing.trusted_keys_from(trusted_keys, trust_variable) if trust else None
     return Store(
@@ -252,77 +375,15 @@ def open_store(
     )
 
 
-# --- option types shared by several commands ------------------------------------------------
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")
-]
-TorchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--torch", metavar="VERSION", help="torch version of the key (default: the installed one)."
-    ),
-]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        metavar="ARCH",
-        help="Accelerator arch of the key: sm_XY or a CPU ISA label (default: this host).",
-    ),
-]
-ModelOpt = Annotated[
-    str,
-    typer.Option("--model", metavar="MODEL", envvar="CASSTORE_MODEL", help="Model fingerprint."),
-]
-TreeOpt = Annotated[
-    str,
-    typer.Option(
-        "--tree",
-        metavar="TREE",
-        help="Tree name, a key factor: 'inductor' (the default) gives the key of "
-        "load_compile_cache()/save_compile_cache(), 'vllm' that of `casstore vllm`.",
-    ),
-]
-ExtraOpt = Annotated[
-    list[str] | None,
-    typer.Option("--extra", metavar="NAME=VALUE", help="Extra key factor (repeatable)."),
-]
-SigningKeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--signing-key",
-        metavar="PATH",
-        show_default=False,
-        help="Sign the manifests published with this private key (`casstore keygen`). "
-        "Default: $CASSTORE_SIGNING_KEY.",
-    ),
-]
-TrustedKeysOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--trusted-keys",
-        metavar="KEYS",
-        show_default=False,
-        help="Use only manifests signed by these public keys: ed25519:... separated by "
-        "commas, or a file with one per line. Default: $CASSTORE_TRUSTED_KEYS; unset: "
-        "every manifest, signed or not.",
-    ),
-]
-KeyRefArg = Annotated[
-    str, typer.Argument(metavar="ID", help="Key id or unambiguous id prefix (from `ls`).")
-]
-
-
 def build_key(
-    torch: str | None, arch: str | None, model: str, tree: str, extra: list[str] | None
+    torch: str | None, arch: str | None, model: str, tree: str, extra: Iterable[str]
 ) -> CacheKey:
     """The key the key options name; the factors not given are this host's."""
+    from casstore.keys import CacheKey, detect_key, model_label
+
     extras: dict[str, str] = {"tree": tree}
     model = model_label(model)  # the same label model.py and the sidecar use for this name
-    for item in extra or []:
+    for item in extra:
         name, sep, value = item.partition("=")
         if not (sep and name and value):
             usage_error(f"--extra expects NAME=VALUE, got {item!r}")
@@ -372,11 +433,7 @@ def parse_size(text: str, option: str) -> int:
         usage_error(f"{option}: {e}")
 
 
-# --- output ---------------------------------------------------------------------------------
-
-
-def emit_json(doc: Any) -> None:
-    out.print_json(json.dumps(msgspec.to_builtins(doc)), highlight=False)
+# --- formatting -----------------------------------------------------------------------------
 
 
 def iso_time(ts: float) -> str:
@@ -403,17 +460,28 @@ def duration_text(seconds: float) -> str:
 
 @contextmanager
 def progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr, only on a terminal: yields the callback, or None."""
-    if not enabled or not err.is_terminal:
+    """A progress bar on stderr, only on a terminal: yields the callback, or None. rich is
+    imported only to draw one."""
+    if not enabled or not _is_terminal(sys.stderr):
         yield None
         return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         TextColumn(label),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False),
         transient=True,
     ) as bar:
         task = bar.add_task(label, total=None)

@@ -16,24 +16,22 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from casstore import config, constants, signing
 from casstore.backends.fs import FileSystemBackend
 from casstore.cli.common import (
     EXIT_ERROR,
-    JsonOpt,
-    RootOpt,
-    ThreadsOpt,
-    VerboseOpt,
     apply_globals,
+    echo,
     emit_json,
+    exit_with,
+    global_options,
     io_threads,
+    json_option,
     mib,
     nearest_existing,
-    out,
     root_choice,
     say,
 )
@@ -330,21 +328,18 @@ def _trust(found: Diagnosis) -> signing.TrustedKeys | None:
     return trusted
 
 
+@click.command()
+@click.option(
+    "--model",
+    metavar="MODEL",
+    envvar="CASSTORE_MODEL",
+    show_envvar=True,
+    help="Model fingerprint whose keys to check (default: $CASSTORE_MODEL or default).",
+)
+@json_option
+@global_options
 def doctor(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            metavar="MODEL",
-            envvar="CASSTORE_MODEL",
-            show_default=False,
-            help="Model fingerprint whose keys to check (default: $CASSTORE_MODEL or default).",
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    model: str | None, as_json: bool, root: str | None, threads: int | None, verbose: bool
 ) -> None:
     """Check the store this host would use: root, access, space, keys; exit 1 on a problem."""
     apply_globals(root, threads, verbose)
@@ -356,7 +351,7 @@ def doctor(
     for problem in found.problems:
         say("problem", "red", problem)
     if not found.ok:
-        raise typer.Exit(EXIT_ERROR)
+        exit_with(EXIT_ERROR)
 
 
 def _yes(value: bool | None) -> str:
@@ -367,26 +362,26 @@ def _print(found: Diagnosis) -> None:
     source = _SOURCE_LABELS.get(found.root_source, found.root_source)
     perms = ", ".join(f"{step} {_yes(v)}" for step, v in found.permissions.items())
     free = mib(found.free_bytes) if found.free_bytes is not None else "?"
-    out.print(f"root       {found.root} (from {source})")
-    out.print(f"scope      {found.scope} (volume {found.mount})")
-    out.print(f"store      {found.store}")
-    out.print(f"access     {perms}")
-    out.print(f"free       {free}")
-    out.print(f"publish    {found.primitive or '?'}")
-    out.print(f"threads    {found.threads}")
-    out.print(f"signing    {found.signing_key or 'unsigned (no CASSTORE_SIGNING_KEY)'}")
+    echo(f"root       {found.root} (from {source})")
+    echo(f"scope      {found.scope} (volume {found.mount})")
+    echo(f"store      {found.store}")
+    echo(f"access     {perms}")
+    echo(f"free       {free}")
+    echo(f"publish    {found.primitive or '?'}")
+    echo(f"threads    {found.threads}")
+    echo(f"signing    {found.signing_key or 'unsigned (no CASSTORE_SIGNING_KEY)'}")
     trusted = (
         f"{found.trusted_keys} keys: loads use only manifests they signed"
         if found.trusted_keys
         else "every manifest, signed or not (no CASSTORE_TRUSTED_KEYS)"
     )
-    out.print(f"trust      {trusted}")
-    out.print(f"keys of model {found.model}:")
+    echo(f"trust      {trusted}")
+    echo(f"keys of model {found.model}:")
     for k in found.keys:
         state = "saved" if k.exists else "not saved"
-        out.print(
+        echo(
             f"  {k.user:8} {k.tree:19} {k.key.id[:12]}  {state:9}  {k.key.describe()}"
             f"  <- {k.local_dir}"
         )
     count = len(found.problems)
-    out.print("ok" if found.ok else f"{count} problem{'s' if count > 1 else ''}")
+    echo("ok" if found.ok else f"{count} problem{'s' if count > 1 else ''}")

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from casstore import config, explain
 from casstore.cli.common import (
-    JsonOpt,
-    RootOpt,
-    ThreadsOpt,
-    TrustedKeysOpt,
-    VerboseOpt,
     apply_globals,
+    echo,
     emit_json,
     errors,
+    global_options,
     iso_time,
+    json_option,
     local_time,
     mib,
     options,
-    out,
+    trusted_keys_option,
 )
 from casstore.signing import signer_name, trusted_keys_from
 
@@ -55,34 +53,32 @@ def _tree_json(r: explain.TreeReport) -> dict[str, Any]:
     return doc
 
 
+@click.command("explain")
+@click.option(
+    "--model",
+    metavar="MODEL",
+    envvar="CASSTORE_MODEL",
+    show_envvar=True,
+    help="Model fingerprint (default: $CASSTORE_MODEL or default).",
+)
+@click.option(
+    "--scope",
+    metavar="SCOPE",
+    help="org or deployment (default: $CASSTORE_SCOPE, else org).",
+)
+@click.option("--vllm", is_flag=True, help="Explain the key of `casstore vllm` instead.")
+@trusted_keys_option
+@json_option
+@global_options
 def explain_cmd(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            metavar="MODEL",
-            envvar="CASSTORE_MODEL",
-            show_default=False,
-            help="Model fingerprint (default: $CASSTORE_MODEL or default).",
-        ),
-    ] = None,
-    scope: Annotated[
-        str | None,
-        typer.Option(
-            "--scope",
-            metavar="SCOPE",
-            show_default=False,
-            help="org or deployment (default: $CASSTORE_SCOPE, else org).",
-        ),
-    ] = None,
-    vllm: Annotated[
-        bool, typer.Option("--vllm", help="Explain the key of `casstore vllm` instead.")
-    ] = False,
-    trusted_keys: TrustedKeysOpt = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    model: str | None,
+    scope: str | None,
+    vllm: bool,
+    trusted_keys: str | None,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Say whether each tree load_compile_cache() would restore here is saved, computing
     this host's key as it does; for a miss, list the nearest stored keys and every factor
@@ -109,29 +105,27 @@ def explain_cmd(
             }
         )
         return
-    out.print(
-        f"model {found.model}, store {choice.path} (from {choice.source}, scope {choice.scope})"
-    )
+    echo(f"model {found.model}, store {choice.path} (from {choice.source}, scope {choice.scope})")
     if not found.store_exists:
-        out.print("  no store there yet: every key misses until a first save")
+        echo("  no store there yet: every key misses until a first save")
     for r in found.trees:
         head = f"{r.tree:19} {r.key.id[:12]}  "
         signers = ", ".join(signer_name(s, short=True) for s in r.info.signers) if r.info else ""
         if r.status == explain.FOUND and r.info is not None:
-            out.print(
+            echo(
                 f"{head}found: {r.info.files} files, {mib(r.info.bytes)}, last saved "
                 f"{local_time(r.info.last_saved)}, {signers}"
             )
             continue
         if r.status == explain.UNTRUSTED:
-            out.print(f"{head}saved, but no trusted key signed it ({signers}): a load misses")
+            echo(f"{head}saved, but no trusted key signed it ({signers}): a load misses")
         else:
-            out.print(f"{head}missing ({r.key.describe()})")
+            echo(f"{head}missing ({r.key.describe()})")
         if not r.nearest:
-            out.print("  no other key is stored")
+            echo("  no other key is stored")
         for c in r.nearest:
             where = f" in {c.where}" if c.where else ""
             saved = f", last saved {local_time(c.last_saved)}" if c.last_saved else ""
-            out.print(f"  nearest {c.key.id[:12]}{where}{saved}; differs in:")
+            echo(f"  nearest {c.key.id[:12]}{where}{saved}; differs in:")
             for d in c.differences:
-                out.print(f"    {d.factor:8} stored {d.stored:24} here {d.here}")
+                echo(f"    {d.factor:8} stored {d.stored:24} here {d.here}")

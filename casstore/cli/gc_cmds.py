@@ -5,29 +5,25 @@ asks first."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
 
-import typer
+import click
 
 from casstore import config
 from casstore import gc as gc_mod
 from casstore.cli.common import (
     EXIT_ERROR,
-    DryRunOpt,
-    JsonOpt,
-    KeyRefArg,
-    RootOpt,
-    ThreadsOpt,
-    VerboseOpt,
-    YesOpt,
     apply_globals,
+    dry_run_option,
     duration_text,
+    echo,
     emit_json,
-    err,
     errors,
+    exit_with,
+    global_options,
+    json_option,
+    key_ref_argument,
     mib,
     open_store,
-    out,
     parse_duration,
     parse_size,
     progress,
@@ -35,6 +31,7 @@ from casstore.cli.common import (
     stdin_is_terminal,
     usage_error,
     warn,
+    yes_option,
 )
 
 # A grace shorter than this could let gc delete chunks a slow save has just written.
@@ -44,16 +41,24 @@ GC_SIGNING_KEY_VARIABLE = "CASSTORE_GC_SIGNING_KEY"
 GC_TRUSTED_KEYS_VARIABLE = "CASSTORE_GC_TRUSTED_KEYS"
 
 
+@click.command()
+@key_ref_argument
+@yes_option
+@dry_run_option
+@json_option
+@global_options
 def rm(
-    ref: KeyRefArg,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    ref: str,
+    yes: bool,
+    dry_run: bool,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Delete a key's manifests; its chunks are freed by the next gc (after the grace).
+
+    ID: the key id or an unambiguous id prefix (from `ls`).
 
     Shows the key first. Given an id prefix rather than the full id, it asks (-y does not);
     off a terminal, a prefix needs -y.
@@ -77,7 +82,7 @@ def rm(
         if as_json:
             emit_json({**doc, "deleted": False, "manifests_deleted": 0})
         else:
-            out.print(f"would remove {what}")
+            echo(f"would remove {what}")
         return
     if not yes and ref.strip().lower() != key.id:
         if not stdin_is_terminal():
@@ -85,104 +90,100 @@ def rm(
                 f"{ref!r} is a prefix of key {key.id} ({key.describe()}); to delete it, "
                 "give the full id or -y"
             )
-        err.print(f"remove {what}")
-        if not typer.confirm("delete it?", err=True):
-            raise typer.Exit(EXIT_ERROR)
+        echo(f"remove {what}", err=True)
+        if not click.confirm("delete it?", err=True):
+            exit_with(EXIT_ERROR)
     with errors():
         count = gc_mod.remove_key(store, key)
     if as_json:
         emit_json({**doc, "deleted": True, "manifests_deleted": count})
     else:
-        out.print(f"removed {what}")
+        echo(f"removed {what}")
 
 
+@click.command()
+@click.option(
+    "--max-age",
+    envvar="CASSTORE_GC_MAX_AGE",
+    show_envvar=True,
+    metavar="DURATION",
+    help="Drop keys neither saved nor loaded for this long (30d, 12h).",
+)
+@click.option(
+    "--max-size",
+    envvar="CASSTORE_GC_MAX_SIZE",
+    show_envvar=True,
+    metavar="SIZE",
+    help="Drop least-recently-used keys until the stored chunks fit (500G, 2T).",
+)
+@click.option(
+    "--keep-last",
+    envvar="CASSTORE_GC_KEEP_LAST",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Per model (and tree): keep the N most recently used keys.",
+)
+@click.option(
+    "--grace",
+    envvar="CASSTORE_GC_GRACE",
+    show_envvar=True,
+    default="1h",
+    metavar="DURATION",
+    help="Never delete a chunk younger than this; must exceed the slowest save. "
+    "Below 10m it needs --unsafe-grace.",
+)
+@click.option(
+    "--unsafe-grace",
+    is_flag=True,
+    help="Accept a --grace below 10m: a save slower than the grace can lose chunks.",
+)
+@click.option("--compact/--no-compact", default=True, help="Merge each key's manifests into one.")
+@click.option(
+    "--usage-retention",
+    envvar="CASSTORE_GC_USAGE_RETENTION",
+    show_envvar=True,
+    default="90d",
+    metavar="DURATION",
+    help="Keep load and save records (stats --since, ls) this long.",
+)
+@click.option(
+    "--signing-key",
+    envvar=GC_SIGNING_KEY_VARIABLE,
+    show_envvar=True,
+    metavar="PATH",
+    help="Also merge the manifests this private key signed, signing the merged one with it "
+    "(gc never merges other signed manifests).",
+)
+@click.option(
+    "--trusted-keys",
+    envvar=GC_TRUSTED_KEYS_VARIABLE,
+    show_envvar=True,
+    metavar="KEYS",
+    help="Every public key any deployment trusts (ed25519:..., or a file): --keep-last and "
+    "--max-size then rank keys by their newest manifest one of these signed (not by "
+    "markers or other manifests, which anyone can write).",
+)
+@dry_run_option
+@yes_option
+@json_option
+@global_options
 def gc(
-    max_age: Annotated[
-        str | None,
-        typer.Option(
-            "--max-age",
-            envvar="CASSTORE_GC_MAX_AGE",
-            metavar="DURATION",
-            help="Drop keys neither saved nor loaded for this long (30d, 12h).",
-        ),
-    ] = None,
-    max_size: Annotated[
-        str | None,
-        typer.Option(
-            "--max-size",
-            envvar="CASSTORE_GC_MAX_SIZE",
-            metavar="SIZE",
-            help="Drop least-recently-used keys until the stored chunks fit (500G, 2T).",
-        ),
-    ] = None,
-    keep_last: Annotated[
-        int | None,
-        typer.Option(
-            "--keep-last",
-            envvar="CASSTORE_GC_KEEP_LAST",
-            min=1,
-            metavar="N",
-            help="Per model (and tree): keep the N most recently used keys.",
-        ),
-    ] = None,
-    grace: Annotated[
-        str,
-        typer.Option(
-            "--grace",
-            envvar="CASSTORE_GC_GRACE",
-            metavar="DURATION",
-            help="Never delete a chunk younger than this; must exceed the slowest save. "
-            "Below 10m it needs --unsafe-grace.",
-        ),
-    ] = "1h",
-    unsafe_grace: Annotated[
-        bool,
-        typer.Option(
-            "--unsafe-grace",
-            help="Accept a --grace below 10m: a save slower than the grace can lose chunks.",
-        ),
-    ] = False,
-    compact: Annotated[
-        bool, typer.Option("--compact/--no-compact", help="Merge each key's manifests into one.")
-    ] = True,
-    usage_retention: Annotated[
-        str,
-        typer.Option(
-            "--usage-retention",
-            envvar="CASSTORE_GC_USAGE_RETENTION",
-            metavar="DURATION",
-            help="Keep load and save records (stats --since, ls) this long.",
-        ),
-    ] = "90d",
-    signing_key: Annotated[
-        str | None,
-        typer.Option(
-            "--signing-key",
-            envvar=GC_SIGNING_KEY_VARIABLE,
-            metavar="PATH",
-            show_default=False,
-            help="Also merge the manifests this private key signed, signing the merged one "
-            "with it (gc never merges other signed manifests).",
-        ),
-    ] = None,
-    trusted_keys: Annotated[
-        str | None,
-        typer.Option(
-            "--trusted-keys",
-            envvar=GC_TRUSTED_KEYS_VARIABLE,
-            metavar="KEYS",
-            show_default=False,
-            help="Every public key any deployment trusts (ed25519:..., or a file): "
-            "--keep-last and --max-size then rank keys by their newest manifest one of "
-            "these signed (not by markers or other manifests, which anyone can write).",
-        ),
-    ] = None,
-    dry_run: DryRunOpt = False,
-    yes: YesOpt = False,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    max_age: str | None,
+    max_size: str | None,
+    keep_last: int | None,
+    grace: str,
+    unsafe_grace: bool,
+    compact: bool,
+    usage_retention: str,
+    signing_key: str | None,
+    trusted_keys: str | None,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Apply retention, compact manifests, and delete unreferenced chunks past the grace.
 
@@ -226,7 +227,7 @@ def gc(
                 if as_json:
                     emit_json({"executed": False, "busy": True, "message": BUSY_MESSAGE})
                 else:
-                    err.print(BUSY_MESSAGE)
+                    echo(BUSY_MESSAGE, err=True)
                 return
             plan = gc_mod.plan(store, policy)
             summary = plan.summary()
@@ -241,9 +242,9 @@ def gc(
                 and stdin_is_terminal()
                 and not as_json
                 and (plan.drop or plan.set_aside or plan.packs or plan.repack)
-                and not typer.confirm("go ahead?", err=True)
+                and not click.confirm("go ahead?", err=True)
             ):
-                raise typer.Exit(EXIT_ERROR)
+                exit_with(EXIT_ERROR)
             with progress("sweeping", not as_json) as on_progress:
                 report = gc_mod.execute(store, plan, threads=store.threads, progress=on_progress)
     if as_json:
@@ -256,7 +257,7 @@ def gc(
             }
         )
         return
-    out.print(
+    echo(
         f"set aside {report.keys_dropped} keys"
         + (f", kept {report.keys_spared} used since planning" if report.keys_spared else "")
         + f"; deleted {report.keys_expired} set aside earlier ({report.manifests_deleted} "
@@ -271,36 +272,36 @@ def gc(
 
 
 def _print_plan(plan: gc_mod.Plan) -> None:
-    out.print(f"{len(plan.keys)} keys; live: {plan.live_chunks} chunks ({mib(plan.live_bytes)})")
+    echo(f"{len(plan.keys)} keys; live: {plan.live_chunks} chunks ({mib(plan.live_bytes)})")
     for d in plan.drop:
-        out.print(
+        echo(
             f"  set aside {d.state.key_id[:12]} ({d.state.key.describe()}): {d.reason}; "
             "it stops loading now, and the next run deletes it unless it is saved again"
         )
     for a in plan.set_aside:
         if a.restore:
-            out.print(f"  restore {a.key_id[:12]}: set aside by an earlier run, saved since")
+            echo(f"  restore {a.key_id[:12]}: set aside by an earlier run, saved since")
         elif a.due:
-            out.print(f"  delete {a.key_id[:12]}: set aside by an earlier run")
+            echo(f"  delete {a.key_id[:12]}: set aside by an earlier run")
         else:
-            out.print(
+            echo(
                 f"  keep {a.key_id[:12]} set aside: deleted by a run at least "
                 f"{duration_text(plan.policy.grace)} after it was set aside"
             )
     if plan.compact:
-        out.print(f"  compact {len(plan.compact)} keys with several manifests")
+        echo(f"  compact {len(plan.compact)} keys with several manifests")
     for key_id, why in plan.uncompacted:
-        out.print(f"  leave {key_id[:12]} uncompacted: {why}")
+        echo(f"  leave {key_id[:12]} uncompacted: {why}")
     grace = duration_text(plan.policy.grace)
     if plan.sweep_blocked:
-        out.print(f"  delete no pack: {plan.sweep_blocked}")
+        echo(f"  delete no pack: {plan.sweep_blocked}")
     else:
-        out.print(
+        echo(
             f"  delete {len(plan.packs)} packs with no live chunk older than {grace}, "
             f"repack {len(plan.repack)} mostly dead ones ({mib(plan.freed_bytes)})"
         )
-    out.print(
+    echo(
         f"  the grace keeps {plan.grace_kept} packs with no live chunk younger than {grace} "
         f"({mib(plan.grace_kept_bytes)})"
     )
-    out.print(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")
+    echo(f"  remove {len(plan.temps)} stale temp files, {len(plan.locks)} stale lock files")

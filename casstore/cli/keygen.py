@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from casstore import signing
-from casstore.cli.common import VerboseOpt, apply_globals, err, errors, fail, out
+from casstore.cli.common import apply_globals, echo, errors, fail, verbose_option
 
 
-def keygen(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            metavar="PATH",
-            dir_okay=False,
-            help="File for the new private key (never overwritten), or with --public the "
-            "private key to read.",
-        ),
-    ],
-    public: Annotated[
-        bool,
-        typer.Option("--public", help="Print the public key of the private key at PATH."),
-    ] = False,
-    verbose: VerboseOpt = False,
-) -> None:
+@click.command()
+@click.argument("path", metavar="PATH", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--public", is_flag=True, help="Print the public key of the private key at PATH.")
+@verbose_option
+def keygen(path: Path, public: bool, verbose: bool) -> None:
     """Write a new ed25519 signing key to PATH (mode 0600) and print its public key.
+
+    PATH: the file for the new private key (never overwritten), or with --public the
+    private key to read.
 
     The public key (one line, ed25519:<base64>) goes on stdout: put it in the trusted keys
     of the replicas that should run what this key signs ($CASSTORE_TRUSTED_KEYS). Keep the
@@ -36,11 +27,11 @@ def keygen(
     apply_globals(None, None, verbose)
     with errors():
         if public:
-            out.print(str(signing.load_signing_key(path).public))
+            echo(str(signing.load_signing_key(path).public))
             return
         try:
             key = signing.generate(path)
         except FileExistsError:
             fail(f"{path} exists; a signing key is never overwritten (choose another path)")
-    out.print(str(key))
-    err.print(f"wrote the private key to {path} (mode 0600); the public key is above")
+    echo(str(key))
+    echo(f"wrote the private key to {path} (mode 0600); the public key is above", err=True)

@@ -8,75 +8,81 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
-import typer
-from rich.table import Table
-from rich.text import Text
+import click
 
-from casstore import audit, constants, usage
+from casstore import constants
 from casstore.cli.common import (
     EXIT_INCOMPLETE,
-    ArchOpt,
-    ExtraOpt,
-    JsonOpt,
-    KeyRefArg,
-    ModelOpt,
-    RootOpt,
-    SigningKeyOpt,
-    ThreadsOpt,
-    TorchOpt,
-    TreeOpt,
-    TrustedKeysOpt,
-    VerboseOpt,
     apply_globals,
     build_key,
     duration_text,
+    echo,
     emit_json,
     errors,
+    exit_with,
     fail,
+    global_options,
     iso_time,
+    json_option,
+    key_options,
+    key_ref_argument,
     local_time,
     mib,
     open_store,
-    out,
+    paint,
     parse_duration,
     parse_size,
+    print_table,
     progress,
+    signing_key_option,
+    trusted_keys_option,
     usage_error,
     warn,
 )
-from casstore.manifest import merge
-from casstore.signing import signer_name, trusted_keys_from
-from casstore.store import KeyInfo, Store
+
+if TYPE_CHECKING:
+    from casstore.store import KeyInfo, Store
 
 # Extra factors in the order `ls` shows them; any other follows, by name.
 FACTOR_ORDER = ("tree", "device", "cpu", "python", "triton")
 
 
+@click.command()
+@click.argument(
+    "directory",
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@key_options
+@click.option(
+    "--max-size-mb",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Refuse trees larger than this many MiB.",
+)
+@signing_key_option
+@json_option
+@global_options
 def save(
-    directory: Annotated[
-        Path,
-        typer.Argument(metavar="DIR", exists=True, file_okay=False, help="Directory to save."),
-    ],
-    torch: TorchOpt = None,
-    arch: ArchOpt = None,
-    model: ModelOpt = "default",
-    tree: TreeOpt = "inductor",
-    extra: ExtraOpt = None,
-    max_size_mb: Annotated[
-        int | None,
-        typer.Option(
-            "--max-size-mb", min=0, metavar="N", help="Refuse trees larger than this many MiB."
-        ),
-    ] = None,
-    signing_key: SigningKeyOpt = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    directory: Path,
+    torch: str | None,
+    arch: str | None,
+    model: str,
+    tree: str,
+    extra: tuple[str, ...],
+    max_size_mb: int | None,
+    signing_key: str | None,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
-    """Save DIR under a key; only chunks the store lacks are uploaded."""
+    """Save DIR under a key; only chunks the store lacks are uploaded.
+
+    DIR: the directory to save.
+    """
     apply_globals(root, threads, verbose)
     with errors():
         key = build_key(torch, arch, model, tree, extra)  # first: a key error creates no store
@@ -102,21 +108,21 @@ def save(
             }
         )
     elif report.files == 0:
-        out.print(f"nothing saved: {directory} holds no files")
+        echo(f"nothing saved: {directory} holds no files")
     else:
         signed = f", signed by {store.signing_key.public}" if store.signing_key else ""
-        out.print(
+        echo(
             f"saved {key}{signed}"
             if saved
             else f"nothing new: {key} already holds these files{signed}"
         )
-        out.print(
+        echo(
             f"  {report.files} files ({mib(report.bytes)}), {report.changed_files} new or "
             f"changed, {report.new_chunks} new chunks ({mib(report.new_bytes)}, "
             f"{mib(report.stored_bytes)} compressed) in {report.seconds:.2f}s"
         )
     if report.skipped and not as_json:
-        out.print(
+        echo(
             f"  skipped {len(report.skipped)}: "
             + ", ".join(f"{p} ({why})" for p, why in report.skipped[:5])
             + (" …" if len(report.skipped) > 5 else "")
@@ -137,38 +143,36 @@ def _check_writable(directory: Path) -> None:
     os.unlink(probe)
 
 
+@click.command()
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@key_options
+@click.option("--key", "key_id", metavar="ID", help="Key id (or prefix) instead of the key fields.")
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    help="Refuse keys larger than this (500M, 10G), before writing anything. Default: no cap.",
+)
+@trusted_keys_option
+@json_option
+@global_options
 def load(
-    directory: Annotated[
-        Path,
-        typer.Argument(
-            metavar="DIR", file_okay=False, help="Directory to restore into (created if needed)."
-        ),
-    ],
-    torch: TorchOpt = None,
-    arch: ArchOpt = None,
-    model: ModelOpt = "default",
-    tree: TreeOpt = "inductor",
-    extra: ExtraOpt = None,
-    key_id: Annotated[
-        str | None,
-        typer.Option("--key", metavar="ID", help="Key id (or prefix) instead of the key fields."),
-    ] = None,
-    max_size: Annotated[
-        str | None,
-        typer.Option(
-            "--max-size",
-            metavar="SIZE",
-            help="Refuse keys larger than this (500M, 10G), before writing anything. "
-            "Default: no cap.",
-        ),
-    ] = None,
-    trusted_keys: TrustedKeysOpt = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    directory: Path,
+    torch: str | None,
+    arch: str | None,
+    model: str,
+    tree: str,
+    extra: tuple[str, ...],
+    key_id: str | None,
+    max_size: str | None,
+    trusted_keys: str | None,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Restore a saved key into DIR, fetching only files not already present.
+
+    DIR: the directory to restore into (created if needed).
 
     With trusted keys (--trusted-keys, $CASSTORE_TRUSTED_KEYS), only manifests they signed
     are used; a key without one is not found (exit 3) and nothing is written.
@@ -184,19 +188,21 @@ def load(
     if as_json:
         emit_json({**dataclasses.asdict(report), "key": report.key, "key_id": report.key.id})
     else:
-        out.print(f"loaded {key}")
-        out.print(
+        echo(f"loaded {key}")
+        echo(
             f"  {report.written} written, {report.skipped} already present, "
             f"{len(report.missing)} missing; fetched {mib(report.bytes_fetched)} "
             f"in {report.seconds:.2f}s"
         )
     if report.missing:  # the load logged a warning naming them
-        raise typer.Exit(EXIT_INCOMPLETE)
+        exit_with(EXIT_INCOMPLETE)
 
 
 def _last_used(store: Store, info: KeyInfo) -> float:
     """The newer of the key's last save and its last use (its access marker), as gc sees
     it for --max-age and --max-size."""
+    from casstore.store import Store
+
     marker = store.backend.stat(Store.access_key(info.key.id))
     return max(info.last_saved, marker.mtime) if marker else info.last_saved
 
@@ -207,13 +213,14 @@ def _factor_names(infos: list[KeyInfo]) -> list[str]:
     return known + sorted(names - set(known))
 
 
-def list_keys(
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
+@click.command("ls")
+@json_option
+@global_options
+def list_keys(as_json: bool, root: str | None, threads: int | None, verbose: bool) -> None:
     """List the saved keys with every factor, size and last use."""
+    from casstore import usage
+    from casstore.signing import signer_name
+
     apply_globals(root, threads, verbose)
     with errors():
         store = open_store(create=False)
@@ -242,6 +249,8 @@ def list_keys(
             ]
         )
         return
+    from rich.table import Table
+
     factors = _factor_names(infos)
     table = Table(
         "key_id",
@@ -272,21 +281,33 @@ def list_keys(
             local_time(used[i.key.id]),
             ", ".join(signer_name(s, short=True) for s in i.signers),
         )
-    out.print(table)
+    print_table(table)
 
 
+@click.command()
+@key_ref_argument
+@click.option("--files", is_flag=True, help="List every file.")
+@trusted_keys_option
+@json_option
+@global_options
 def show(
-    ref: KeyRefArg,
-    files: Annotated[bool, typer.Option("--files", help="List every file.")] = False,
-    trusted_keys: TrustedKeysOpt = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    ref: str,
+    files: bool,
+    trusted_keys: str | None,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Show one key: its factors, its manifests (who signed each and, with trusted keys,
     whether they trust it) and its files: what a load would restore (with trusted keys,
-    from the manifests they trust only)."""
+    from the manifests they trust only).
+
+    ID: the key id or an unambiguous id prefix (from `ls`).
+    """
+    from casstore.manifest import merge
+    from casstore.signing import signer_name, trusted_keys_from
+
     apply_globals(root, threads, verbose)
     with errors():
         store = open_store(create=False)
@@ -328,40 +349,41 @@ def show(
             }
         )
         return
-    out.print(f"key {key.id}")
+    echo(f"key {key.id}")
     for name, value in [
         ("torch", key.torch),
         ("arch", key.arch),
         ("model", key.model),
         *sorted(key.extra.items()),
     ]:
-        out.print(f"  {name:8} {value}")
-    out.print(
-        f"{len(view)} files, {mib(sum(f.size for f in view.values()))}, {len(loaded)} manifests:"
-    )
+        echo(f"  {name:8} {value}")
+    echo(f"{len(view)} files, {mib(sum(f.size for f in view.values()))}, {len(loaded)} manifests:")
     for s in loaded:
         m = s.manifest
         p = m.producer
         verdict = {None: "", True: ", trusted", False: ", NOT trusted"}[trusted(s.signer)]
-        out.print(
+        echo(
             f"  {s.name.rsplit('/', 1)[-1]}  {local_time(m.created_at)}  {len(m.files)} files  "
             f"from {p.host} (casstore {p.casstore}, python {p.python})  "
             f"{signer_name(s.signer)}{verdict}"
         )
     if files:
         for f in view.values():
-            out.print(f"  {f.mode:04o} {f.size:>12} {f.path}")
+            echo(f"  {f.mode:04o} {f.size:>12} {f.path}")
 
 
+@click.command()
+@click.option("--repair", is_flag=True, help="Move damaged objects into quarantine/.")
+@trusted_keys_option
+@json_option
+@global_options
 def verify(
-    repair: Annotated[
-        bool, typer.Option("--repair", help="Move damaged objects into quarantine/.")
-    ] = False,
-    trusted_keys: TrustedKeysOpt = None,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    repair: bool,
+    trusted_keys: str | None,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Re-hash every chunk and check every manifest; exit 4 if anything is damaged.
 
@@ -373,6 +395,8 @@ def verify(
     to quarantine/, with damaged indexes and manifests; the next save that holds a lost
     chunk's bytes uploads it again.
     """
+    from casstore import audit
+
     apply_globals(root, threads, verbose)
     with errors():
         store = open_store(create=False, trusted_keys=trusted_keys, trust=True)
@@ -390,66 +414,67 @@ def verify(
             }
         )
     else:
-        out.print(
+        echo(
             f"{report.chunks} chunks in {report.packs} packs, {report.manifests} manifests checked"
         )
         for key, why in report.corrupt:
-            out.print(f"  damaged {key}: {why}")
+            echo(f"  damaged {key}: {why}")
         for key, why in report.unreadable:
-            out.print(f"  could not read {key} (not checked): {why}")
+            echo(f"  could not read {key} (not checked): {why}")
         for key, why in report.unsupported_indexes:
-            out.print(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
+            echo(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
         for pack_id in report.unindexed_packs:
-            out.print(f"  pack without an index (a save that crashed; gc removes it): {pack_id}")
+            echo(f"  pack without an index (a save that crashed; gc removes it): {pack_id}")
         for key, why in report.invalid_manifests:
-            out.print(f"  invalid manifest {key}: {why}")
+            echo(f"  invalid manifest {key}: {why}")
         for key, why in report.unsupported_manifests:
-            out.print(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
+            echo(f"  kept, from a newer casstore (upgrade to check it): {key}: {why}")
         for name, digest in report.missing_chunks:
-            out.print(f"  {name} references missing chunk {digest}")
+            echo(f"  {name} references missing chunk {digest}")
         for signer, count in sorted(report.signers.items()):
-            out.print(f"  {count} manifests {'' if signer == 'unsigned' else 'signed by '}{signer}")
+            echo(f"  {count} manifests {'' if signer == 'unsigned' else 'signed by '}{signer}")
         for name, signer in report.untrusted_manifests:
-            out.print(f"  not trusted ({signer}): {name}")
-        out.print(Text("ok") if report.ok else Text("damaged", style="red"))
+            echo(f"  not trusted ({signer}): {name}")
+        echo("ok" if report.ok else paint("damaged", "red"))
         if repaired is not None:
-            out.print(
+            echo(
                 f"quarantined {repaired.packs_quarantined} packs (their "
                 f"{repaired.chunks_salvaged} intact chunks packed again), "
                 f"{repaired.indexes_quarantined} indexes and "
                 f"{repaired.manifests_quarantined} manifests"
             )
     if not report.ok:
-        raise typer.Exit(EXIT_INCOMPLETE)
+        exit_with(EXIT_INCOMPLETE)
 
 
+@click.command()
+@click.option("--by", metavar="model", help="Break usage down: 'model'.")
+@click.option(
+    "--since",
+    metavar="DURATION",
+    default="7d",
+    help="Window of the load and save figures (7d, 12h, 30d).",
+)
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the figures in Prometheus' text format (for node_exporter's textfile collector).",
+)
+@json_option
+@global_options
 def stats(
-    by: Annotated[
-        str | None, typer.Option("--by", metavar="model", help="Break usage down: 'model'.")
-    ] = None,
-    since: Annotated[
-        str,
-        typer.Option(
-            "--since",
-            metavar="DURATION",
-            help="Window of the load and save figures (7d, 12h, 30d).",
-        ),
-    ] = "7d",
-    prometheus: Annotated[
-        bool,
-        typer.Option(
-            "--prometheus",
-            help="Print the figures in Prometheus' text format (for node_exporter's "
-            "textfile collector).",
-        ),
-    ] = False,
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
+    by: str | None,
+    since: str,
+    prometheus: bool,
+    as_json: bool,
+    root: str | None,
+    threads: int | None,
+    verbose: bool,
 ) -> None:
     """Chunks, stored bytes, logical bytes, dedup ratio, and loads and saves over a window:
     restores complete, partial and missed, bytes served (--by model: who uses the space)."""
+    from casstore import audit, usage
+
     apply_globals(root, threads, verbose)
     if by is not None:
         if by != "model":
@@ -488,47 +513,49 @@ def stats(
             }
         )
         return
-    out.print(f"keys           {s.keys} ({s.manifests} manifests)")
-    out.print(f"chunks         {s.chunks} in {s.packs} packs")
-    out.print(f"stored         {mib(s.stored_bytes)} (compressed packs and their indexes)")
-    out.print(f"unique         {mib(s.unique_bytes)} (distinct chunk bytes)")
-    out.print(f"logical        {mib(s.logical_bytes)} (what loads write)")
-    out.print(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
+    echo(f"keys           {s.keys} ({s.manifests} manifests)")
+    echo(f"chunks         {s.chunks} in {s.packs} packs")
+    echo(f"stored         {mib(s.stored_bytes)} (compressed packs and their indexes)")
+    echo(f"unique         {mib(s.unique_bytes)} (distinct chunk bytes)")
+    echo(f"logical        {mib(s.logical_bytes)} (what loads write)")
+    echo(f"dedup ratio    {s.dedup_ratio:.2f}x   compression {s.compression_ratio:.2f}x")
     loads = summary.loads
     rate = f", hit rate {summary.hit_rate:.0%}" if summary.hit_rate is not None else ""
-    out.print(f"since {local_time(start)} ({duration_text(window)}):")
-    out.print(
+    echo(f"since {local_time(start)} ({duration_text(window)}):")
+    echo(
         f"  loads        {summary.restores}: {loads[usage.LOAD_COMPLETE]} complete, "
         f"{loads[usage.LOAD_PARTIAL]} partial, {loads[usage.LOAD_MISS]} missed{rate}"
     )
-    out.print(f"  served       {mib(summary.bytes_served)} in {summary.files_restored} files")
-    out.print(
+    echo(f"  served       {mib(summary.bytes_served)} in {summary.files_restored} files")
+    echo(
         f"  saves        {sum(summary.saves.values())}: {summary.saves[usage.SAVE_SAVED]} "
         f"saved, {summary.saves[usage.SAVE_UNCHANGED]} unchanged; "
         f"{mib(summary.bytes_saved)} new"
     )
 
 
-def du(
-    as_json: JsonOpt = False,
-    root: RootOpt = None,
-    threads: ThreadsOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
+@click.command()
+@json_option
+@global_options
+def du(as_json: bool, root: str | None, threads: int | None, verbose: bool) -> None:
     """Space used per model: bytes only it uses, bytes it shares (same as stats --by model)."""
     apply_globals(root, threads, verbose)
     _usage(as_json)
 
 
 def _usage(as_json: bool) -> None:
+    from casstore import audit
+
     with errors():
         rows = audit.usage_by_model(open_store(create=False))
     if as_json:
         emit_json([dataclasses.asdict(r) for r in rows])
         return
+    from rich.table import Table
+
     table = Table("model", "keys", "logical", "own (stored)", "shared (stored)")
     for r in rows:
         table.add_row(
             r.model, str(r.keys), mib(r.logical_bytes), mib(r.own_bytes), mib(r.shared_bytes)
         )
-    out.print(table)
+    print_table(table)

@@ -11,82 +11,63 @@ import dataclasses
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
+import click
 
 from casstore import config
 from casstore.cli.common import (
-    RootOpt,
-    SigningKeyOpt,
-    TrustedKeysOpt,
-    VerboseOpt,
+    CONTEXT_SETTINGS,
     apply_globals,
+    exit_with,
     options,
+    root_option,
     say,
+    signing_key_option,
+    trusted_keys_option,
     usage_error,
+    verbose_option,
 )
 
 if TYPE_CHECKING:
     from casstore.vllm import Sidecar
 
-app = typer.Typer(
-    help="Sidecar for vLLM: restore its compile cache, save it once compiled (docs/vllm.md).",
-    invoke_without_command=True,
-    no_args_is_help=False,
+cache_dir_option = click.option(
+    "--cache-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="vLLM cache root (default: $VLLM_CACHE_ROOT, else ~/.cache/vllm).",
 )
-
-CacheDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--cache-dir",
-        metavar="DIR",
-        file_okay=False,
-        help="vLLM cache root (default: $VLLM_CACHE_ROOT, else ~/.cache/vllm).",
-    ),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", metavar="MODEL", help="Model fingerprint (default: $CASSTORE_MODEL or default)."
-    ),
-]
-UrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        metavar="URL",
-        help="Readiness URL: saving waits for HTTP 200 (or 401/403: up, behind a key) "
-        "here (default: vLLM's http://127.0.0.1:8000/health).",
-    ),
-]
-TimeoutOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--timeout", metavar="SECONDS", help="Seconds to wait for readiness (default: 1800)."
-    ),
-]
-QuietOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--quiet",
-        metavar="SECONDS",
-        help="Seconds without a cache change before saving (default: 30).",
-    ),
-]
-PollOpt = Annotated[
-    float | None,
-    typer.Option("--poll", metavar="SECONDS", help="Seconds between checks (default: 2)."),
-]
-PidOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--pid",
-        metavar="PID",
-        help="Exit (after a final save) when this process exits, e.g. the shell pid that "
-        "execs vllm.",
-    ),
-]
+model_option = click.option(
+    "--model", metavar="MODEL", help="Model fingerprint (default: $CASSTORE_MODEL or default)."
+)
+url_option = click.option(
+    "--url",
+    metavar="URL",
+    help="Readiness URL: saving waits for HTTP 200 (or 401/403: up, behind a key) here "
+    "(default: vLLM's http://127.0.0.1:8000/health).",
+)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds to wait for readiness (default: 1800).",
+)
+quiet_option = click.option(
+    "--quiet",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds without a cache change before saving (default: 30).",
+)
+poll_option = click.option(
+    "--poll", type=float, metavar="SECONDS", help="Seconds between checks (default: 2)."
+)
+pid_option = click.option(
+    "--pid",
+    type=int,
+    metavar="PID",
+    help="Exit (after a final save) when this process exits, e.g. the shell pid that execs vllm.",
+)
 
 
 @dataclasses.dataclass
@@ -122,7 +103,7 @@ class SidecarArgs:
         ]
 
 
-def _group_args(ctx: typer.Context) -> SidecarArgs:
+def _group_args(ctx: click.Context) -> SidecarArgs:
     found = ctx.find_object(SidecarArgs)
     return found if found is not None else SidecarArgs()
 
@@ -159,20 +140,37 @@ def _unattended_logging() -> None:
     logging.getLogger("casstore").setLevel(logging.INFO)
 
 
-@app.callback()
-def vllm_main(
-    ctx: typer.Context,
-    cache_dir: CacheDirOpt = None,
-    url: UrlOpt = None,
-    timeout: TimeoutOpt = None,
-    quiet: QuietOpt = None,
-    poll: PollOpt = None,
-    pid: PidOpt = None,
-    model: ModelOpt = None,
-    signing_key: SigningKeyOpt = None,
-    trusted_keys: TrustedKeysOpt = None,
-    root: RootOpt = None,
-    verbose: VerboseOpt = False,
+@click.group(
+    "vllm",
+    invoke_without_command=True,
+    context_settings=CONTEXT_SETTINGS,
+    help="Sidecar for vLLM: restore its compile cache, save it once compiled (docs/vllm.md).",
+)
+@cache_dir_option
+@url_option
+@timeout_option
+@quiet_option
+@poll_option
+@pid_option
+@model_option
+@signing_key_option
+@trusted_keys_option
+@root_option
+@verbose_option
+@click.pass_context
+def vllm_group(
+    ctx: click.Context,
+    cache_dir: Path | None,
+    url: str | None,
+    timeout: float | None,
+    quiet: float | None,
+    poll: float | None,
+    pid: int | None,
+    model: str | None,
+    signing_key: str | None,
+    trusted_keys: str | None,
+    root: str | None,
+    verbose: bool,
 ) -> None:
     """Restore, then watch and save (the background form: `casstore vllm & vllm serve`).
 
@@ -185,17 +183,23 @@ def vllm_main(
         ctx.obj = args
         return
     _unattended_logging()
-    raise typer.Exit(_sidecar(args).run())
+    exit_with(_sidecar(args).run())
 
 
-@app.command("restore")
+@vllm_group.command("restore")
+@cache_dir_option
+@model_option
+@trusted_keys_option
+@root_option
+@verbose_option
+@click.pass_context
 def vllm_restore(
-    ctx: typer.Context,
-    cache_dir: CacheDirOpt = None,
-    model: ModelOpt = None,
-    trusted_keys: TrustedKeysOpt = None,
-    root: RootOpt = None,
-    verbose: VerboseOpt = False,
+    ctx: click.Context,
+    cache_dir: Path | None,
+    model: str | None,
+    trusted_keys: str | None,
+    root: str | None,
+    verbose: bool,
 ) -> None:
     """Restore only, then exit 0 whatever happened (start vLLM after it with `;`, so it
     starts even where casstore cannot run)."""
@@ -213,20 +217,32 @@ def vllm_restore(
     say("casstore vllm restore", "", status.name)
 
 
-@app.command("watch")
+@vllm_group.command("watch")
+@cache_dir_option
+@url_option
+@timeout_option
+@quiet_option
+@poll_option
+@pid_option
+@model_option
+@signing_key_option
+@trusted_keys_option
+@root_option
+@verbose_option
+@click.pass_context
 def vllm_watch(
-    ctx: typer.Context,
-    cache_dir: CacheDirOpt = None,
-    url: UrlOpt = None,
-    timeout: TimeoutOpt = None,
-    quiet: QuietOpt = None,
-    poll: PollOpt = None,
-    pid: PidOpt = None,
-    model: ModelOpt = None,
-    signing_key: SigningKeyOpt = None,
-    trusted_keys: TrustedKeysOpt = None,
-    root: RootOpt = None,
-    verbose: VerboseOpt = False,
+    ctx: click.Context,
+    cache_dir: Path | None,
+    url: str | None,
+    timeout: float | None,
+    quiet: float | None,
+    poll: float | None,
+    pid: int | None,
+    model: str | None,
+    signing_key: str | None,
+    trusted_keys: str | None,
+    root: str | None,
+    verbose: bool,
 ) -> None:
     """Watch and save only (after a blocking `casstore vllm restore`)."""
     apply_globals(root, None, verbose)
@@ -234,4 +250,4 @@ def vllm_watch(
         SidecarArgs(cache_dir, model, url, timeout, quiet, poll, pid, signing_key, trusted_keys)
     )
     _unattended_logging()
-    raise typer.Exit(_sidecar(args).watch())
+    exit_with(_sidecar(args).watch())
