@@ -42,17 +42,22 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 StoreRoot = Path | str
 
 
+def is_s3_url(text: str) -> bool:
+    """Whether a store root names an object store (an ``s3://`` URL)."""
+    return text.startswith(constants.S3_SCHEME)
+
+
 def check_root(raw: str | os.PathLike[str], variable: str | None = None) -> None:
     """Raise :class:`UnsupportedRoot` when ``raw`` (read from ``variable``, if named) is a
     URL casstore cannot store to (anything but a well-formed ``s3://BUCKET[/PREFIX]``).
     Call it on the raw value, before it becomes a Path."""
-    from casstore.backends.s3 import SCHEME, parse_url
-
     text = os.fspath(raw)
     if not (isinstance(text, str) and _URL_RE.match(text)):
         return
+    from casstore.backends.s3 import parse_url  # only for a URL: most roots are paths
+
     source = f" (from ${variable})" if variable else ""
-    if not text.startswith(SCHEME):
+    if not is_s3_url(text):
         raise UnsupportedRoot(
             f"store root {text}{source} is a URL casstore cannot store to; give a "
             "filesystem path or an s3://BUCKET/PREFIX URL (any S3-compatible service)"

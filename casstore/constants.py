@@ -37,6 +37,7 @@ ZSTD_LEVEL = 3
 # spend most of its time in mkdir; see docs/decisions.md.)
 FANOUT_CHARS = 2
 
+S3_SCHEME = "s3://"  # a store root with this prefix is an object store (backends/s3.py)
 LAYOUT_FILE = "CASSTORE"
 MANIFESTS_DIR = "manifests"
 LOCKS_DIR = "locks"

@@ -13,7 +13,6 @@ cannot be determined, it raises :class:`KeyUndetermined` rather than fall back t
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -105,9 +104,11 @@ def _check_label(name: str, value: object) -> None:
 
 def installed_version(dist: str) -> str | None:
     """Version of an installed distribution, without importing it."""
+    from importlib import metadata  # ~15 ms to import: only when a version is looked up
+
     try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -145,9 +146,11 @@ def _torch_version_file() -> Path | None:
         candidate = Path(location) / "version.py"
         if candidate.is_file():
             return candidate
+    from importlib import metadata
+
     try:
-        dist = importlib.metadata.distribution("torch")
-    except importlib.metadata.PackageNotFoundError:
+        dist = metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
         return None
     for file in dist.files or []:
         if file.as_posix() == "torch/version.py":

@@ -17,16 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import portalocker
-
 log = logging.getLogger("casstore")
-
-_BUSY = portalocker.exceptions.AlreadyLocked
 
 
 def _try_lock(path: Path, timeout: float) -> tuple[Any | None, bool]:
     """(lock, busy): the held lock, or None and whether that was because someone holds it
     (True) or because locking is impossible here (False: read-only store, no flock)."""
+    import portalocker  # imported by the first lock, not by every process that imports casstore
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = portalocker.Lock(
@@ -38,7 +36,7 @@ def _try_lock(path: Path, timeout: float) -> tuple[Any | None, bool]:
             flags=portalocker.LOCK_EX | portalocker.LOCK_NB,
         )
         lock.acquire()
-    except _BUSY:
+    except portalocker.exceptions.AlreadyLocked:
         return None, True
     except (portalocker.exceptions.BaseLockException, OSError) as e:
         log.debug("cannot lock %s (%s); going on without it", path, e)
@@ -51,6 +49,8 @@ def _try_lock(path: Path, timeout: float) -> tuple[Any | None, bool]:
 
 
 def _release(lock: Any) -> None:
+    import portalocker
+
     try:
         lock.release()
     except (portalocker.exceptions.BaseLockException, OSError):

@@ -28,9 +28,8 @@ from casstore import chunk_index, chunking, config, constants, localfs, packs, r
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
-from casstore.backends.s3 import is_s3_url
 from casstore.chunk_index import ChunkIndex, IndexCache
-from casstore.config import check_root
+from casstore.config import check_root, is_s3_url
 from casstore.errors import (
     CacheTooLarge,
     CannotRenew,

@@ -33,13 +33,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from casstore import constants
 from casstore.backends.base import Backend, ObjectInfo
+from casstore.config import is_s3_url
 from casstore.errors import CannotRenew, CorruptObject, NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
-SCHEME = "s3://"
+SCHEME = constants.S3_SCHEME
 # Bounded everywhere: a refused connection fails within about CONNECT x RETRIES, a server
 # that never answers within REQUEST_TIMEOUT (retries stop at RETRY_TIMEOUT).
 CONNECT_TIMEOUT = timedelta(seconds=5)
@@ -54,10 +56,6 @@ def _not_found() -> tuple[type[BaseException], ...]:
     # obstore raises its NotFoundError from some calls and the built-in FileNotFoundError
     # from others.
     return (NotFoundError, FileNotFoundError)
-
-
-def is_s3_url(text: str) -> bool:
-    return text.startswith(SCHEME)
 
 
 @dataclass(frozen=True)
