@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from casstore import CacheKey, Store, audit, chunking, constants
+from casstore import CacheKey, Store, audit, chunking, constants, localfs
 from casstore import manifest as mf
 from casstore.backends.s3 import S3Backend
 from casstore.errors import StoreUnavailable
@@ -172,6 +173,57 @@ def test_a_save_asks_about_packs_not_chunks_and_still_heals(
     assert len([h for h in heads if h.startswith(f"{constants.PACKS_DIR}/")]) == 1
     monkeypatch.setattr(backend, "stat", real_stat)
     assert Store(s3_url, create=False).load(KEY, tmp_path / "dst").missing == []
+
+
+def test_an_unchanged_resave_reads_each_file_once(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save to an object store reads the tree once to announce its chunks; a file whose
+    chunks are all in the store is not read a second time (a re-save of an unchanged tree
+    then costs one read of it, not two)."""
+    files = tree(tmp_path / "src")
+    store = Store(s3_url)
+    store.save(tmp_path / "src", KEY)
+    opened: Counter[str] = Counter()
+    real_open = localfs.open_stable
+
+    def counting(f: localfs.LocalFile):  # type: ignore[no-untyped-def]
+        opened[f.rel] += 1
+        return real_open(f)
+
+    monkeypatch.setattr(localfs, "open_stable", counting)
+    again = store.save(tmp_path / "src", KEY)
+    assert again.manifest is None and again.new_chunks == 0
+    assert opened == Counter(dict.fromkeys(files, 1)), opened
+
+
+def test_a_file_changed_between_the_two_passes_is_saved_whole(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten after the first pass read it: the save packs what it reads then,
+    its new chunks announced before they are looked for, and the key restores bytes that
+    were really in the file, every chunk present."""
+    src = tmp_path / "src"
+    tree(src)
+    store = Store(s3_url)
+    store.save(src, KEY)
+    write_tree(src, {"fx/001.py": os.urandom(3000), "big.so": os.urandom(5 * 2**20)})
+    final = {"fx/001.py": os.urandom(3000), "big.so": os.urandom(5 * 2**20)}
+    real_survey = Store._survey
+
+    def survey_then_rewrite(self: Store, local, current):  # type: ignore[no-untyped-def]
+        found = real_survey(self, local, current)
+        write_tree(src, final)  # after the first pass, before the second
+        return found
+
+    monkeypatch.setattr(Store, "_survey", survey_then_rewrite)
+    report = store.save(src, KEY)
+    assert report.manifest is not None
+    loaded = Store(s3_url, create=False).load(KEY, tmp_path / "dst")
+    assert loaded.missing == []
+    restored = {p: d for p, (d, _) in read_tree(tmp_path / "dst").items()}
+    assert {p: restored[p] for p in final} == final
+    assert audit.verify(Store(s3_url, create=False)).ok
 
 
 # --- s3:// roots wherever a root is accepted --------------------------------------------------
