@@ -488,10 +488,10 @@ class Store:
             # meanwhile (intents.py).
             intent = None if self.backend.renews_age else Intent(self.backend)
             try:
-                surveyed: dict[str, FileEntry] = {}
+                surveyed = None
                 if intent is not None:
                     surveyed = self._survey(local, current)
-                    intent.announce(r.digest for e in surveyed.values() for r in e.chunks)
+                    intent.announce(surveyed.digests)
                 # Which chunks any earlier save of any model stored: read after the
                 # announcement, so every chunk found here is protected (docs/gc.md).
                 index = self.chunk_index()
@@ -636,33 +636,49 @@ class Store:
                 fut.cancel()
         return entry
 
-    def _survey(
-        self, local: list[localfs.LocalFile], current: dict[str, FileEntry]
-    ) -> dict[str, FileEntry]:
+    def _survey(self, local: list[localfs.LocalFile], current: dict[str, FileEntry]) -> _Survey:
         """The first pass of a save to an object store: each file's entry from its bytes as
         they are now, so that all their chunks are announced before any is looked for
-        (intents.py). The second pass then reads again only the files with a chunk the
-        store lacks; a file that changed in between is saved as it is then, its new chunks
-        announced one by one. A file changing while it is read is left to that pass."""
+        (intents.py). The second pass lists a file as this pass read it when the file is
+        as it was then and its chunks are all in the store; it reads again every other
+        file (one that changed since, or with a chunk the store lacks), new chunks
+        announced one by one. A file that changes while this pass reads it, or cannot be
+        read, is left to the second pass; the chunks cut from it are announced anyway."""
 
-        def survey(batch: list[localfs.LocalFile]) -> list[FileEntry]:
-            found = []
+        def survey(batch: list[localfs.LocalFile]) -> _Survey:
+            found = _Survey()
             for f in batch:
                 old = current.get(f.rel)
-                if f.size >= constants.STREAM_MIN_FILE_SIZE:
-                    entry = _streamed_entry(f, old)
-                else:
-                    data = localfs.read_stable(f)
-                    entry = None if data is None else _entry_of(f.rel, data, f.mode, old)
-                if entry is not None:
-                    found.append(entry)
+                signature = _signature(f.path)
+                cut: list[bytes] = []
+
+                def note(_: bytes, ref: ChunkRef, into: list[bytes] = cut) -> None:
+                    into.append(ref.digest)
+
+                try:
+                    if f.size >= constants.STREAM_MIN_FILE_SIZE:
+                        entry = _streamed_entry(f, old, note)
+                    else:
+                        data = localfs.read_stable(f)
+                        entry = None if data is None else _entry_of(f.rel, data, f.mode, old)
+                except OSError as e:
+                    log.debug("%s: could not read it ahead (%s); read again when saved", f.rel, e)
+                    entry = None
+                found.digests.update(cut)
+                if entry is not None and signature is not None:
+                    found.digests.update(r.digest for r in entry.chunks)
+                    found.entries[f.rel] = (entry, signature)
             return found
 
         # Reading from the page cache and hashing: CPU work, one thread per core (more
         # only contend: 0.33 s instead of 0.14 s for 120 MiB with 8 threads on 2 cores).
-        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="casstore-survey") as pool:
-            batches = _batches(local, lambda f: f.size)
-            return {e.path: e for part in pool.map(survey, batches) for e in part}
+        workers = min(self.threads, _cores())
+        merged = _Survey()
+        with ThreadPoolExecutor(workers, thread_name_prefix="casstore-survey") as pool:
+            for part in pool.map(survey, _batches(local, lambda f: f.size)):
+                merged.entries.update(part.entries)
+                merged.digests |= part.digests
+        return merged
 
     def chunk_index(self) -> ChunkIndex:
         """Which chunks the store holds and where (every pack's index; those read before
@@ -692,13 +708,14 @@ class Store:
         progress: ProgressCallback | None,
         intent: Intent | None,
         index: ChunkIndex,
-        surveyed: dict[str, FileEntry],
+        surveyed: _Survey | None,
     ) -> list[FileEntry]:
         """Cut, check and pack. A chunk the index places in a pack that is still there
         (renewed, or announced by ``intent`` on an object store) is reused; every other
         goes into this save's packs, each published (then its index) as it fills, the
-        last ones before this returns. A file ``surveyed`` (its entry computed by the first
-        pass of this save) whose chunks are all in the store is not read again."""
+        last ones before this returns. A file ``surveyed`` (by the first pass of a save to an
+        object store), unchanged since and whose chunks are all in the store, is not read
+        again."""
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
         pack_state: dict[str, bool] = {}  # pack id -> present (and renewed) for this save
@@ -786,10 +803,10 @@ class Store:
                 return True
 
             def save_file(f: localfs.LocalFile) -> FileEntry | None:
-                known = surveyed.get(f.rel)
+                known = surveyed.unchanged_entry(f) if surveyed is not None else None
                 if known is not None and all(stored(r.digest) for r in known.chunks):
-                    # Read by the first pass, every chunk found: nothing to pack. The
-                    # bytes the entry describes are the ones that pass read.
+                    # Read by the first pass and not changed since, every chunk found:
+                    # nothing to pack, nothing to read again.
                     counter.advance(f.size)
                     return known
                 if f.size >= constants.STREAM_MIN_FILE_SIZE:
@@ -1170,6 +1187,42 @@ def shown(name: str) -> str:
     from listings anyone who can write the store controls; a newline in one must not
     forge a line of the log."""
     return name if name.isprintable() else ascii(name)
+
+
+# What identifies a file's state without reading it: inode, size, mtime (ns), mode.
+_Signature = tuple[int, int, int, int]
+
+
+def _signature(path: Path) -> _Signature | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Survey:
+    """What the first pass of a save to an object store found: each file's entry with the
+    file's state when it was read, and every chunk digest to announce."""
+
+    entries: dict[str, tuple[FileEntry, _Signature]] = field(default_factory=dict)
+    digests: set[bytes] = field(default_factory=set)
+
+    def unchanged_entry(self, f: localfs.LocalFile) -> FileEntry | None:
+        """The entry the first pass made of ``f``, if the file is as it was then."""
+        found = self.entries.get(f.rel)
+        if found is None or _signature(f.path) != found[1]:
+            return None
+        return found[0]
 
 
 def _streamed_entry(

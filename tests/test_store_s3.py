@@ -226,6 +226,85 @@ def test_a_file_changed_between_the_two_passes_is_saved_whole(
     assert audit.verify(Store(s3_url, create=False)).ok
 
 
+def test_a_file_rewritten_after_the_first_pass_is_read_again(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten after the first pass read it, even when every chunk of what that
+    pass read is stored, is listed as it is when the second pass gets to it."""
+    src = tmp_path / "src"
+    write_tree(src, {"a.py": b"A" * 5000, "b.py": b"B" * 5000})
+    store = Store(s3_url)
+    store.save(src, KEY)
+    real_survey = Store._survey
+
+    def survey_then_rewrite(self: Store, local, current):  # type: ignore[no-untyped-def]
+        found = real_survey(self, local, current)
+        write_tree(src, {"a.py": b"C" * 6000})  # what the first pass read is all stored
+        return found
+
+    monkeypatch.setattr(Store, "_survey", survey_then_rewrite)
+    report = store.save(src, KEY)
+    monkeypatch.setattr(Store, "_survey", real_survey)
+    assert report.manifest is not None and report.changed_files == 1
+    assert store.files(KEY)["a.py"].size == 6000
+    Store(s3_url, create=False).load(KEY, tmp_path / "dst")
+    assert (tmp_path / "dst/a.py").read_bytes() == b"C" * 6000
+
+
+def test_a_large_file_unsettled_in_the_first_pass_is_announced_in_one_intent(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file still changing while the first pass reads it is left to the second
+    pass, but the chunks cut from it are announced with the rest: one intent for the save,
+    not one per chunk."""
+    src = tmp_path / "src"
+    tree(src)
+    store = Store(s3_url)
+    backend = store.backend
+    intents: list[str] = []
+    real_put, real_unchanged = backend.put_if_absent, localfs.still_unchanged
+    unsettled = iter([False])  # the first read of big.so (the first pass's) fails
+
+    def put(key: str, data: bytes) -> bool:
+        if key.startswith(f"{INTENTS_DIR}/"):
+            intents.append(key)
+        return real_put(key, data)
+
+    def still_unchanged(fd: int, before: os.stat_result, bytes_read: int) -> bool:
+        if before.st_size >= constants.STREAM_MIN_FILE_SIZE and not next(unsettled, True):
+            return False
+        return real_unchanged(fd, before, bytes_read)
+
+    monkeypatch.setattr(backend, "put_if_absent", put)
+    monkeypatch.setattr(localfs, "still_unchanged", still_unchanged)
+    report = store.save(src, KEY)
+    assert report.manifest is not None and "big.so" in store.files(KEY)
+    assert len(intents) == 1, intents
+
+
+def test_a_read_error_in_the_first_pass_leaves_the_file_to_the_second(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error while the first pass reads a large file (a network mount, a file
+    replaced meanwhile) does not fail the save: the second pass reads the file again."""
+    files = tree(tmp_path / "src")
+    real_cut = chunking.cut_stream
+    failures = iter([OSError(5, "Input/output error")])
+
+    def cut_stream(stream):  # type: ignore[no-untyped-def]
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_cut(stream)
+
+    monkeypatch.setattr(chunking, "cut_stream", cut_stream)
+    store = Store(s3_url)
+    report = store.save(tmp_path / "src", KEY)
+    assert report.manifest is not None and report.skipped == []
+    Store(s3_url, create=False).load(KEY, tmp_path / "dst")
+    assert (tmp_path / "dst/big.so").read_bytes() == files["big.so"]
+
+
 # --- s3:// roots wherever a root is accepted --------------------------------------------------
 
 
