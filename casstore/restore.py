@@ -2,12 +2,13 @@
 written into every file (and offset) that needs it.
 
 A restore works from the chunks, not from the files: the store reads a few large ranges
-per pack instead of one object per file. Each file to restore has a temp file beside its
-target, created at its full size by the caller; chunks land in it with positioned writes,
-in whatever order their blocks arrive. A file is finished when its last chunk is written;
-one whose chunk cannot be found or does not match its digest is failed, and never
-published (the caller discards its temp file): a damaged pack costs files, never wrong
-bytes.
+per pack instead of one object per file. Each file to restore gets a temp file beside its
+target, made (by the caller's ``create``) by the thread that brings its first chunk and
+written through the same descriptor, so that most files (one chunk) cost one open; chunks
+land in it with positioned writes, in whatever order their blocks arrive. A file is
+finished when its last chunk is written; one whose chunk cannot be found or does not
+match its digest is failed, and never published (the caller discards its temp file): a
+damaged pack costs files, never wrong bytes.
 
 A chunk may lie in several packs (two saves raced, gc repacked it): a block that cannot be
 read is tried in the chunk's other packs, then in ``trash/`` (gc may be sweeping the pack
@@ -16,6 +17,7 @@ this very moment, about to give it back to a save that just listed it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -44,14 +46,41 @@ ROUNDS = 16
 MAX_PASSES = 1000
 
 
+# Errors that no other file would escape either: the whole restore stops at once.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+
+
 @dataclass(eq=False)
 class FileJob:
-    """One file to restore into ``tmp`` (created at the file's size by the caller)."""
+    """One file to restore: ``create()`` makes its temp file and returns its path and a
+    descriptor open for writing (called once, by the thread that brings its first chunk);
+    ``tmp`` is that path, once made."""
 
     entry: FileEntry
-    tmp: str
+    create: Callable[[], tuple[str, int]]
+    tmp: str | None = None
     remaining: int = 0  # chunk placements not yet written
     failed: str | None = None  # why, once failed
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards making tmp
+
+
+def _open_temp(job: FileJob) -> int | None:
+    """A descriptor of the job's temp file, open for writing (the file made on first use);
+    None once the job failed. OSErrors that would stop any file (a full disk) propagate;
+    others fail this file only."""
+    with job.lock:
+        if job.failed is not None:
+            return None
+        if job.tmp is not None:
+            return os.open(job.tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            job.tmp, fd = job.create()
+        except OSError as e:
+            if e.errno in FATAL_ERRNOS:
+                raise
+            job.failed = f"could not create a temp file: {e.strerror or e}"
+            return None
+        return fd
 
 
 @dataclass
@@ -80,8 +109,8 @@ class PackTrash:
             return self._names.get(pack_id)
 
 
-def _write_all(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write ``data`` at ``offset``, then close ``fd``."""
     try:
         view = memoryview(data)
         while view:
@@ -116,8 +145,11 @@ def fetch_files(
             offset += ref.size
         job.remaining = len(job.entry.chunks)
     for job in jobs:
-        if job.remaining == 0:
-            finished(job)
+        if job.remaining == 0:  # an empty file
+            fd = _open_temp(job)
+            if fd is not None:
+                os.close(fd)
+                finished(job)
     tried: dict[bytes, set[str]] = defaultdict(set)
     damaged_blocks: set[tuple[str, int]] = set()
     pending = set(uses)
@@ -133,7 +165,10 @@ def fetch_files(
                     # describes cannot be these chunks.
                     job.failed = f"chunk {loc.digest.hex()} holds {len(data)} bytes, not {size}"
                     continue
-            _write_all(job.tmp, data, offset)
+            fd = _open_temp(job)
+            if fd is None:
+                continue
+            _write_all(fd, data, offset)
             with lock:
                 job.remaining -= 1
                 done = job.remaining == 0 and job.failed is None

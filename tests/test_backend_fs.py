@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from casstore import constants
-from casstore.backends.fs import FileSystemBackend
+from casstore.backends.fs import FileSystemBackend, temp_name
 from casstore.errors import CannotRenew, CorruptObject
 from tests.backend_conformance import BackendConformance
 from tests.helpers import temp_files
@@ -219,3 +219,21 @@ def test_delete_never_follows_a_directory_swapped_for_a_symlink(tmp_path: Path) 
     day.symlink_to(outside)
     assert backend.delete("usage/2026-01-01/a.rec") is False
     assert (outside / "a.rec").read_bytes() == b"precious"
+
+
+def test_temp_names_are_unique_and_differ_in_a_forked_child() -> None:
+    """Temp names come from a per-process stem and a counter (no system call each): a
+    forked child draws a stem of its own, so parent and child never pick the same name."""
+    names = {temp_name() for _ in range(10_000)}
+    assert len(names) == 10_000 and all(n.startswith(constants.TEMP_PREFIX) for n in names)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the names it would pick, then leave at once
+        os.write(write, "\n".join(temp_name() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as fh:
+        child = set(fh.read().split("\n"))
+    parent = {temp_name() for _ in range(100)}
+    assert len(child) == 100 and not child & parent

@@ -226,3 +226,28 @@ def test_a_file_listing_thousands_of_missing_chunks_costs_no_reads(
     assert report.missing == ["huge"]
     assert backend.pack_reads <= (1 if first_missing else 0)
     assert list((tmp_path / "dst").iterdir()) == []
+
+
+def test_a_temp_file_that_cannot_be_made_costs_only_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temp files are made by the threads that bring each file's first chunk: one that
+    cannot be made (a directory this user may not write, say) fails that file alone; the
+    others are restored and no temp file is left behind."""
+    import casstore.store
+
+    write_tree(tmp_path / "src", {"a/x.py": b"x" * 5000, "b/y.py": b"y" * 5000, "c": b""})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    real_create = casstore.store._create_temp
+
+    def create(parent: str) -> tuple[str, int]:
+        if parent.endswith("/b"):
+            raise PermissionError(13, "Permission denied", parent)
+        return real_create(parent)
+
+    monkeypatch.setattr(casstore.store, "_create_temp", create)
+    report = Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    assert report.missing == ["b/y.py"] and report.written == 2
+    assert (tmp_path / "dst/a/x.py").read_bytes() == b"x" * 5000
+    assert (tmp_path / "dst/c").read_bytes() == b""
+    assert temp_files(tmp_path / "dst") == []

@@ -28,7 +28,8 @@ CHILD = r"""
 import json, os, sys
 from casstore import CacheKey, Store
 from casstore.errors import CasstoreError
-import casstore.store, casstore.backends.fs, casstore.locks, portalocker  # imported before dropping rights
+# imported before dropping rights:
+import casstore.store, casstore.backends.fs, casstore.locks, portalocker
 
 uid, gid, umask = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3], 8)
 root, src, model = sys.argv[4], sys.argv[5], sys.argv[6]
