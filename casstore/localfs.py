@@ -126,6 +126,10 @@ def safe_parent(dest: str, rel: str, made_dirs: set[str]) -> str:
     remembers directories already checked by this load, so each is checked once.
     """
     mf.check_path(rel)
+    head = rel.rpartition("/")[0]
+    parent = os.path.join(dest, head) if head else dest
+    if parent in made_dirs:  # most files: a sibling's load checked the whole way already
+        return parent
     current = dest
     for part in rel.split("/")[:-1]:
         current = os.path.join(current, part)

@@ -150,7 +150,8 @@ def fetch_files(
             if fd is not None:
                 os.close(fd)
                 finished(job)
-    tried: dict[bytes, set[str]] = defaultdict(set)
+    # Packs by their raw id (PackIndex.pack): the hex id is for messages only.
+    tried: dict[bytes, set[bytes]] = defaultdict(set)
     damaged_blocks: set[tuple[str, int]] = set()
     pending = set(uses)
     why: dict[bytes, str] = {}
@@ -188,7 +189,7 @@ def fetch_files(
             # other packs are tried next; only this pack's files are at stake.
             gone = isinstance(e, NotFound)
             with lock:
-                (absent if gone else broken).add(index.id)
+                (absent if gone else broken).add(index.pack)
             for n in numbers:
                 for loc in wanted[n]:
                     why[loc.digest] = f"pack {index.id} is gone" if gone else str(e)
@@ -215,8 +216,8 @@ def fetch_files(
             outcome.bytes_fetched += sum(index.blocks[n].length for n in numbers if n in blocks)
         return failed
 
-    absent: set[str] = set()  # packs in neither packs/ nor trash/: skipped for every chunk
-    broken: set[str] = set()  # packs that failed otherwise this pass
+    absent: set[bytes] = set()  # packs in neither packs/ nor trash/: skipped for every chunk
+    broken: set[bytes] = set()  # packs that failed otherwise this pass
     reloaded = False
     rounds = passes = 0
 
@@ -224,30 +225,31 @@ def fetch_files(
         return [
             loc
             for loc in where.locate(digest)
-            if loc.index.id not in tried[digest] and loc.index.id not in absent
+            if loc.index.pack not in tried[digest] and loc.index.pack not in absent
         ]
 
     while pending and rounds < ROUNDS and passes < MAX_PASSES:
         passes += 1
-        if not reloaded and reload is not None and any(not choices(index, d) for d in pending):
+        options = {digest: choices(index, digest) for digest in pending}
+        if not reloaded and reload is not None and not all(options.values()):
             # A chunk with no location left: the listing of indexes may predate a pack
             # (gc repacked it, or another host's save is not visible yet): list again, once.
             try:
                 index = reload()
+                options = {digest: choices(index, digest) for digest in pending}
             except (CasstoreError, OSError) as e:
                 log.warning("could not list the pack indexes again: %s", e)
             reloaded = True
-        plan: dict[str, tuple[PackIndex, dict[int, list[ChunkLoc]]]] = {}
+        plan: dict[bytes, tuple[PackIndex, dict[int, list[ChunkLoc]]]] = {}
         unplaced: set[bytes] = set()
-        for digest in pending:
-            left = choices(index, digest)
+        for digest, left in options.items():
             if not left:
                 unplaced.add(digest)
                 why.setdefault(digest, f"chunk {digest.hex()} is in no pack of the store")
                 continue
             loc = left[-1]  # the most recently published pack
-            tried[digest].add(loc.index.id)
-            entry = plan.setdefault(loc.index.id, (loc.index, defaultdict(list)))
+            tried[digest].add(loc.index.pack)
+            entry = plan.setdefault(loc.index.pack, (loc.index, defaultdict(list)))
             entry[1][loc.chunk.block].append(loc.chunk)
         tasks = []
         for pack_index, by_block in plan.values():
