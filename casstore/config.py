@@ -327,3 +327,18 @@ def index_cache_dir() -> Path | None:
         return Path.home() / ".cache" / "casstore" / "index"
     except RuntimeError:  # no home directory
         return None
+
+
+def stat_cache_dir() -> Path | None:
+    """Where this host records the state of the files it saved or restored, to skip reading
+    (or hashing) unchanged ones next time (casstore/statcache.py): ``$CASSTORE_STAT_CACHE``,
+    else ``~/.cache/casstore/stat``; ``off`` keeps none (every save reads every file)."""
+    value = os.environ.get("CASSTORE_STAT_CACHE", "").strip()
+    if value.lower() in ("off", "0", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    try:
+        return Path.home() / ".cache" / "casstore" / "stat"
+    except RuntimeError:  # no home directory
+        return None

@@ -25,6 +25,24 @@ class LocalFile:
     path: Path
     size: int
     mode: int
+    signature: Signature  # its state when scanned
+
+
+# What tells a file's state without reading it: device, inode, size, mtime and ctime (ns),
+# mode. Writing a file changes its ctime, which no one can set back (statcache.py).
+Signature = tuple[int, int, int, int, int, int]
+
+
+def signature_of(st: os.stat_result) -> Signature:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+def current_signature(path: str | os.PathLike[str]) -> Signature | None:
+    """The state of the file at ``path`` now (not following a symlink); None if gone."""
+    try:
+        return signature_of(os.lstat(path))
+    except OSError:
+        return None
 
 
 def scan_tree(
@@ -60,7 +78,9 @@ def scan_tree(
             if stat.S_ISDIR(st.st_mode):
                 stack.append((Path(entry.path), f"{rel}/"))
             elif stat.S_ISREG(st.st_mode):
-                yield LocalFile(rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode))
+                yield LocalFile(
+                    rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode), signature_of(st)
+                )
             else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
                 skipped.append((rel, kind))

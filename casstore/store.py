@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from casstore import chunk_index, chunking, config, constants, localfs, packs, restore, usage
+from casstore import (
+    chunk_index,
+    chunking,
+    config,
+    constants,
+    localfs,
+    packs,
+    restore,
+    statcache,
+    usage,
+)
 from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.backends.fs import FileSystemBackend, temp_name
@@ -454,6 +464,7 @@ class Store:
                 self.trusted.source,
             )
         report = SaveReport(key=key)
+        scanned_ns = time.time_ns()
         local = list(localfs.scan_tree(src, report.skipped, exclude))
         report.files = len(local)
         report.bytes = sum(f.size for f in local)
@@ -488,10 +499,12 @@ class Store:
             # chunks before looking for any, so that gc gives back any pack it deletes
             # meanwhile (intents.py).
             intent = None if self.backend.renews_age else Intent(self.backend)
+            stat_cache = self._stat_cache(key, src)
+            # Files in the state this host recorded them in: their entries, unread.
+            surveyed = _Survey.of_known(local, stat_cache.load() if stat_cache else {})
             try:
-                surveyed = None
                 if intent is not None:
-                    surveyed = self._survey(local, current)
+                    surveyed = self._survey(local, current, surveyed)
                     intent.announce(surveyed.digests)
                 # Which chunks any earlier save of any model stored: read after the
                 # announcement, so every chunk found here is protected (docs/gc.md).
@@ -510,6 +523,15 @@ class Store:
             finally:
                 if intent is not None:
                     intent.close()
+        if stat_cache is not None:
+            scanned = {f.rel: f.signature for f in local}
+            stat_cache.record(
+                {
+                    e.path: (scanned[e.path], e)
+                    for e in entries
+                    if not statcache.is_racy(scanned[e.path], scanned_ns)
+                }
+            )
         report.seconds = time.monotonic() - started
         self._note(
             "save",
@@ -637,20 +659,23 @@ class Store:
                 fut.cancel()
         return entry
 
-    def _survey(self, local: list[localfs.LocalFile], current: dict[str, FileEntry]) -> _Survey:
+    def _survey(
+        self, local: list[localfs.LocalFile], current: dict[str, FileEntry], known: _Survey
+    ) -> _Survey:
         """The first pass of a save to an object store: each file's entry from its bytes as
         they are now, so that all their chunks are announced before any is looked for
         (intents.py). The second pass lists a file as this pass read it when the file is
         as it was then and its chunks are all in the store; it reads again every other
         file (one that changed since, or with a chunk the store lacks), new chunks
         announced one by one. A file that changes while this pass reads it, or cannot be
-        read, is left to the second pass; the chunks cut from it are announced anyway."""
+        read, is left to the second pass; the chunks cut from it are announced anyway.
+        Files ``known`` (unchanged since this host recorded them) are not read."""
 
         def survey(batch: list[localfs.LocalFile]) -> _Survey:
             found = _Survey()
             for f in batch:
                 old = current.get(f.rel)
-                signature = _signature(f.path)
+                signature = localfs.current_signature(f.path)
                 cut: list[bytes] = []
 
                 def note(_: bytes, ref: ChunkRef, into: list[bytes] = cut) -> None:
@@ -674,12 +699,20 @@ class Store:
         # Reading from the page cache and hashing: CPU work, one thread per core (more
         # only contend: 0.33 s instead of 0.14 s for 120 MiB with 8 threads on 2 cores).
         workers = min(self.threads, _cores())
-        merged = _Survey()
+        merged = _Survey(dict(known.entries), set(known.digests))
+        unknown = [f for f in local if f.rel not in known.entries]
         with ThreadPoolExecutor(workers, thread_name_prefix="casstore-survey") as pool:
-            for part in pool.map(survey, _batches(local, lambda f: f.size)):
+            for part in pool.map(survey, _batches(unknown, lambda f: f.size)):
                 merged.entries.update(part.entries)
                 merged.digests |= part.digests
         return merged
+
+    def _stat_cache(self, key: CacheKey, tree: Path) -> statcache.StatCache | None:
+        """What this host recorded of ``tree``'s files for ``key`` in this store."""
+        directory = config.stat_cache_dir()
+        if directory is None:
+            return None
+        return statcache.StatCache(directory, self.location, key.id, tree)
 
     def chunk_index(self) -> ChunkIndex:
         """Which chunks the store holds and where (every pack's index; those read before
@@ -709,14 +742,14 @@ class Store:
         progress: ProgressCallback | None,
         intent: Intent | None,
         index: ChunkIndex,
-        surveyed: _Survey | None,
+        surveyed: _Survey,
     ) -> list[FileEntry]:
         """Cut, check and pack. A chunk the index places in a pack that is still there
         (renewed, or announced by ``intent`` on an object store) is reused; every other
         goes into this save's packs, each published (then its index) as it fills, the
         last ones before this returns. A file ``surveyed`` (by the first pass of a save to an
-        object store), unchanged since and whose chunks are all in the store, is not read
-        again."""
+        object store, or recorded by this host), unchanged since and whose chunks are all
+        in the store, is not read again."""
         counter = _Counter(report.bytes, progress)
         present: set[bytes] = set()  # chunks known to be in the store during this save
         pack_state: dict[str, bool] = {}  # pack id -> present (and renewed) for this save
@@ -804,7 +837,7 @@ class Store:
                 return True
 
             def save_file(f: localfs.LocalFile) -> FileEntry | None:
-                known = surveyed.unchanged_entry(f) if surveyed is not None else None
+                known = surveyed.unchanged_entry(f)
                 if known is not None and all(stored(r.digest) for r in known.chunks):
                     # Read by the first pass and not changed since, every chunk found:
                     # nothing to pack, nothing to read again.
@@ -898,6 +931,10 @@ class Store:
         trash = restore.PackTrash(self.backend)
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
+        stat_cache = self._stat_cache(key, dest)
+        known = stat_cache.load() if stat_cache is not None else {}
+        states: statcache.Known = {}  # what to record of the files in place after this load
+        started_ns = time.time_ns()
         groups: dict[str, _Group] = {}
         group_of: dict[str, _Group] = {}
         if group is not None:
@@ -909,8 +946,16 @@ class Store:
                     g.pending += 1
                     group_of[entry.path] = g
 
-        def tally(entry: FileEntry, outcome: str) -> None:
+        def tally(entry: FileEntry, outcome: str, staged: _Staged | None = None) -> None:
             # Called with stats_lock held.
+            # Recorded for the next load or save of this directory; a file found in place
+            # only if it did not change just before it was hashed.
+            signature = staged.signature if staged is not None else None
+            if signature is not None and (
+                outcome == "written"
+                or (outcome == "skipped" and not statcache.is_racy(signature, started_ns))
+            ):
+                states[entry.path] = (signature, entry)
             if outcome == "written":
                 report.written += 1
                 report.bytes_written += entry.size
@@ -933,14 +978,14 @@ class Store:
                     for entry in g.entries:
                         tally(entry, "missing")
                 return
-            outcomes: list[tuple[FileEntry, str]] = []
+            outcomes: list[tuple[FileEntry, str, _Staged | None]] = []
             # Deepest paths first: an index sits above the artifacts it names (vLLM's
             # vllm_compile_cache.py beside inductor_cache/), so should the renames stop
             # midway (a crash, a full disk), no index names an artifact not yet there.
             g.staged.sort(key=lambda es: (-es[0].path.count("/"), es[0].path))
             try:
                 for entry, staged in g.staged:
-                    outcomes.append((entry, staged.publish()))
+                    outcomes.append((entry, staged.publish(), staged))
             except OSError as e:  # renaming failed: the rest of the group is discarded
                 if e.errno in restore.FATAL_ERRNOS:
                     raise
@@ -948,10 +993,10 @@ class Store:
             finally:
                 for entry, staged in g.staged[len(outcomes) :]:
                     staged.discard()
-                    outcomes.append((entry, "missing"))
+                    outcomes.append((entry, "missing", None))
                 with stats_lock:
-                    for entry, outcome in outcomes:
-                        tally(entry, outcome)
+                    for entry, outcome, published in outcomes:
+                        tally(entry, outcome, published)
 
         jobs: dict[restore.FileJob, tuple[str, int]] = {}  # job -> target, mode
 
@@ -969,7 +1014,7 @@ class Store:
                             raise
                         log.warning("could not restore %s: %s", entry.path, e)
                 with stats_lock:
-                    tally(entry, outcome)
+                    tally(entry, outcome, staged)
             else:
                 with stats_lock:
                     if staged is None:
@@ -987,7 +1032,7 @@ class Store:
             """Leave identical files alone; give every other one a temp file to fill."""
             for entry in batch:
                 try:
-                    prepared = self._prepare_file(dest_str, entry, made_dirs)
+                    prepared = self._prepare_file(dest_str, entry, made_dirs, known)
                 except (CasstoreError, OSError) as e:
                     if isinstance(e, OSError) and e.errno in restore.FATAL_ERRNOS:
                         raise
@@ -1046,6 +1091,8 @@ class Store:
                     for _, staged in g.staged:
                         staged.discard()
         report.missing.sort()
+        if stat_cache is not None:
+            stat_cache.record(states)
         report.seconds = time.monotonic() - started
         self._note(
             "load",
@@ -1077,11 +1124,12 @@ class Store:
         return report
 
     def _prepare_file(
-        self, dest: str, entry: FileEntry, made_dirs: set[str]
+        self, dest: str, entry: FileEntry, made_dirs: set[str], known: statcache.Known
     ) -> _Staged | tuple[restore.FileJob, str, int]:
         """The target already in place with identical bytes (staged, perhaps for a mode
         change), or a job to fill a new temp file beside it, made when its first chunk
-        comes (with its target and mode)."""
+        comes (with its target and mode). A target in the state this host recorded it in
+        (``known``) is not hashed again."""
         parent = localfs.safe_parent(dest, entry.path, made_dirs)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
@@ -1091,14 +1139,16 @@ class Store:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise UnsafePath(f"{entry.path}: a directory is in the way")
-        if (
-            st is not None
-            and stat.S_ISREG(st.st_mode)
-            and st.st_size == entry.size
-            and localfs.file_digest(target, entry.size) == entry.digest
-        ):
-            chmod = stat.S_IMODE(st.st_mode) != mode
-            return _Staged(target, None, mode if chmod else None)
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+            signature = localfs.signature_of(st)
+            recorded = known.get(entry.path)
+            if (
+                recorded is not None
+                and recorded[0] == signature
+                and recorded[1].digest == entry.digest
+            ) or localfs.file_digest(target, entry.size) == entry.digest:
+                chmod = stat.S_IMODE(st.st_mode) != mode
+                return _Staged(target, None, mode if chmod else None, signature)
         return restore.FileJob(entry, functools.partial(_create_temp, parent)), target, mode
 
 
@@ -1110,11 +1160,13 @@ class _Staged:
     target: str
     tmp: str | None
     chmod: int | None
+    signature: localfs.Signature | None = None  # the target's state, once in place
 
     def publish(self) -> str:
         if self.tmp is None:
             if self.chmod is not None:
                 os.chmod(self.target, self.chmod)
+                self.signature = localfs.current_signature(self.target)
             return "skipped"
         try:
             os.replace(self.tmp, self.target)
@@ -1122,6 +1174,7 @@ class _Staged:
             self.discard()
             raise
         self.tmp = None
+        self.signature = localfs.current_signature(self.target)
         return "written"
 
     def discard(self) -> None:
@@ -1197,18 +1250,6 @@ def shown(name: str) -> str:
     return name if name.isprintable() else ascii(name)
 
 
-# What identifies a file's state without reading it: inode, size, mtime (ns), mode.
-_Signature = tuple[int, int, int, int]
-
-
-def _signature(path: Path) -> _Signature | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
-
-
 def _cores() -> int:
     """The cores this process may run on (its affinity, not the machine's count)."""
     try:
@@ -1219,16 +1260,28 @@ def _cores() -> int:
 
 @dataclass
 class _Survey:
-    """What the first pass of a save to an object store found: each file's entry with the
-    file's state when it was read, and every chunk digest to announce."""
+    """What a save knows before its second pass: each file's entry with the file's state
+    when it was read (by the first pass of a save to an object store, or recorded by this
+    host), and every chunk digest to announce."""
 
-    entries: dict[str, tuple[FileEntry, _Signature]] = field(default_factory=dict)
+    entries: dict[str, tuple[FileEntry, localfs.Signature]] = field(default_factory=dict)
     digests: set[bytes] = field(default_factory=set)
 
+    @classmethod
+    def of_known(cls, local: list[localfs.LocalFile], known: statcache.Known) -> _Survey:
+        """The files scanned in the state this host recorded them in, with their entries."""
+        found = cls()
+        for f in local:
+            recorded = known.get(f.rel)
+            if recorded is not None and recorded[0] == f.signature:
+                found.entries[f.rel] = (recorded[1], f.signature)
+                found.digests.update(r.digest for r in recorded[1].chunks)
+        return found
+
     def unchanged_entry(self, f: localfs.LocalFile) -> FileEntry | None:
-        """The entry the first pass made of ``f``, if the file is as it was then."""
+        """The entry known for ``f``, if the file is still in the state it was read in."""
         found = self.entries.get(f.rel)
-        if found is None or _signature(f.path) != found[1]:
+        if found is None or localfs.current_signature(f.path) != found[1]:
             return None
         return found[0]
 

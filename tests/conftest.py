@@ -22,6 +22,8 @@ for _variable in ("CASSTORE_SIGNING_KEY", "CASSTORE_TRUSTED_KEYS"):
 # Pack indexes the tests' stores read are cached here, never in the developer's ~/.cache
 # (the children the tests start inherit it).
 os.environ["CASSTORE_INDEX_CACHE"] = tempfile.mkdtemp(prefix="casstore-test-index-")
+# So are the states of the files they save and restore (casstore/statcache.py).
+os.environ["CASSTORE_STAT_CACHE"] = tempfile.mkdtemp(prefix="casstore-test-stat-")
 
 
 @pytest.fixture

@@ -1,0 +1,154 @@
+"""The host's record of the files it saved and restored (casstore/statcache.py): a file in
+the state recorded is not read again by a save, nor hashed again by a load; any change of
+its content, a chunk lost from the store, or a record that cannot be used still costs
+only a read."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from casstore import Store, localfs, statcache
+from tests.helpers import KEY, lose_chunk, write_tree
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Files opened to be read by saves (by relative path), and files hashed by loads."""
+    counts: Counter[str] = Counter()
+    real_open, real_digest = localfs.open_stable, localfs.file_digest
+
+    def open_stable(f: localfs.LocalFile):  # type: ignore[no-untyped-def]
+        counts[f.rel] += 1
+        return real_open(f)
+
+    def file_digest(path: str, size: int) -> bytes | None:
+        counts[f"hashed:{Path(path).name}"] += 1
+        return real_digest(path, size)
+
+    monkeypatch.setattr(localfs, "open_stable", open_stable)
+    monkeypatch.setattr(localfs, "file_digest", file_digest)
+    return counts
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files count as settled at once (the tests' files were all written a moment ago; a
+    real cache's were written long before its save)."""
+    monkeypatch.setattr(statcache, "RACY_NS", 0)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    files = {f"fx/{i:02d}.py": os.urandom(3000) for i in range(20)}
+    files["big.so"] = os.urandom(5 * 2**20)  # streamed: over the 4 MiB threshold
+    files["empty"] = b""
+    write_tree(root, files)
+    return files
+
+
+@pytest.mark.usefixtures("settled")
+def test_an_unchanged_resave_reads_no_file(tmp_path: Path, reads: Counter[str]) -> None:
+    tree(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    reads.clear()
+    again = store.save(tmp_path / "src", KEY)
+    assert again.manifest is None and again.new_chunks == 0
+    assert reads == Counter(), reads
+
+
+@pytest.mark.usefixtures("settled")
+def test_an_unchanged_resave_to_s3_reads_no_file(s3_url: str, tmp_path: Path, reads) -> None:  # type: ignore[no-untyped-def]
+    tree(tmp_path / "src")
+    store = Store(s3_url)
+    store.save(tmp_path / "src", KEY)
+    reads.clear()
+    again = store.save(tmp_path / "src", KEY)
+    assert again.manifest is None and again.new_chunks == 0
+    assert reads == Counter(), reads
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_read_again(
+    tmp_path: Path, reads: Counter[str]
+) -> None:
+    """The ctime tells: writing a file moves it, and no one can set it back."""
+    tree(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    target = tmp_path / "src/fx/07.py"
+    before = target.stat()
+    target.write_bytes(b"z" * before.st_size)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    reads.clear()
+    report = store.save(tmp_path / "src", KEY)
+    assert reads == Counter({"fx/07.py": 1}), reads
+    assert report.changed_files == 1 and store.files(KEY)["fx/07.py"].size == before.st_size
+    Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    assert (tmp_path / "dst/fx/07.py").read_bytes() == b"z" * before.st_size
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_chunk_lost_since_is_packed_again_from_the_unchanged_file(
+    tmp_path: Path, reads: Counter[str]
+) -> None:
+    """Saves still heal the store: the chunks of a recorded file are looked for, and the
+    file is read when one is missing (and only that file)."""
+    tree(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    lose_chunk(store.backend, store.files(KEY)["fx/03.py"].chunks[0].digest)
+    reads.clear()
+    report = store.save(tmp_path / "src", KEY)
+    assert report.new_chunks == 1 and reads == Counter({"fx/03.py": 1}), reads
+    assert Store(tmp_path / "store").load(KEY, tmp_path / "dst").missing == []
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_load_records_what_it_wrote(tmp_path: Path, reads: Counter[str]) -> None:
+    """A replica restores, then saves: the save reads nothing it restored; a second load
+    into the same directory hashes none of the files it finds in place."""
+    files = tree(tmp_path / "src")
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    store = Store(tmp_path / "store")
+    assert store.load(KEY, tmp_path / "cache").written == len(files)
+    reads.clear()
+    assert store.save(tmp_path / "cache", KEY).manifest is None
+    assert store.load(KEY, tmp_path / "cache").skipped == len(files)
+    assert reads == Counter(), reads
+
+
+def test_files_changed_just_before_a_save_are_not_trusted(
+    tmp_path: Path, reads: Counter[str]
+) -> None:
+    """A file whose mtime or ctime is within a second of the save may change again in the
+    same timestamp tick: it is not recorded, so the next save reads it."""
+    tree(tmp_path / "src")  # just written
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    reads.clear()
+    store.save(tmp_path / "src", KEY)
+    assert reads["fx/00.py"] == 1 and reads["big.so"] == 1
+
+
+@pytest.mark.usefixtures("settled")
+@pytest.mark.parametrize("how", ["damaged record", "off"])
+def test_without_a_usable_record_every_file_is_read(
+    tmp_path: Path, reads: Counter[str], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    files = tree(tmp_path / "src")
+    records = tmp_path / "records"
+    monkeypatch.setenv("CASSTORE_STAT_CACHE", str(records))
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    (record,) = records.iterdir()
+    if how == "off":
+        monkeypatch.setenv("CASSTORE_STAT_CACHE", "off")
+    else:
+        record.write_bytes(b"\x93not a record")
+    reads.clear()
+    assert store.save(tmp_path / "src", KEY).manifest is None
+    assert reads == Counter(dict.fromkeys(files, 1)), reads
