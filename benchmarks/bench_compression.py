@@ -134,6 +134,45 @@ def pack_bytes(caches: list[Path], *, small_level: int, large_level: int) -> Row
     )
 
 
+def reference_dictionary_bytes(caches: list[Path], *, level: int) -> int:
+    """Not built (a measurement for the design in docs/decisions.md): each save's new
+    chunks compressed, in blocks of up to 8 MiB, with the bytes of chunks earlier saves
+    stored as a zstd raw-content dictionary (the last 8 MiB of them). Only saves stored
+    without a dictionary feed it, so decoding a block needs no more than one dictionary
+    (depth 1); a save whose dictionary does not shrink it below 0.6 of its plain size is
+    stored plain and feeds it. Block bytes only (indexes and dictionary lists left out)."""
+    params = zstandard.ZstdCompressionParameters.from_level(level, window_log=27)
+
+    def compressed(data: bytes, reference: bytes) -> int:
+        dictionary = (
+            zstandard.ZstdCompressionDict(reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            if reference
+            else None
+        )
+        cctx = zstandard.ZstdCompressor(compression_params=params, dict_data=dictionary)
+        block = constants.BLOCK_TARGET
+        return sum(len(cctx.compress(data[i : i + block])) for i in range(0, len(data), block))
+
+    stored: set[bytes] = set()
+    feed = bytearray()
+    total = 0
+    for cache in caches:
+        new = bytearray()
+        for _, data in files_of(cache):
+            for c in chunking.cut(data):
+                if c.digest not in stored:
+                    stored.add(c.digest)
+                    new += data[c.offset : c.offset + c.length]
+        plain = compressed(bytes(new), b"")
+        referenced = compressed(bytes(new), bytes(feed[-constants.BLOCK_TARGET :]))
+        if feed and referenced <= 0.6 * plain:
+            total += referenced
+        else:
+            total += plain
+            feed += new
+    return total
+
+
 def cpu_corpus(work: Path) -> list[Path]:
     caches = []
     for model in MODELS:
@@ -187,6 +226,13 @@ def measure(name: str, caches: list[Path], work: Path) -> list[str]:
         row = pack_bytes(caches, small_level=small, large_level=large)
         row.layout = layout
         rows.append(row)
+    rows.append(
+        Row(
+            "not built: earlier saves' chunks as a zstd dictionary (level "
+            f"{constants.SMALL_FILE_LEVEL}, depth 1; docs/decisions.md)",
+            reference_dictionary_bytes(caches, level=constants.SMALL_FILE_LEVEL),
+        )
+    )
     lines = [
         f"### {name}: {len(caches)} caches, {files} files, {raw / 1e6:.1f} MB",
         "",

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import filesystem_of
+from benchmarks.common import byte_compile, filesystem_of, set_aside
 from casstore import CacheKey, Store, signing
 
 KEY = CacheKey(torch="2.13.0+cpu", arch="bench", model="bench")
@@ -103,12 +103,12 @@ def run_rounds(ops: list[Op], rounds: int) -> None:
 
 
 def _rm(*paths: Path) -> Callable[[], None]:
+    """Clear the way for the next run: outputs set aside (not deleted: see set_aside), and
+    the previous run's writes flushed so that they do not slow the next one down."""
+
     def clean() -> None:
         for p in paths:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            set_aside(p)
         subprocess.run(["sync"], check=False)
 
     return clean
@@ -162,6 +162,7 @@ def fuse_rows(src: Path, rounds: int, work: Path) -> dict[str, Op]:
 def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
     if rounds % 2 == 0:
         rounds += 1  # an odd count, so the median is one measured run, not a mean of two
+    byte_compile()
     work = Path(tempfile.mkdtemp(prefix="casstore-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
         src = work / "src"
@@ -271,10 +272,13 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
         f"- {rounds} rounds; each round runs every operation once, in the order of the table, "
         "so noise hits all alike. *seconds* is the median of the rounds (one measured run), "
         "*range* the fastest and slowest. Every run of a 'cold' row starts from an empty "
-        "store or destination; the source tree is in the page cache for every tool alike.",
+        "store or destination; the source tree is in the page cache for every tool alike. "
+        "A run's output is set aside, not deleted, before the next run (deleting thousands "
+        "of files right before creating as many makes ext4 skip the just-freed inodes, a "
+        "cost of the benchmark, not of the tools: benchmarks/common.py), and flushed.",
         "- `casstore` rows run the command in a new process, as `cp` and `tar` do, so they "
         "include the interpreter's and the command's start-up (their own rows). `Store.save` "
-        "rows are in-process.",
+        "rows are in-process. casstore's bytecode is compiled first, as installing it does.",
         "- casstore fsyncs every stored object (the fsync-off row shows the cost); cp and tar do "
         "not fsync.",
         f"- stored: casstore {stored / 2**20:.1f} MiB of packs, indexes and manifests; tar.gz "
