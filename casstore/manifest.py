@@ -280,38 +280,43 @@ def validate(m: Manifest, *, source: str = "manifest") -> None:
     seen: set[str] = set()
     dirs: set[str] = set()
     for f in m.files:
-        try:
-            check_path(f.path)
-        except UnsafePath as e:
-            raise UnsafePath(f"{source}: {e}") from None
+        check_entry(f, source)
         if f.path in seen:
             raise InvalidManifest(f"{source}: duplicate path {f.path!r}")
         seen.add(f.path)
         parts = f.path.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        if not 0 <= f.size <= constants.MAX_FILE_SIZE:
-            raise InvalidManifest(f"{source}: {f.path!r} declares impossible size {f.size}")
-        if not 0 <= f.mode <= 0o7777:
-            raise InvalidManifest(f"{source}: {f.path!r} has invalid mode {f.mode:o}")
-        if len(f.digest) != constants.DIGEST_SIZE:
-            raise InvalidManifest(f"{source}: {f.path!r} has a malformed digest")
-        if len(f.chunks) > f.size:
-            # Every chunk holds at least one byte: more chunks than bytes is hostile.
-            raise InvalidManifest(f"{source}: {f.path!r} lists more chunks than bytes")
-        total = 0
-        for c in f.chunks:
-            if len(c.digest) != constants.DIGEST_SIZE:
-                raise InvalidManifest(f"{source}: {f.path!r} has a malformed chunk digest")
-            if not 0 < c.size <= constants.CHUNK_MAX_SIZE:
-                raise InvalidManifest(f"{source}: {f.path!r} has a chunk of size {c.size}")
-            total += c.size
-        if total != f.size:
-            raise InvalidManifest(
-                f"{source}: {f.path!r} chunks add up to {total} bytes, not {f.size}"
-            )
     clash = seen & dirs
     if clash:
         raise InvalidManifest(f"{source}: {sorted(clash)[0]!r} is both a file and a directory")
+
+
+def check_entry(f: FileEntry, source: str = "manifest") -> None:
+    """Raise :class:`InvalidManifest` (or :class:`UnsafePath`) unless ``f`` is a possible
+    entry: a safe path, sizes and digests of the right shape, chunks adding up to the
+    file."""
+    try:
+        check_path(f.path)
+    except UnsafePath as e:
+        raise UnsafePath(f"{source}: {e}") from None
+    if not 0 <= f.size <= constants.MAX_FILE_SIZE:
+        raise InvalidManifest(f"{source}: {f.path!r} declares impossible size {f.size}")
+    if not 0 <= f.mode <= 0o7777:
+        raise InvalidManifest(f"{source}: {f.path!r} has invalid mode {f.mode:o}")
+    if len(f.digest) != constants.DIGEST_SIZE:
+        raise InvalidManifest(f"{source}: {f.path!r} has a malformed digest")
+    if len(f.chunks) > f.size:
+        # Every chunk holds at least one byte: more chunks than bytes is hostile.
+        raise InvalidManifest(f"{source}: {f.path!r} lists more chunks than bytes")
+    total = 0
+    for c in f.chunks:
+        if len(c.digest) != constants.DIGEST_SIZE:
+            raise InvalidManifest(f"{source}: {f.path!r} has a malformed chunk digest")
+        if not 0 < c.size <= constants.CHUNK_MAX_SIZE:
+            raise InvalidManifest(f"{source}: {f.path!r} has a chunk of size {c.size}")
+        total += c.size
+    if total != f.size:
+        raise InvalidManifest(f"{source}: {f.path!r} chunks add up to {total} bytes, not {f.size}")
 
 
 def merge(manifests: Iterable[Manifest]) -> dict[str, FileEntry]:

@@ -12,9 +12,14 @@ set back. A file whose mtime or ctime falls within a second of when it was read 
 recorded (it may change again within the same timestamp tick); files a load has just
 written are recorded (casstore wrote and verified them itself).
 
+Only entries whose chunk list is known to describe the file's bytes are recorded (a save
+cut or checked it against them; a load wrote exactly those chunks and checked the file's
+digest), so that a manifest lying about a file cannot be carried into the next save. A
+record is used only if this user wrote it and no one else may write it.
+
 Only an optimisation, kept per host under ``~/.cache/casstore/stat``
-(``$CASSTORE_STAT_CACHE``; ``off`` keeps none): any trouble reading or writing it means
-reading the files.
+(``$CASSTORE_STAT_CACHE``; ``off`` keeps none): any trouble reading or writing it (a
+damaged or foreign record included) means reading the files.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 import msgspec
 
+from casstore import constants
 from casstore.backends.fs import temp_name
+from casstore.errors import CasstoreError
 from casstore.localfs import Signature
-from casstore.manifest import FileEntry
+from casstore.manifest import FileEntry, check_entry
 
 log = logging.getLogger("casstore")
 
@@ -61,31 +69,54 @@ class StatCache:
     """The recorded states of one directory's files, for one store and key."""
 
     def __init__(self, directory: Path, store_location: str, key_id: str, tree: Path) -> None:
-        where = "\0".join((store_location, key_id, os.path.realpath(tree)))
-        self.path = directory / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.stat"
+        # Bytes: a directory's name need not be UTF-8.
+        where = b"\0".join(
+            (store_location.encode(), key_id.encode(), os.fsencode(os.path.realpath(tree)))
+        )
+        self.path = directory / f"{hashlib.sha256(where).hexdigest()[:32]}.stat"
 
     def load(self) -> Known:
         """The recorded files; empty when there is no record or it cannot be used."""
         try:
-            doc = msgspec.msgpack.decode(self.path.read_bytes(), type=_Document)
+            return self._load()
         except FileNotFoundError:
             return {}
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+        except Exception as e:  # whatever is wrong with it, the files are read instead
             log.debug("stat cache %s not used: %s", self.path, e)
             return {}
+
+    def _load(self) -> Known:
+        with open(self.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise PermissionError("not written by this user alone")
+            if st.st_size > constants.MAX_MANIFEST_BYTES:
+                raise ValueError(f"{st.st_size} bytes")
+            doc = msgspec.msgpack.decode(fh.read(), type=_Document)
         if doc.format != FORMAT:
             return {}
-        return {rel: (r.signature, r.entry) for rel, r in doc.files.items() if r.entry.path == rel}
+        known: Known = {}
+        for rel, r in doc.files.items():
+            try:
+                check_entry(r.entry, "stat cache")
+            except CasstoreError:
+                continue
+            _, _, size, _, _, mode = r.signature
+            if r.entry.path == rel and r.entry.size == size and r.entry.mode == stat.S_IMODE(mode):
+                known[rel] = (r.signature, r.entry)
+        return known
 
     def record(self, known: Known) -> None:
         """Replace the record with ``known`` (best effort; atomic)."""
         doc = _Document(FORMAT, {rel: _Record(sig, entry) for rel, (sig, entry) in known.items()})
         tmp = self.path.parent / temp_name()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(msgspec.msgpack.encode(doc))
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(msgspec.msgpack.encode(doc))
             os.replace(tmp, self.path)
-        except OSError as e:
+        except Exception as e:  # only an optimisation: never a failed save or load
             log.debug("stat cache %s not written: %s", self.path, e)
             try:
                 tmp.unlink()

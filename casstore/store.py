@@ -524,12 +524,15 @@ class Store:
                 if intent is not None:
                     intent.close()
         if stat_cache is not None:
-            scanned = {f.rel: f.signature for f in local}
+            # A file changed since the scan may not hold the bytes its entry was made
+            # from in the state the scan saw: recorded only if still in that state.
+            scanned = {f.rel: f for f in local}
             stat_cache.record(
                 {
-                    e.path: (scanned[e.path], e)
+                    e.path: (scanned[e.path].signature, e)
                     for e in entries
-                    if not statcache.is_racy(scanned[e.path], scanned_ns)
+                    if not statcache.is_racy(scanned[e.path].signature, scanned_ns)
+                    and localfs.current_signature(scanned[e.path].path) == scanned[e.path].signature
                 }
             )
         report.seconds = time.monotonic() - started
@@ -951,9 +954,14 @@ class Store:
             # Recorded for the next load or save of this directory; a file found in place
             # only if it did not change just before it was hashed.
             signature = staged.signature if staged is not None else None
-            if signature is not None and (
-                outcome == "written"
-                or (outcome == "skipped" and not statcache.is_racy(signature, started_ns))
+            if (
+                staged is not None
+                and staged.verified
+                and signature is not None
+                and (
+                    outcome == "written"
+                    or (outcome == "skipped" and not statcache.is_racy(signature, started_ns))
+                )
             ):
                 states[entry.path] = (signature, entry)
             if outcome == "written":
@@ -1049,7 +1057,10 @@ class Store:
             target, mode = jobs[job]
             assert job.tmp is not None  # made before its first chunk was written
             os.chmod(job.tmp, mode)
-            staged = _Staged(target, job.tmp, mode)
+            # Every chunk was checked as it was written; the file's own digest is checked
+            # before the file may be recorded (a manifest may lie about it).
+            verified = _describes(job.entry, job.tmp) if stat_cache is not None else False
+            staged = _Staged(target, job.tmp, mode, verified=verified)
             settle(job.entry, staged)
             if staged.tmp is None:  # in place now: nothing to clean up
                 job.tmp = None
@@ -1142,13 +1153,14 @@ class Store:
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
             signature = localfs.signature_of(st)
             recorded = known.get(entry.path)
-            if (
-                recorded is not None
-                and recorded[0] == signature
-                and recorded[1].digest == entry.digest
-            ) or localfs.file_digest(target, entry.size) == entry.digest:
+            # In the recorded state, recorded as this very entry: these are its bytes.
+            unchanged = recorded is not None and recorded == (signature, entry)
+            if unchanged or localfs.file_digest(target, entry.size) == entry.digest:
                 chmod = stat.S_IMODE(st.st_mode) != mode
-                return _Staged(target, None, mode if chmod else None, signature)
+                # A file matched by its digest alone is recorded only where the chunk list
+                # cannot differ from it (one chunk, or none).
+                verified = unchanged or _trivially_described(entry)
+                return _Staged(target, None, mode if chmod else None, signature, verified)
         return restore.FileJob(entry, functools.partial(_create_temp, parent)), target, mode
 
 
@@ -1161,6 +1173,9 @@ class _Staged:
     tmp: str | None
     chmod: int | None
     signature: localfs.Signature | None = None  # the target's state, once in place
+    # Whether the entry's chunk list is known to describe these bytes: only then may
+    # this host record the file (statcache.py).
+    verified: bool = False
 
     def publish(self) -> str:
         if self.tmp is None:
@@ -1314,6 +1329,27 @@ def _streamed_entry(
         return None
     entry = FileEntry(f.rel, before.st_size, f.mode, whole.digest(), tuple(refs))
     return old if old == entry else entry
+
+
+_EMPTY_DIGEST = chunking.digest(b"")
+
+
+def _trivially_described(entry: FileEntry) -> bool:
+    """Whether any bytes with the entry's digest are also the bytes its chunk list names:
+    no chunk (an empty file), or one chunk whose digest is the file's."""
+    if not entry.chunks:
+        return entry.digest == _EMPTY_DIGEST
+    return len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest
+
+
+def _describes(entry: FileEntry, path: str) -> bool:
+    """Whether the file at ``path``, written from the entry's chunks, has the entry's
+    digest: hashed only when the chunk list alone does not tell."""
+    if _trivially_described(entry):
+        return True
+    if len(entry.chunks) <= 1:
+        return False
+    return localfs.file_digest(path, entry.size) == entry.digest
 
 
 def _entry_of(rel: str, data: bytes, mode: int, old: FileEntry | None) -> FileEntry:

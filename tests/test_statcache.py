@@ -9,9 +9,12 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from casstore import Store, localfs, statcache
+from casstore import CacheKey, Store, chunking, constants, localfs, statcache
+from casstore import manifest as mf
+from casstore.manifest import ChunkRef, FileEntry
 from tests.helpers import KEY, lose_chunk, write_tree
 
 
@@ -149,6 +152,84 @@ def test_without_a_usable_record_every_file_is_read(
         monkeypatch.setenv("CASSTORE_STAT_CACHE", "off")
     else:
         record.write_bytes(b"\x93not a record")
+    reads.clear()
+    assert store.save(tmp_path / "src", KEY).manifest is None
+    assert reads == Counter(dict.fromkeys(files, 1)), reads
+
+
+def _publish_lie(store: Store, entry: FileEntry) -> str:
+    m = mf.new_manifest(KEY, [entry])
+    name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at + 1)}"
+    store.backend.put_if_absent(name, mf.encode(m))
+    return name
+
+
+@pytest.mark.usefixtures("settled")
+@pytest.mark.parametrize("local", [True, False], ids=["found in place", "written"])
+def test_a_lying_manifest_is_never_recorded_nor_carried_into_a_save(
+    tmp_path: Path, local: bool
+) -> None:
+    """A manifest lists a file with the digest of bytes L but the chunk of bytes E. Whether
+    the load finds L in place (the digest matches) or writes E, this host must not record
+    that entry: once the lie is gone, its next save lists the file's real bytes, and a
+    later load does not leave the wrong bytes in place as 'skipped'."""
+    real, other = os.urandom(5000), os.urandom(5000)
+    store = Store(tmp_path / "store")
+    write_tree(tmp_path / "other", {"e": other})
+    store.save(tmp_path / "other", CacheKey(torch="t", arch="a", model="other"))  # E stored
+    lie = FileEntry(
+        "p", len(real), 0o644, chunking.digest(real), (ChunkRef(chunking.digest(other), 5000),)
+    )
+    name = _publish_lie(store, lie)
+    cache = tmp_path / "cache"
+    if local:
+        write_tree(cache, {"p": real})
+    store.load(KEY, cache)
+    store.backend.delete(name)
+    store.save(cache, KEY)
+    honest = Store(tmp_path / "store").files(KEY)["p"]
+    on_disk = (cache / "p").read_bytes()
+    assert honest.digest == chunking.digest(on_disk)
+    assert [c.digest for c in honest.chunks] == [chunking.digest(on_disk)]
+    # A correct manifest of L now: a load must put L in place, not skip the wrong bytes.
+    write_tree(tmp_path / "l", {"p": real})
+    Store(tmp_path / "store").save(tmp_path / "l", KEY)
+    Store(tmp_path / "store").load(KEY, cache)
+    assert (cache / "p").read_bytes() == real
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_directory_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    src = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))
+    write_tree(src, {"a.py": b"a" * 5000})
+    store = Store(tmp_path / "store")
+    store.save(src, KEY)
+    assert store.save(src, KEY).manifest is None
+    dst = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xe9st"))
+    assert store.load(KEY, dst).written == 1 and store.load(KEY, dst).skipped == 1
+
+
+@pytest.mark.usefixtures("settled")
+@pytest.mark.parametrize("damage", ["impossible entry", "group-writable"])
+def test_a_record_that_decodes_but_cannot_be_trusted_is_ignored(
+    tmp_path: Path, reads: Counter[str], monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A record with an entry no manifest could hold (a mode with file-type bits, sizes
+    that do not add up), or one someone else may have written, costs reads, never a save."""
+    files = tree(tmp_path / "src")
+    records = tmp_path / "records"
+    monkeypatch.setenv("CASSTORE_STAT_CACHE", str(records))
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    (record,) = records.iterdir()
+    assert record.stat().st_mode & 0o077 == 0 and records.stat().st_mode & 0o077 == 0
+    if damage == "group-writable":
+        record.chmod(0o664)
+    else:
+        doc = msgspec.msgpack.decode(record.read_bytes())
+        for _, (_, entry) in doc["files"].items():
+            entry["mode"] = 0o100644
+        record.write_bytes(msgspec.msgpack.encode(doc))
     reads.clear()
     assert store.save(tmp_path / "src", KEY).manifest is None
     assert reads == Counter(dict.fromkeys(files, 1)), reads
