@@ -13,8 +13,9 @@ recorded (it may change again within the same timestamp tick); files a load has 
 written are recorded (casstore wrote and verified them itself).
 
 Only entries whose chunk list is known to describe the file's bytes are recorded (a save
-cut or checked it against them; a load wrote exactly those chunks and checked the file's
-digest), so that a manifest lying about a file cannot be carried into the next save. A
+cut or checked it against them; a load, which checks each chunk it writes but not the
+file's digest, records the files whose chunk list tells the digest: one chunk, or none),
+so that a manifest lying about a file cannot be carried into the next save. A
 record is used only if this user wrote it and no one else may write it.
 
 Only an optimisation, kept per host under ``~/.cache/casstore/stat``

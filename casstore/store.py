@@ -1057,10 +1057,10 @@ class Store:
             target, mode = jobs[job]
             assert job.tmp is not None  # made before its first chunk was written
             os.chmod(job.tmp, mode)
-            # Every chunk was checked as it was written; the file's own digest is checked
-            # before the file may be recorded (a manifest may lie about it).
-            verified = _describes(job.entry, job.tmp) if stat_cache is not None else False
-            staged = _Staged(target, job.tmp, mode, verified=verified)
+            # Every chunk was checked as it was written, but not the file's own digest (a
+            # manifest may lie about it): recorded only where the chunks tell the digest.
+            # Hashing the others here would cost every cold load what it saves a re-save.
+            staged = _Staged(target, job.tmp, mode, verified=_trivially_described(job.entry))
             settle(job.entry, staged)
             if staged.tmp is None:  # in place now: nothing to clean up
                 job.tmp = None
@@ -1340,16 +1340,6 @@ def _trivially_described(entry: FileEntry) -> bool:
     if not entry.chunks:
         return entry.digest == _EMPTY_DIGEST
     return len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest
-
-
-def _describes(entry: FileEntry, path: str) -> bool:
-    """Whether the file at ``path``, written from the entry's chunks, has the entry's
-    digest: hashed only when the chunk list alone does not tell."""
-    if _trivially_described(entry):
-        return True
-    if len(entry.chunks) <= 1:
-        return False
-    return localfs.file_digest(path, entry.size) == entry.digest
 
 
 def _entry_of(rel: str, data: bytes, mode: int, old: FileEntry | None) -> FileEntry:
