@@ -318,27 +318,24 @@ def index_cache_dir() -> Path | None:
     """Where this host keeps the pack indexes it has read (casstore/chunk_index.py):
     ``$CASSTORE_INDEX_CACHE``, else ``~/.cache/casstore/index``; ``off`` keeps none (each
     save then reads every index object of the store)."""
-    value = os.environ.get("CASSTORE_INDEX_CACHE", "").strip()
-    if value.lower() in ("off", "0", "none"):
-        return None
-    if value:
-        return Path(value).expanduser()
-    try:
-        return Path.home() / ".cache" / "casstore" / "index"
-    except RuntimeError:  # no home directory
-        return None
+    return _host_cache("CASSTORE_INDEX_CACHE", "index")
 
 
 def stat_cache_dir() -> Path | None:
     """Where this host records the state of the files it saved or restored, to skip reading
     (or hashing) unchanged ones next time (casstore/statcache.py): ``$CASSTORE_STAT_CACHE``,
     else ``~/.cache/casstore/stat``; ``off`` keeps none (every save reads every file)."""
-    value = os.environ.get("CASSTORE_STAT_CACHE", "").strip()
+    return _host_cache("CASSTORE_STAT_CACHE", "stat")
+
+
+def _host_cache(variable: str, name: str) -> Path | None:
+    """``$variable``, else ``~/.cache/casstore/<name>``; None for ``off`` (or no home)."""
+    value = os.environ.get(variable, "").strip()
     if value.lower() in ("off", "0", "none"):
         return None
     if value:
         return Path(value).expanduser()
     try:
-        return Path.home() / ".cache" / "casstore" / "stat"
+        return Path.home() / ".cache" / "casstore" / name
     except RuntimeError:  # no home directory
         return None

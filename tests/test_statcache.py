@@ -53,20 +53,13 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.usefixtures("settled")
-def test_an_unchanged_resave_reads_no_file(tmp_path: Path, reads: Counter[str]) -> None:
+@pytest.mark.parametrize("where", ["filesystem", "s3"])
+def test_an_unchanged_resave_reads_no_file(
+    tmp_path: Path, reads: Counter[str], request: pytest.FixtureRequest, where: str
+) -> None:
     tree(tmp_path / "src")
-    store = Store(tmp_path / "store")
-    store.save(tmp_path / "src", KEY)
-    reads.clear()
-    again = store.save(tmp_path / "src", KEY)
-    assert again.manifest is None and again.new_chunks == 0
-    assert reads == Counter(), reads
-
-
-@pytest.mark.usefixtures("settled")
-def test_an_unchanged_resave_to_s3_reads_no_file(s3_url: str, tmp_path: Path, reads) -> None:  # type: ignore[no-untyped-def]
-    tree(tmp_path / "src")
-    store = Store(s3_url)
+    root = tmp_path / "store" if where == "filesystem" else request.getfixturevalue("s3_url")
+    store = Store(root)
     store.save(tmp_path / "src", KEY)
     reads.clear()
     again = store.save(tmp_path / "src", KEY)

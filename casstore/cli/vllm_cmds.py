@@ -18,6 +18,7 @@ import click
 from casstore import config
 from casstore.cli.common import (
     CONTEXT_SETTINGS,
+    FC,
     apply_globals,
     exit_with,
     options,
@@ -68,6 +69,26 @@ pid_option = click.option(
     metavar="PID",
     help="Exit (after a final save) when this process exits, e.g. the shell pid that execs vllm.",
 )
+
+
+def watch_options(f: FC) -> FC:
+    """The options of a sidecar that restores, then saves once vLLM has compiled: those of
+    the group itself and of `casstore vllm watch`."""
+    for option in (
+        verbose_option,
+        root_option,
+        trusted_keys_option,
+        signing_key_option,
+        model_option,
+        pid_option,
+        poll_option,
+        quiet_option,
+        timeout_option,
+        url_option,
+        cache_dir_option,
+    ):
+        f = option(f)
+    return f
 
 
 @dataclasses.dataclass
@@ -146,17 +167,7 @@ def _unattended_logging() -> None:
     context_settings=CONTEXT_SETTINGS,
     help="Sidecar for vLLM: restore its compile cache, save it once compiled (docs/vllm.md).",
 )
-@cache_dir_option
-@url_option
-@timeout_option
-@quiet_option
-@poll_option
-@pid_option
-@model_option
-@signing_key_option
-@trusted_keys_option
-@root_option
-@verbose_option
+@watch_options
 @click.pass_context
 def vllm_group(
     ctx: click.Context,
@@ -218,17 +229,7 @@ def vllm_restore(
 
 
 @vllm_group.command("watch")
-@cache_dir_option
-@url_option
-@timeout_option
-@quiet_option
-@poll_option
-@pid_option
-@model_option
-@signing_key_option
-@trusted_keys_option
-@root_option
-@verbose_option
+@watch_options
 @click.pass_context
 def vllm_watch(
     ctx: click.Context,
