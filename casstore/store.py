@@ -367,16 +367,19 @@ class Store:
         """The merged view of ``key``: every file a load would restore."""
         return mf.merge(s.manifest for s in self.manifests(key))
 
-    def keys(self) -> Iterator[KeyInfo]:
-        """One :class:`KeyInfo` per key that has at least one valid manifest."""
-        key_ids = sorted(
+    def _key_ids(self) -> list[str]:
+        """The names of the key directories under ``manifests/``, sorted."""
+        return sorted(
             {
                 info.key.split("/")[1]
                 for info in self.backend.list(f"{constants.MANIFESTS_DIR}/")
                 if info.key.count("/") == 2
             }
         )
-        for key_id in key_ids:
+
+    def keys(self) -> Iterator[KeyInfo]:
+        """One :class:`KeyInfo` per key that has at least one valid manifest."""
+        for key_id in self._key_ids():
             loaded, _errors = self.read_manifests(key_id)
             if not loaded:
                 continue
@@ -427,7 +430,13 @@ class Store:
     def resolve(self, ref: str) -> CacheKey:
         """A key from its id or an unambiguous id prefix (as ``casstore ls`` prints)."""
         ref = ref.strip().lower()
-        matches = [k.key for k in self.keys() if k.key.id.startswith(ref)] if ref else []
+        matches = []
+        # Only the keys whose directory name matches are read (not every manifest of the
+        # store); a key counts if it has a valid manifest.
+        for key_id in [k for k in self._key_ids() if k.startswith(ref)] if ref else []:
+            loaded, _errors = self.read_manifests(key_id)
+            if loaded and loaded[-1].manifest.key.id.startswith(ref):
+                matches.append(loaded[-1].manifest.key)
         if not matches:
             raise NotFound(f"no key with id {ref!r}")
         if len(matches) > 1:

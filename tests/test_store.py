@@ -650,3 +650,27 @@ def test_a_fresh_volume_root_with_a_private_lost_and_found_is_a_new_store(
     (root / f"{constants.TEMP_PREFIX}crashed").write_bytes(b"a crashed first save")
     Store(root)  # no error: nothing of anyone's is there
     assert (root / constants.LAYOUT_FILE).exists()
+
+
+def test_resolving_a_key_id_prefix_reads_only_the_matching_keys(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`load --key PREFIX` reads the manifests of the keys whose id starts with the
+    prefix, not every manifest of the store."""
+    write_tree(tmp_path / "src", {"a.py": b"a" * 5000})
+    keys = [CacheKey(torch="t", arch="a", model=f"m{i}") for i in range(5)]
+    for k in keys:
+        store.save(tmp_path / "src", k)
+    read: list[str] = []
+    real = store.read_manifests
+
+    def counting(key_id: str, key: CacheKey | None = None):  # type: ignore[no-untyped-def]
+        read.append(key_id)
+        return real(key_id, key)
+
+    monkeypatch.setattr(store, "read_manifests", counting)
+    wanted = keys[3]
+    assert store.resolve(wanted.id[:12]) == wanted
+    assert read == [wanted.id]
+    with pytest.raises(NotFound):
+        store.resolve("zz")
