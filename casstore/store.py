@@ -880,6 +880,11 @@ class Store:
             def save_batch(batch: list[localfs.LocalFile]) -> list[FileEntry | None]:
                 return [save_file(f) for f in batch]
 
+            # The packs of the chunks already known are looked at together, in parallel,
+            # before any file: a large file's chunks span many packs, and its thread would
+            # otherwise look at them one after another, a round trip each on an object store.
+            for _ in chunk_pool.map(stored, surveyed.digests):
+                pass
             batches = _batches(local, lambda f: f.size)
             results = [e for b in files_pool.map(save_batch, batches) for e in b]
         publish(builder.finish())

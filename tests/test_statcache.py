@@ -6,6 +6,8 @@ only a read."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from casstore import CacheKey, Store, chunking, constants, localfs, statcache
 from casstore import manifest as mf
 from casstore.manifest import ChunkRef, FileEntry
-from tests.helpers import KEY, lose_chunk, write_tree
+from tests.helpers import KEY, lose_chunk, pack_files, write_tree
 
 
 @pytest.fixture
@@ -228,3 +230,32 @@ def test_a_record_that_decodes_but_cannot_be_trusted_is_ignored(
     reads.clear()
     assert store.save(tmp_path / "src", KEY).manifest is None
     assert reads == Counter(dict.fromkeys(files, 1)), reads
+
+
+@pytest.mark.usefixtures("settled")
+def test_the_packs_of_a_large_unread_file_are_looked_at_in_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file spans several packs; when a save does not read it (its state is
+    recorded), its packs are still looked at (renewed), but together, not one round trip
+    after another from the file's thread."""
+    write_tree(tmp_path / "src", {"big.so": os.urandom(40 * 2**20)})  # three packs or more
+    store = Store(tmp_path / "store", threads=8)
+    store.save(tmp_path / "src", KEY)
+    assert len(pack_files(tmp_path / "store")) >= 3
+    looking, most, lock = 0, 0, threading.Lock()
+    real = Store._pack_present
+
+    def slow(self: Store, pack_id: str) -> bool:
+        nonlocal looking, most
+        with lock:
+            looking += 1
+            most = max(most, looking)
+        time.sleep(0.2)  # a round trip to a distant object store
+        with lock:
+            looking -= 1
+        return real(self, pack_id)
+
+    monkeypatch.setattr(Store, "_pack_present", slow)
+    assert store.save(tmp_path / "src", KEY).manifest is None
+    assert most >= 2, most
