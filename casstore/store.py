@@ -687,7 +687,6 @@ class Store:
             found = _Survey()
             for f in batch:
                 old = current.get(f.rel)
-                signature = localfs.current_signature(f.path)
                 cut: list[bytes] = []
 
                 def note(_: bytes, ref: ChunkRef, into: list[bytes] = cut) -> None:
@@ -703,9 +702,11 @@ class Store:
                     log.debug("%s: could not read it ahead (%s); read again when saved", f.rel, e)
                     entry = None
                 found.digests.update(cut)
-                if entry is not None and signature is not None:
+                if entry is not None:
+                    # Paired with the state the scan saw: a file changed since then, even
+                    # before this read, is read again by the second pass.
                     found.digests.update(r.digest for r in entry.chunks)
-                    found.entries[f.rel] = (entry, signature)
+                    found.entries[f.rel] = (entry, f.signature)
             return found
 
         # Reading from the page cache and hashing: CPU work, one thread per core (more
