@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +153,7 @@ class IndexCache:
 
 def list_packs(backend: Backend) -> dict[str, ObjectInfo]:
     """Pack id -> the listing of its pack object (``packs/``)."""
-    found: dict[str, ObjectInfo] = {}
-    for info in backend.list(f"{constants.PACKS_DIR}/"):
-        pack_id = pack_id_from_key(info.key)
-        if pack_id is not None and info.key == pack_key(pack_id):
-            found[pack_id] = info
-    return found
+    return _by_pack_id(backend, constants.PACKS_DIR, pack_key)
 
 
 def list_trashed(backend: Backend) -> dict[str, str]:
@@ -173,10 +168,18 @@ def list_trashed(backend: Backend) -> dict[str, str]:
 
 def list_indexes(backend: Backend) -> dict[str, ObjectInfo]:
     """Pack id -> the listing of its index object."""
+    return _by_pack_id(backend, constants.INDEX_DIR, index_key)
+
+
+def _by_pack_id(
+    backend: Backend, directory: str, key_of: Callable[[str], str]
+) -> dict[str, ObjectInfo]:
+    """The objects listed under ``directory`` whose key is exactly ``key_of`` their pack
+    id, by pack id (anything else there is not one of them)."""
     found: dict[str, ObjectInfo] = {}
-    for info in backend.list(f"{constants.INDEX_DIR}/"):
+    for info in backend.list(f"{directory}/"):
         pack_id = pack_id_from_key(info.key)
-        if pack_id is not None and info.key == index_key(pack_id):
+        if pack_id is not None and info.key == key_of(pack_id):
             found[pack_id] = info
     return found
 

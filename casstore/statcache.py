@@ -48,7 +48,7 @@ RACY_NS = 1_000_000_000
 
 
 class _Record(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    signature: tuple[int, int, int, int, int, int]
+    signature: Signature
     entry: FileEntry
 
 

@@ -501,7 +501,4 @@ def nearest_existing(path: Path) -> Path:
 
 
 def stdin_is_terminal() -> bool:
-    try:
-        return os.isatty(sys.stdin.fileno())
-    except (OSError, ValueError):
-        return False
+    return _is_terminal(sys.stdin)
