@@ -102,7 +102,7 @@ def run_rounds(ops: list[Op], rounds: int) -> None:
             op.samples.append(time.perf_counter() - start)
 
 
-def _rm(*paths: Path) -> Callable[[], None]:
+def _make_way(*paths: Path) -> Callable[[], None]:
     """Clear the way for the next run: outputs set aside (not deleted: see set_aside), and
     the previous run's writes flushed so that they do not slow the next one down."""
 
@@ -150,8 +150,10 @@ def fuse_rows(src: Path, rounds: int, work: Path) -> dict[str, Op]:
             subprocess.run(["tar", "-xzf", archive, "-C", dst], check=True)
 
         ops = {
-            "fuse_tar_x": Op("`tar -xzf` from the mount", untar, _rm(dst)),
-            "fuse_load": Op("`casstore load` from the mount", _cli(store, "load", dst), _rm(dst)),
+            "fuse_tar_x": Op("`tar -xzf` from the mount", untar, _make_way(dst)),
+            "fuse_load": Op(
+                "`casstore load` from the mount", _cli(store, "load", dst), _make_way(dst)
+            ),
         }
         run_rounds(list(ops.values()), rounds)
         return ops
@@ -192,27 +194,31 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
 
         ops = {
             "cp": Op(
-                "`cp -a`", lambda: subprocess.run(["cp", "-a", src, dst], check=True), _rm(dst)
+                "`cp -a`",
+                lambda: subprocess.run(["cp", "-a", src, dst], check=True),
+                _make_way(dst),
             ),
             "tar_c": Op(
                 "`tar -czf`",
                 lambda: subprocess.run(["tar", "-czf", archive, "-C", src, "."], check=True),
-                _rm(archive),
+                _make_way(archive),
             ),
-            "tar_x": Op("`tar -xzf`", untar, _rm(dst)),
+            "tar_x": Op("`tar -xzf`", untar, _make_way(dst)),
             "save": Op(
-                "`casstore save` (empty store)", _cli(cold_store, "save", src), _rm(cold_store)
+                "`casstore save` (empty store)",
+                _cli(cold_store, "save", src),
+                _make_way(cold_store),
             ),
             "resave": Op(
                 "`casstore save`, unchanged tree", _cli(warm_store, "save", src), lambda: None
             ),
             "load": Op(
-                "`casstore load` (empty destination)", _cli(warm_store, "load", dst), _rm(dst)
+                "`casstore load` (empty destination)", _cli(warm_store, "load", dst), _make_way(dst)
             ),
             "load_signed": Op(
                 "`casstore load`, signed key, trusted keys set",
                 _cli(signed_store, "load", dst, "--trusted-keys", public),
-                _rm(dst),
+                _make_way(dst),
             ),
             "load_warm": Op(
                 "`casstore load`, every file present",
@@ -222,12 +228,12 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
             "api_save": Op(
                 "`Store.save` in-process (empty store)",
                 lambda: Store(cold_store).save(src, KEY),
-                _rm(cold_store),
+                _make_way(cold_store),
             ),
             "api_save_nosync": Op(
                 "`Store.save` in-process, fsync off",
                 lambda: Store(cold_store, fsync=False).save(src, KEY),
-                _rm(cold_store),
+                _make_way(cold_store),
             ),
         }
         # The interpreter's own start-up, which every `casstore` row above includes.

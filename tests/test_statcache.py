@@ -134,26 +134,6 @@ def test_files_changed_just_before_a_save_are_not_trusted(
     assert reads["fx/00.py"] == 1 and reads["big.so"] == 1
 
 
-@pytest.mark.usefixtures("settled")
-@pytest.mark.parametrize("how", ["damaged record", "off"])
-def test_without_a_usable_record_every_file_is_read(
-    tmp_path: Path, reads: Counter[str], monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    files = tree(tmp_path / "src")
-    records = tmp_path / "records"
-    monkeypatch.setenv("CASSTORE_STAT_CACHE", str(records))
-    store = Store(tmp_path / "store")
-    store.save(tmp_path / "src", KEY)
-    (record,) = records.iterdir()
-    if how == "off":
-        monkeypatch.setenv("CASSTORE_STAT_CACHE", "off")
-    else:
-        record.write_bytes(b"\x93not a record")
-    reads.clear()
-    assert store.save(tmp_path / "src", KEY).manifest is None
-    assert reads == Counter(dict.fromkeys(files, 1)), reads
-
-
 def _publish_lie(store: Store, entry: FileEntry) -> str:
     m = mf.new_manifest(KEY, [entry])
     name = f"{constants.MANIFESTS_DIR}/{KEY.id}/{mf.new_manifest_name(m.created_at + 1)}"
@@ -207,12 +187,13 @@ def test_a_directory_whose_name_is_not_utf8(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("settled")
-@pytest.mark.parametrize("damage", ["impossible entry", "group-writable"])
-def test_a_record_that_decodes_but_cannot_be_trusted_is_ignored(
-    tmp_path: Path, reads: Counter[str], monkeypatch: pytest.MonkeyPatch, damage: str
+@pytest.mark.parametrize("how", ["off", "damaged record", "impossible entry", "group-writable"])
+def test_without_a_usable_record_every_file_is_read(
+    tmp_path: Path, reads: Counter[str], monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """A record with an entry no manifest could hold (a mode with file-type bits, sizes
-    that do not add up), or one someone else may have written, costs reads, never a save."""
+    """No record (turned off), one that does not decode, one with an entry no manifest
+    could hold (a mode with file-type bits), or one someone else may have written: each
+    costs reads, never a save."""
     files = tree(tmp_path / "src")
     records = tmp_path / "records"
     monkeypatch.setenv("CASSTORE_STAT_CACHE", str(records))
@@ -220,7 +201,11 @@ def test_a_record_that_decodes_but_cannot_be_trusted_is_ignored(
     store.save(tmp_path / "src", KEY)
     (record,) = records.iterdir()
     assert record.stat().st_mode & 0o077 == 0 and records.stat().st_mode & 0o077 == 0
-    if damage == "group-writable":
+    if how == "off":
+        monkeypatch.setenv("CASSTORE_STAT_CACHE", "off")
+    elif how == "damaged record":
+        record.write_bytes(b"\x93not a record")
+    elif how == "group-writable":
         record.chmod(0o664)
     else:
         doc = msgspec.msgpack.decode(record.read_bytes())
