@@ -89,15 +89,20 @@ def scan_tree(
 
 def open_stable(f: LocalFile) -> tuple[int, os.stat_result] | None:
     """(fd, stat) of a regular file opened without following a symlink, or None if it
-    vanished or is something else now. The caller closes the fd."""
+    vanished or is something else now. The caller closes the fd.
+
+    O_NONBLOCK: a file swapped for a FIFO since the scan must not make the open wait for
+    a writer (the fstat below then refuses it). A regular file is read in blocking mode
+    again, whatever a network filesystem would make of the flag."""
     try:
-        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     before = os.fstat(fd)
     if not stat.S_ISREG(before.st_mode):
         os.close(fd)
         return None
+    os.set_blocking(fd, True)
     return fd, before
 
 

@@ -27,6 +27,7 @@ from casstore import (
     audit,
     chunking,
     constants,
+    localfs,
 )
 from casstore import manifest as mf
 from casstore.errors import CannotRenew
@@ -674,3 +675,29 @@ def test_resolving_a_key_id_prefix_reads_only_the_matching_keys(
     assert read == [wanted.id]
     with pytest.raises(NotFound):
         store.resolve("zz")
+
+
+def test_a_file_swapped_for_a_fifo_after_the_scan_never_hangs_a_save(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the scan and the read, a file becomes a FIFO no one writes to: opening it
+    must not wait for a writer; the save goes on without it."""
+    write_tree(tmp_path / "src", {"a.py": b"a" * 5000, "b.py": b"b" * 5000})
+    real_scan = localfs.scan_tree
+
+    def scan_then_swap(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = list(real_scan(*args, **kwargs))
+        os.unlink(tmp_path / "src/b.py")
+        os.mkfifo(tmp_path / "src/b.py")
+        return iter(found)
+
+    monkeypatch.setattr(localfs, "scan_tree", scan_then_swap)
+    done: list[object] = []
+    saver = threading.Thread(target=lambda: done.append(store.save(tmp_path / "src", KEY)))
+    saver.daemon = True
+    saver.start()
+    saver.join(timeout=30)
+    if saver.is_alive():  # let the blocked open go, so the thread ends
+        os.close(os.open(tmp_path / "src/b.py", os.O_WRONLY | os.O_NONBLOCK))
+    assert done, "the save hung opening a FIFO"
+    assert set(store.files(KEY)) == {"a.py"}
