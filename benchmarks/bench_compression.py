@@ -11,11 +11,15 @@ Corpora (real inductor caches of different models, each saved as its own key):
 Layouts, every one with chunk dedup across the caches, caches saved one after another:
 
 * each chunk alone at zstd level 3: what format 1 stored (one object per chunk);
-* casstore as it saves: a real ``Store.save`` of each cache, bytes of packs and indexes;
-* packs at other zstd levels (casstore.packs.PackBuilder as a save uses it), to show what
-  the level buys, with compression and decompression speeds.
+* casstore as it saves: a real ``Store.save`` of each cache, bytes of packs and indexes
+  (blocks compressed against chunks earlier saves stored: casstore/dictionaries.py), and
+  the same without dictionaries;
+* packs at other zstd levels (casstore.packs.PackBuilder without dictionaries), to show
+  what the level buys, with compression and decompression speeds.
 
-Compression and decompression speeds are per core, on this machine.
+Speeds of the PackBuilder rows are per core (compressing, decompressing blocks); those of
+the real saves are end to end (``Store.save`` and ``Store.load`` of every cache, MB/s of
+the caches' bytes).
 """
 
 from __future__ import annotations
@@ -77,18 +81,35 @@ def format1_bytes(caches: list[Path]) -> int:
     return total
 
 
-def store_bytes(caches: list[Path], work: Path) -> int:
-    """A real save of each cache into one store: bytes of its packs and indexes."""
-    root = work / "store"
-    store = Store(root, create=True)
-    for i, cache in enumerate(caches):
-        store.save(cache, CacheKey(torch="t", arch="a", model=f"m{i}"))
-    return sum(
+def store_row(layout: str, caches: list[Path], work: Path, *, dictionaries: bool) -> Row:
+    """A real save of each cache into one store (bytes of its packs and indexes), then a
+    load of each into an empty directory; speeds end to end, MB/s of cache bytes."""
+    root = work / ("store-dict" if dictionaries else "store-plain")
+    saved_target = constants.DICTIONARY_TARGET
+    if not dictionaries:
+        constants.DICTIONARY_TARGET = 0  # what format 2 stored: no block uses one
+    try:
+        store = Store(root, create=True)
+        keys = [CacheKey(torch="t", arch="a", model=f"m{i}") for i in range(len(caches))]
+        start = time.perf_counter()
+        for cache, key in zip(caches, keys, strict=True):
+            store.save(cache, key)
+        save_seconds = time.perf_counter() - start
+    finally:
+        constants.DICTIONARY_TARGET = saved_target
+    start = time.perf_counter()
+    for i, key in enumerate(keys):
+        report = Store(root).load(key, work / f"out-{root.name}-{i}")
+        assert not report.missing, report.missing
+    load_seconds = time.perf_counter() - start
+    raw = sum(len(d) for c in caches for _, d in files_of(c))
+    stored = sum(
         p.stat().st_size
         for d in (constants.PACKS_DIR, constants.INDEX_DIR)
         for p in (root / d).rglob("*")
         if p.is_file()
     )
+    return Row(layout, stored, raw / save_seconds / 1e6, raw / load_seconds / 1e6)
 
 
 def pack_bytes(caches: list[Path], *, small_level: int, large_level: int) -> Row:
@@ -134,45 +155,6 @@ def pack_bytes(caches: list[Path], *, small_level: int, large_level: int) -> Row
     )
 
 
-def reference_dictionary_bytes(caches: list[Path], *, level: int) -> int:
-    """Not built (a measurement for the design in docs/decisions.md): each save's new
-    chunks compressed, in blocks of up to 8 MiB, with the bytes of chunks earlier saves
-    stored as a zstd raw-content dictionary (the last 8 MiB of them). Only saves stored
-    without a dictionary feed it, so decoding a block needs no more than one dictionary
-    (depth 1); a save whose dictionary does not shrink it below 0.6 of its plain size is
-    stored plain and feeds it. Block bytes only (indexes and dictionary lists left out)."""
-    params = zstandard.ZstdCompressionParameters.from_level(level, window_log=27)
-
-    def compressed(data: bytes, reference: bytes) -> int:
-        dictionary = (
-            zstandard.ZstdCompressionDict(reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            if reference
-            else None
-        )
-        cctx = zstandard.ZstdCompressor(compression_params=params, dict_data=dictionary)
-        block = constants.BLOCK_TARGET
-        return sum(len(cctx.compress(data[i : i + block])) for i in range(0, len(data), block))
-
-    stored: set[bytes] = set()
-    feed = bytearray()
-    total = 0
-    for cache in caches:
-        new = bytearray()
-        for _, data in files_of(cache):
-            for c in chunking.cut(data):
-                if c.digest not in stored:
-                    stored.add(c.digest)
-                    new += data[c.offset : c.offset + c.length]
-        plain = compressed(bytes(new), b"")
-        referenced = compressed(bytes(new), bytes(feed[-constants.BLOCK_TARGET :]))
-        if feed and referenced <= 0.6 * plain:
-            total += referenced
-        else:
-            total += plain
-            feed += new
-    return total
-
-
 def cpu_corpus(work: Path) -> list[Path]:
     caches = []
     for model in MODELS:
@@ -208,9 +190,18 @@ def measure(name: str, caches: list[Path], work: Path) -> list[str]:
     rows = [
         Row("one tar.gz per cache (b10-style)", tgz),
         Row("each chunk alone, zstd 3 (format 1)", format1_bytes(caches)),
-        Row(
-            "casstore: packs as saved (a real `Store.save` of each cache)",
-            store_bytes(caches, work / name),
+        store_row(
+            "casstore as it saves: packs, blocks compressed against stored chunks (a real "
+            "`Store.save`, then `Store.load`, of each cache)",
+            caches,
+            work / name,
+            dictionaries=True,
+        ),
+        store_row(
+            "casstore without dictionaries (format 2: packs only)",
+            caches,
+            work / name,
+            dictionaries=False,
         ),
     ]
     for layout, small, large in (
@@ -226,13 +217,6 @@ def measure(name: str, caches: list[Path], work: Path) -> list[str]:
         row = pack_bytes(caches, small_level=small, large_level=large)
         row.layout = layout
         rows.append(row)
-    rows.append(
-        Row(
-            "not built: earlier saves' chunks as a zstd dictionary (level "
-            f"{constants.SMALL_FILE_LEVEL}, depth 1; docs/decisions.md)",
-            reference_dictionary_bytes(caches, level=constants.SMALL_FILE_LEVEL),
-        )
-    )
     lines = [
         f"### {name}: {len(caches)} caches, {files} files, {raw / 1e6:.1f} MB",
         "",
@@ -270,6 +254,9 @@ def main() -> None:
             " separate keys; chunks already stored by an earlier save are not stored again",
             "- *stored*: bytes of the store's chunk objects, or packs plus their indexes;"
             " *vs tar.gz*: against the sum of one tar.gz per cache",
+            "- speeds: for the two `casstore` rows, end to end (`Store.save` and"
+            " `Store.load` of every cache into an empty directory, MB/s of the caches'"
+            " bytes); for the `packs:` rows, compressing and decompressing blocks (per core)",
             "",
             *sections,
         ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from casstore import chunk_index, constants, packs
 from casstore import manifest as mf
 from casstore.chunk_index import UNSUPPORTED_MARK
+from casstore.dictionaries import Rebuilder
 from casstore.errors import (
     CasstoreError,
     CorruptObject,
@@ -139,6 +140,7 @@ def verify(
     )
     listed = chunk_index.list_packs(store.backend)
     index = chunk_index.load(store.backend, threads=threads)
+    rebuild = Rebuilder(store.backend, index)
     for pack_id, why in sorted(index.damaged.items()):
         report.corrupt.append((packs.index_key(pack_id), why))
     for pack_id, why in sorted(index.unreadable.items()):
@@ -164,8 +166,10 @@ def verify(
         intact = True
         if listed[pack.id].size != pack.size:
             reason = f"holds {listed[pack.id].size} bytes, its index says {pack.size}"
+        unverified: set[bytes] = set()
         try:
-            damaged, intact = packs.verify_pack(store.backend, pack)
+            check = packs.verify_pack(store.backend, pack, dictionaries=rebuild)
+            damaged, intact, unverified = check.damaged, check.intact, set(check.unverified)
         except NotFound:
             return  # deleted since the listing (gc)
         except CorruptObject as e:
@@ -179,10 +183,21 @@ def verify(
         with lock:
             done += 1
             report.chunks += len(pack.chunks)
-            present.update(c.digest.hex() for c in pack.chunks if c.digest not in bad)
+            if unverified:
+                # Not damage: the block may be whole, but what it needs to be read is not
+                # (its dictionary's chunks). Not judged, never quarantined.
+                report.unreadable.append((packs.pack_key(pack.id), check.why_unverified))
+                unknown.update(d.hex() for d in unverified)
+            present.update(
+                c.digest.hex()
+                for c in pack.chunks
+                if c.digest not in bad and c.digest not in unverified
+            )
             if damaged or not intact or reason:
-                # Repair rewrites the pack from its intact chunks either way.
-                report.damaged_chunks[pack.id] = sorted(d.hex() for d in bad)
+                # Repair rewrites the pack from its intact chunks either way; not while
+                # some of them cannot be read for want of a dictionary (they may be whole).
+                if not unverified:
+                    report.damaged_chunks[pack.id] = sorted(d.hex() for d in bad)
                 if not reason:
                     reason = (
                         f"{len(bad)} of its {len(pack.chunks)} chunks are damaged"
@@ -250,6 +265,7 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
     """
     out = RepairReport()
     index = chunk_index.load(store.backend)
+    rebuild = Rebuilder(store.backend, index)
     for pack_id, damaged in sorted(report.damaged_chunks.items()):
         pack = index.packs.get(pack_id)
         if pack is None:
@@ -257,7 +273,7 @@ def repair(store: Store, report: VerifyReport) -> RepairReport:
         bad = {bytes.fromhex(d) for d in damaged}
         intact = [c.digest for c in pack.chunks if c.digest not in bad]
         out.chunks_salvaged += len(
-            packs.copy_chunks(store.backend, pack, intact, skip_damaged=True)
+            packs.copy_chunks(store.backend, pack, intact, skip_damaged=True, dictionaries=rebuild)
         )
         dest = f"{constants.QUARANTINE_DIR}/packs/{pack_id}{constants.PACK_SUFFIX}"
         if store.backend.move(packs.pack_key(pack_id), f"{dest}.{uuid.uuid4().hex[:8]}"):

@@ -78,6 +78,29 @@ class ChunkIndex:
         """Every location of ``digest``, the most recently published pack last."""
         return list(self._where.get(digest, ()))
 
+    def dictionary_chunks(self, live: Iterable[bytes]) -> set[bytes]:
+        """The chunks, not among ``live``, that the dictionaries of blocks holding a live
+        chunk name, and so on for blocks holding those (any copy of a chunk may be the
+        one read): what must be kept for every live chunk to stay readable."""
+        live = set(live)
+        needed: set[bytes] = set()
+        seen: set[tuple[bytes, ...]] = set()
+        frontier = live
+        while frontier:
+            found: set[bytes] = set()
+            for digest in frontier:
+                for loc in self._where.get(digest, ()):
+                    block = loc.index.blocks[loc.chunk.block]
+                    if block.plain:
+                        continue
+                    dictionary = loc.index.dictionaries[block.dictionary]
+                    if dictionary not in seen:
+                        seen.add(dictionary)
+                        found.update(d for d in dictionary if d not in live and d not in needed)
+            needed |= found
+            frontier = found
+        return needed
+
     def stored_sizes(self) -> dict[bytes, int]:
         """Each chunk's stored bytes: its share of its block's compressed length (what
         ``du`` and gc's --max-size count)."""

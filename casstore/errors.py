@@ -28,6 +28,11 @@ class InvalidManifest(CasstoreError, ValueError):
     """A manifest is malformed, of an unknown format, or names an unsafe path."""
 
 
+class DictionaryUnavailable(CasstoreError):
+    """A block's dictionary cannot be rebuilt now: one of its chunks is in no readable
+    block without a dictionary. The block's own bytes are not known to be damaged."""
+
+
 class UnsupportedIndex(CasstoreError):
     """A pack index this casstore cannot read although it may be valid (a newer format):
     never damage, never quarantined; its pack is left alone."""

@@ -33,6 +33,7 @@ from casstore import manifest as mf
 from casstore.backends.base import ObjectInfo
 from casstore.backends.fs import FileSystemBackend
 from casstore.chunk_index import ChunkIndex
+from casstore.dictionaries import Rebuilder
 from casstore.errors import (
     CannotRenew,
     CasstoreError,
@@ -157,6 +158,12 @@ class Plan:
     # The chunks each pack held when planned (its index); packs whose index could not be
     # read are absent, and are never swept.
     members: dict[str, frozenset[bytes]] = field(default_factory=dict)
+    # Chunks no manifest lists that the dictionaries of blocks holding live chunks name:
+    # live too, read from blocks without a dictionary (docs/gc.md, "Dictionaries").
+    dictionary_chunks: frozenset[bytes] = frozenset()
+    # The chunk index read when planning: where the chunks of manifests published during
+    # the run lie (step 4), without reading every index again.
+    index: ChunkIndex | None = field(default=None, repr=False, compare=False)
     # Kept keys with several manifests that gc may not merge, and why (signatures).
     uncompacted: tuple[tuple[str, str], ...] = ()
     # Object stores: the store's own clock when planned (objects are dated by it, not by
@@ -432,6 +439,16 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     for a in set_aside:
         if a.restore or not a.due:
             live.update(a.chunks)
+    # A block compressed with a dictionary is read only while the dictionary's chunks
+    # are: they live as long as a live chunk lies in such a block.
+    dictionary_chunks = index.dictionary_chunks(live)
+    live |= dictionary_chunks
+    if index.unreadable and not blocked:
+        # An index not read could name a dictionary of chunks this run would see as dead.
+        blocked = (
+            f"{len(index.unreadable)} pack index(es) cannot be read (verify lists them); "
+            "not sweeping any chunk while the dictionaries they name are unknown"
+        )
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     # Chunk ages against the clock that dated them: the store's own, on an object store.
     clock = store_clock(store) if fs is None else None
@@ -473,7 +490,13 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         return frozenset(
             d
             for d in c.members & live
-            if any(loc.index.id in staying and loc.index.id != own for loc in index.locate(d))
+            if any(
+                loc.index.id in staying
+                and loc.index.id != own
+                # A dictionary's chunk is read only from blocks without one.
+                and (d not in dictionary_chunks or loc.index.blocks[loc.chunk.block].plain)
+                for loc in index.locate(d)
+            )
         )
 
     still_repack = []
@@ -504,6 +527,8 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         packs=tuple(dead),
         repack=tuple(repack),
         members={p: frozenset(c.digest for c in i.chunks) for p, i in index.packs.items()},
+        dictionary_chunks=frozenset(dictionary_chunks),
+        index=index,
         orphan_indexes=orphan_indexes,
         temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)) if fs else (),
         locks=(
@@ -537,7 +562,12 @@ def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candid
     if pack_id is None:
         return None
     index = chunk_index.read_index(store.backend, pack_id)
-    copied = packs.copy_chunks(store.backend, index, keep)
+    rebuild = None
+    if index.dictionaries:
+        # Copied into blocks without a dictionary: read through the one they were
+        # compressed with, located in the store's current chunk index.
+        rebuild = Rebuilder(store.backend, store.chunk_index())
+    copied = packs.copy_chunks(store.backend, index, keep, dictionaries=rebuild)
     return replace(candidate, covered=candidate.covered | copied)
 
 
@@ -632,7 +662,7 @@ def execute(
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
     # 4. Protect the chunks of every manifest published since planning. One that cannot
     #    be read now could list any chunk: then nothing is swept this run.
-    new_manifests = NewManifests()
+    new_manifests = NewManifests(index=p.index if p.index is not None else ChunkIndex())
     late = chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
     if late is None:
         p = replace(
@@ -642,7 +672,7 @@ def execute(
         protected |= late
     # 5. Sweep, through trash/: first what crashed runs left there, then the packs with
     #    no live chunk, then the mostly dead ones once their live chunks are packed again.
-    live = protected | {c for s in p.keys for c in s.chunks}
+    live = protected | {c for s in p.keys for c in s.chunks} | p.dictionary_chunks
     live |= {c for a in p.set_aside if a.restore or not a.due for c in a.chunks}
 
     def expiry() -> float:

@@ -11,9 +11,15 @@ volume). A save therefore writes its new chunks into a few *packs*:
   files (a Triton kernel kept at five stages of lowering, FX entries bundling copies of
   kernels), which per-chunk compression cannot see and a multi-MiB frame can
   (docs/decisions.md, "Packs and compression");
-* its *index* (``index/<id>.idx``) lists each block (offset, length, uncompressed size)
-  and each chunk (digest, block, offset in the block, size). Readers never trust it for
-  bytes: every chunk is checked against its digest after decompression.
+* its *index* (``index/<id>.idx``) lists each block (offset, length, uncompressed size,
+  dictionary) and each chunk (digest, block, offset in the block, size). Readers never
+  trust it for bytes: every chunk is checked against its digest after decompression;
+* a block of small files' chunks may be compressed with a *dictionary*: the bytes of
+  chunks earlier saves stored, back to back, as a zstd raw-content dictionary, so that a
+  new model's cache is stored as its differences from caches already in the store
+  (docs/decisions.md, "Cross-save compression"). The index lists the dictionary's chunk
+  digests; a reader rebuilds it from those chunks, read from blocks without a dictionary
+  (depth 1: :mod:`casstore.dictionaries`).
 
 A pack is published before its index, and both before any manifest that needs them
 (:mod:`casstore.store`). Layout and encoding: docs/format.md.
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -31,17 +37,28 @@ import zstandard
 
 from casstore import chunking, constants
 from casstore.backends.base import Backend
-from casstore.errors import CorruptObject, NotFound, UnsupportedIndex
+from casstore.errors import CorruptObject, DictionaryUnavailable, NotFound, UnsupportedIndex
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+#: ``BlockRef.dictionary`` of a block compressed without one.
+NO_DICTIONARY = -1
 
 
 class BlockRef(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """One zstd frame of a pack: where it lies and how many bytes it expands to."""
+    """One zstd frame of a pack: where it lies, how many bytes it expands to, the
+    dictionary it was compressed with (a number in ``PackIndex.dictionaries``, or
+    :data:`NO_DICTIONARY`), and whether it holds chunks of small files (only such blocks
+    without a dictionary feed the dictionaries of later saves)."""
 
     offset: int
     length: int
     usize: int
+    dictionary: int = NO_DICTIONARY
+    small: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.dictionary == NO_DICTIONARY
 
 
 class ChunkLoc(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -60,6 +77,9 @@ class PackIndex(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     blocks: tuple[BlockRef, ...]
     chunks: tuple[ChunkLoc, ...]
     checksum: bytes  # BLAKE3 of the pack's bytes (verify checks it)
+    #: Each dictionary its blocks use: the digests of the chunks whose bytes, back to
+    #: back in this order, are the zstd raw-content dictionary.
+    dictionaries: tuple[tuple[bytes, ...], ...] = ()
 
     @property
     def id(self) -> str:
@@ -167,8 +187,15 @@ def _validate(index: PackIndex, source: str) -> None:
         if b.length > b.usize + (b.usize >> 7) + 2**16:
             raise bad("a block is longer than its content could ever compress to")
         end = b.offset + b.length
+        if not (b.plain or 0 <= b.dictionary < len(index.dictionaries)):
+            raise bad("a block names a dictionary the index does not list")
     if end != index.size:
         raise bad("blocks do not cover the pack exactly")
+    for d in index.dictionaries:
+        if not 0 < len(d) <= constants.MAX_DICTIONARY_CHUNKS or any(
+            len(x) != constants.DIGEST_SIZE for x in d
+        ):
+            raise bad("a dictionary is empty, too long, or lists an invalid digest")
     for c in index.chunks:
         if (
             len(c.digest) != constants.DIGEST_SIZE
@@ -185,14 +212,50 @@ def _validate(index: PackIndex, source: str) -> None:
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    # zstd contexts are not thread-safe: one per thread and level.
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """Chunks the store holds, as the dictionary a save compresses its small files'
+    blocks with: ``digests`` in order, and their bytes back to back."""
+
+    digests: tuple[bytes, ...]
+    content: zstandard.ZstdCompressionDict
+
+    @classmethod
+    def of(cls, chunks: list[tuple[bytes, bytes]]) -> Reference:
+        """From (digest, bytes) pairs, in the order the dictionary lists them."""
+        return cls(
+            tuple(d for d, _ in chunks),
+            raw_dictionary(b"".join(data for _, data in chunks)),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.content.as_bytes())
+
+
+def raw_dictionary(content: bytes) -> zstandard.ZstdCompressionDict:
+    """``content`` as a zstd raw-content dictionary (never parsed as a trained one)."""
+    return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def _compressor(level: int, reference: Reference | None = None) -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe: one per thread, level and dictionary (only the
+    # latest dictionary is kept: a process uses one per save).
+    cache: dict[tuple[int, bool], tuple[Reference | None, zstandard.ZstdCompressor]] | None = (
+        getattr(_local, "cctx", None)
+    )
     if cache is None:
         cache = _local.cctx = {}
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cache[level]
+    slot = (level, reference is not None)
+    held = cache.get(slot)
+    if held is None or held[0] is not reference:
+        cctx = zstandard.ZstdCompressor(
+            level=level,
+            write_content_size=True,
+            dict_data=reference.content if reference is not None else None,
+        )
+        held = cache[slot] = (reference, cctx)
+    return held[1]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -210,6 +273,17 @@ class _OpenBlock:
         self.size = 0
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A compressed block waiting for its pack."""
+
+    data: bytes
+    usize: int
+    chunks: list[tuple[bytes, int, int]]
+    small: bool
+    reference: Reference | None  # the dictionary it was compressed with
+
+
 class PackBuilder:
     """Collects chunks into packs. Thread-safe: savers add from many threads.
 
@@ -217,6 +291,11 @@ class PackBuilder:
     where a compile cache repeats itself (text at several stages of lowering), compressed
     at :data:`constants.SMALL_FILE_LEVEL`; large binaries (precompiled headers, shared
     objects) compress little better at a higher level and would cost it on every save.
+
+    ``reference``, when given, is called once, when the first block of small files' chunks
+    of at least :data:`constants.DICTIONARY_MIN_BLOCK` bytes is compressed: the dictionary
+    to try on those blocks (None: none). A block keeps it only when it shrinks to
+    :data:`constants.DICTIONARY_GAIN` of its plain size.
     """
 
     def __init__(
@@ -224,6 +303,7 @@ class PackBuilder:
         *,
         block_target: int = constants.BLOCK_TARGET,
         pack_target: int = constants.PACK_TARGET,
+        reference: Callable[[], Reference | None] | None = None,
     ) -> None:
         self.block_target = block_target
         self.pack_target = pack_target
@@ -232,10 +312,13 @@ class PackBuilder:
             True: _OpenBlock(constants.SMALL_FILE_LEVEL),
             False: _OpenBlock(constants.LARGE_FILE_LEVEL),
         }
-        self._frames: list[tuple[bytes, int, list[tuple[bytes, int, int]]]] = []
+        self._frames: list[_Frame] = []
         self._frames_size = 0
         self._added: set[bytes] = set()
         self._compressing = 0  # blocks being compressed outside the lock
+        self._reference_source = reference
+        self._reference: Reference | None = None
+        self._reference_lock = threading.Lock()
 
     def add(self, digest: bytes, data: bytes | memoryview, *, small: bool) -> list[Sealed]:
         """Add one chunk (a digest already added is skipped); returns the packs that this
@@ -253,11 +336,14 @@ class PackBuilder:
             self._open[small] = _OpenBlock(block.level)
             self._compressing += 1
         # Compressed outside the lock: other threads go on adding to the next block.
-        frame = _compressor(block.level).compress(b"".join(block.parts))
+        try:
+            frame = self._compress(block, small)
+        finally:
+            with self._lock:
+                self._compressing -= 1
         with self._lock:
-            self._compressing -= 1
-            self._frames.append((frame, block.size, block.chunks))
-            self._frames_size += len(frame)
+            self._frames.append(frame)
+            self._frames_size += len(frame.data)
             if self._frames_size < self.pack_target:
                 return []
             return [self._seal()]
@@ -267,27 +353,52 @@ class PackBuilder:
         ``add`` has returned."""
         with self._lock:
             assert self._compressing == 0, "finish() while add() is still running"
-            for small in (True, False):
-                if self._open[small].chunks:
-                    self._close_block(small)
+            left = [(small, self._open[small]) for small in (True, False)]
+            self._open = {s: _OpenBlock(b.level) for s, b in left}
+        for small, block in left:
+            if block.chunks:
+                frame = self._compress(block, small)
+                self._frames.append(frame)
+                self._frames_size += len(frame.data)
+        with self._lock:
             return [self._seal()] if self._frames else []
 
-    def _close_block(self, small: bool) -> None:
-        block = self._open[small]
-        frame = _compressor(block.level).compress(b"".join(block.parts))
-        self._frames.append((frame, block.size, block.chunks))
-        self._frames_size += len(frame)
-        self._open[small] = _OpenBlock(block.level)
+    def _reference_for_block(self) -> Reference | None:
+        source = self._reference_source
+        if source is None:
+            return None
+        with self._reference_lock:  # asked once; other threads wait for the answer
+            if self._reference_source is not None:
+                self._reference = source()
+                self._reference_source = None
+            return self._reference
+
+    def _compress(self, block: _OpenBlock, small: bool) -> _Frame:
+        content = b"".join(block.parts)
+        plain = _compressor(block.level).compress(content)
+        worth_it = small and block.size >= constants.DICTIONARY_MIN_BLOCK
+        reference = self._reference_for_block() if worth_it else None
+        if reference is not None:
+            referring = _compressor(block.level, reference).compress(content)
+            if len(referring) <= constants.DICTIONARY_GAIN * len(plain):
+                return _Frame(referring, block.size, block.chunks, small, reference)
+        return _Frame(plain, block.size, block.chunks, small, None)
 
     def _seal(self) -> Sealed:
         blocks: list[BlockRef] = []
         chunks: list[ChunkLoc] = []
+        dictionaries: list[Reference] = []
         offset = 0
-        for number, (frame, usize, members) in enumerate(self._frames):
-            blocks.append(BlockRef(offset, len(frame), usize))
-            offset += len(frame)
-            chunks.extend(ChunkLoc(d, number, o, n) for d, o, n in members)
-        data = b"".join(frame for frame, _, _ in self._frames)
+        for number, frame in enumerate(self._frames):
+            dictionary = NO_DICTIONARY
+            if frame.reference is not None:
+                if frame.reference not in dictionaries:
+                    dictionaries.append(frame.reference)
+                dictionary = dictionaries.index(frame.reference)
+            blocks.append(BlockRef(offset, len(frame.data), frame.usize, dictionary, frame.small))
+            offset += len(frame.data)
+            chunks.extend(ChunkLoc(d, number, o, n) for d, o, n in frame.chunks)
+        data = b"".join(frame.data for frame in self._frames)
         self._frames = []
         self._frames_size = 0
         index = PackIndex(
@@ -300,6 +411,7 @@ class PackBuilder:
             blocks=tuple(blocks),
             chunks=tuple(chunks),
             checksum=chunking.digest(data),
+            dictionaries=tuple(r.digests for r in dictionaries),
         )
         return Sealed(data, index)
 
@@ -320,14 +432,23 @@ def publish(backend: Backend, sealed: Sealed) -> None:
 
 # --- reading ----------------------------------------------------------------------------
 
+#: Rebuilds dictionary ``number`` of a pack's index (raises DictionaryUnavailable).
+Dictionaries = Callable[[PackIndex, int], zstandard.ZstdCompressionDict]
+
 
 def read_blocks(
-    backend: Backend, index: PackIndex, numbers: Iterable[int], *, key: str | None = None
+    backend: Backend,
+    index: PackIndex,
+    numbers: Iterable[int],
+    *,
+    key: str | None = None,
+    dictionaries: Dictionaries | None = None,
 ) -> dict[int, bytes]:
     """The uncompressed bytes of blocks ``numbers`` of ``index``'s pack, read with one
     call for all of them (neighbouring blocks in one range); ``key``: read the pack under
-    another name (its copy in trash/). Raises NotFound when the pack is gone and
-    CorruptObject when a block is damaged."""
+    another name (its copy in trash/). Raises NotFound when the pack is gone,
+    CorruptObject when a block is damaged, and DictionaryUnavailable when a block needs
+    a dictionary that ``dictionaries`` cannot rebuild (or none is given)."""
     wanted = sorted(set(numbers))
     key = key if key is not None else pack_key(index.pack)
     ranges: list[tuple[int, int]] = []  # merged (offset, length)
@@ -348,11 +469,31 @@ def read_blocks(
         for n in group:
             b = index.blocks[n]
             frame = data[b.offset - start : b.offset - start + b.length]
-            out[n] = decode_block(frame, b, key)
+            out[n] = decode_block(frame, b, key, dictionary_of(index, n, dictionaries))
     return out
 
 
-def decode_block(frame: bytes, block: BlockRef, source: str) -> bytes:
+def dictionary_of(
+    index: PackIndex, number: int, dictionaries: Dictionaries | None
+) -> zstandard.ZstdCompressionDict | None:
+    """The dictionary block ``number`` was compressed with; None for a plain block."""
+    block = index.blocks[number]
+    if block.plain:
+        return None
+    if dictionaries is None:
+        raise DictionaryUnavailable(
+            f"block {number} of pack {index.id} needs a dictionary, and only blocks without "
+            "one can serve a dictionary's chunks"
+        )
+    return dictionaries(index, block.dictionary)
+
+
+def decode_block(
+    frame: bytes,
+    block: BlockRef,
+    source: str,
+    dictionary: zstandard.ZstdCompressionDict | None = None,
+) -> bytes:
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != block.usize:
@@ -360,7 +501,10 @@ def decode_block(frame: bytes, block: BlockRef, source: str) -> bytes:
                 f"{source}: a block declares {declared} bytes, its index {block.usize}",
                 path=source,
             )
-        data = _decompressor().decompress(frame, max_output_size=block.usize)
+        # A dictionary's decompression context is made per block: a context keeps the
+        # dictionary it was made with, and blocks name many dictionaries.
+        dctx = _decompressor() if dictionary is None else zstandard.ZstdDecompressor(dictionary)
+        data = dctx.decompress(frame, max_output_size=block.usize)
     except zstandard.ZstdError as e:
         raise CorruptObject(f"{source}: a block is not a valid zstd frame: {e}", path=source) from e
     if len(data) != block.usize:
@@ -380,18 +524,33 @@ def chunk_of(block: bytes, loc: ChunkLoc, source: str) -> bytes:
     return data
 
 
-def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
-    """The digests of the chunks of ``index`` that cannot be read back intact (a damaged
-    block damages all of its chunks), and whether the pack's bytes match its checksum
-    (they may not while every chunk reads intact: damage between blocks, or bytes added
-    at the end). Reads the whole pack once. Raises NotFound when the pack is gone."""
+@dataclass
+class PackCheck:
+    """What reading a whole pack back found."""
+
+    damaged: list[bytes]  # chunks that do not read back intact (a damaged block: all its)
+    intact: bool  # the pack's bytes match its checksum
+    #: Chunks of blocks whose dictionary could not be rebuilt: not judged, and why.
+    unverified: list[bytes]
+    why_unverified: str = ""
+
+
+def verify_pack(
+    backend: Backend, index: PackIndex, *, dictionaries: Dictionaries | None = None
+) -> PackCheck:
+    """Read the whole pack once and re-hash every chunk. The checksum may not match while
+    every chunk reads intact (damage between blocks, or bytes added at the end). Raises
+    NotFound when the pack is gone."""
     key = pack_key(index.pack)
     # No more than the index says: a pack grown past it is damaged, not read whole.
     data = backend.get(key, max_bytes=index.size)
-    intact = len(data) == index.size and chunking.digest(data) == index.checksum
+    check = PackCheck(
+        damaged=[],
+        intact=len(data) == index.size and chunking.digest(data) == index.checksum,
+        unverified=[],
+    )
     # Every chunk is re-hashed even when the checksum matches: a writer may have packed
     # bytes that are not what their digest names (the checksum covers what was written).
-    damaged: list[bytes] = []
     by_block: dict[int, list[ChunkLoc]] = {}
     for c in index.chunks:
         by_block.setdefault(c.block, []).append(c)
@@ -400,25 +559,36 @@ def verify_pack(backend: Backend, index: PackIndex) -> tuple[list[bytes], bool]:
         try:
             if b.offset + b.length > len(data):
                 raise CorruptObject(f"{key} is shorter than its index says", path=key)
-            block = decode_block(data[b.offset : b.offset + b.length], b, key)
+            dictionary = dictionary_of(index, n, dictionaries)
+            block = decode_block(data[b.offset : b.offset + b.length], b, key, dictionary)
+        except DictionaryUnavailable as e:
+            check.unverified.extend(c.digest for c in locs)
+            check.why_unverified = str(e)
+            continue
         except CorruptObject:
-            damaged.extend(c.digest for c in locs)
+            check.damaged.extend(c.digest for c in locs)
             continue
         for c in locs:
             try:
                 chunk_of(block, c, key)
             except CorruptObject:
-                damaged.append(c.digest)
-    return damaged, intact
+                check.damaged.append(c.digest)
+    return check
 
 
 def copy_chunks(
-    backend: Backend, index: PackIndex, digests: Iterable[bytes], *, skip_damaged: bool = False
+    backend: Backend,
+    index: PackIndex,
+    digests: Iterable[bytes],
+    *,
+    skip_damaged: bool = False,
+    dictionaries: Dictionaries | None = None,
 ) -> set[bytes]:
-    """Pack the chunks ``digests`` of ``index``'s pack again, into new packs published
-    with their indexes like any save's; returns the digests copied. A block or chunk that
-    cannot be read raises (NotFound, CorruptObject), or is left out with ``skip_damaged``
-    (repair salvaging what it can)."""
+    """Pack the chunks ``digests`` of ``index``'s pack again, into new packs (blocks
+    without a dictionary) published with their indexes like any save's; returns the
+    digests copied. A block or chunk that cannot be read raises (NotFound,
+    CorruptObject, DictionaryUnavailable), or is left out with ``skip_damaged`` (repair
+    salvaging what it can)."""
     wanted = set(digests)
     by_block: dict[int, list[ChunkLoc]] = {}
     for c in index.chunks:
@@ -430,8 +600,8 @@ def copy_chunks(
     copied: set[bytes] = set()
     for n, locs in sorted(by_block.items()):
         try:
-            block = read_blocks(backend, index, [n])[n]
-        except (CorruptObject, NotFound):
+            block = read_blocks(backend, index, [n], dictionaries=dictionaries)[n]
+        except (CorruptObject, NotFound, DictionaryUnavailable):
             if not skip_damaged:
                 raise
             continue
@@ -442,7 +612,7 @@ def copy_chunks(
                 if not skip_damaged:
                     raise
                 continue
-            sealed += builder.add(c.digest, data, small=True)
+            sealed += builder.add(c.digest, data, small=index.blocks[n].small)
             copied.add(c.digest)
     for one in sealed + builder.finish():
         publish(backend, one)

@@ -129,11 +129,14 @@ def fetch_files(
     finished: Callable[[FileJob], None],
     trash: PackTrash | None = None,
     reload: Callable[[], ChunkIndex] | None = None,
+    dictionaries: packs.Dictionaries | None = None,
 ) -> Outcome:
     """Write every chunk of ``jobs`` into their temp files. ``finished(job)`` is called
     (from a worker thread) as soon as a job's last chunk is written; failed jobs are
     returned, their ``failed`` saying why. OSErrors of writing (a full disk) propagate.
-    ``reload()`` lists the indexes again, once, when a chunk has no location left."""
+    ``reload()`` lists the indexes again, once, when a chunk has no location left.
+    ``dictionaries`` rebuilds the dictionaries of blocks compressed with one (without it,
+    such blocks count as unreadable and other locations are tried)."""
     trash = trash if trash is not None else PackTrash(backend)
     outcome = Outcome()
     lock = threading.Lock()
@@ -183,7 +186,7 @@ def fetch_files(
         source = packs.pack_key(index.pack)
         failed: set[bytes] = set()
         try:
-            blocks = _read(backend, trash, index, numbers)
+            blocks = _read(backend, trash, index, numbers, dictionaries)
         except (CasstoreError, OSError) as e:
             # Gone, unreadable (permissions, I/O), the store unreachable: these chunks'
             # other packs are tried next; only this pack's files are at stake.
@@ -284,34 +287,43 @@ def _fail(placements: list[tuple[FileJob, int, int]], why: str, lock: threading.
 
 
 def _read(
-    backend: Backend, trash: PackTrash, index: PackIndex, numbers: list[int]
+    backend: Backend,
+    trash: PackTrash,
+    index: PackIndex,
+    numbers: list[int],
+    dictionaries: packs.Dictionaries | None,
 ) -> dict[int, bytes]:
     """The blocks, decompressed; a damaged block is left out (the others still serve).
-    NotFound when the pack is neither in packs/ nor in trash/."""
+    NotFound when the pack is neither in packs/ nor in trash/; DictionaryUnavailable when
+    a block's dictionary cannot be rebuilt."""
     try:
-        return _read_isolating(backend, index, numbers)
+        return _read_isolating(backend, index, numbers, dictionaries)
     except NotFound:
         trash_key = trash.key_of(index.id)
         if trash_key is None:
             raise
         try:
-            return _read_isolating(backend, index, numbers, trash_key)
+            return _read_isolating(backend, index, numbers, dictionaries, trash_key)
         except NotFound:  # given back (or deleted) since the trash was listed
-            return _read_isolating(backend, index, numbers)
+            return _read_isolating(backend, index, numbers, dictionaries)
 
 
 def _read_isolating(
-    backend: Backend, index: PackIndex, numbers: list[int], key: str | None = None
+    backend: Backend,
+    index: PackIndex,
+    numbers: list[int],
+    dictionaries: packs.Dictionaries | None,
+    key: str | None = None,
 ) -> dict[int, bytes]:
     try:
-        return packs.read_blocks(backend, index, numbers, key=key)
+        return packs.read_blocks(backend, index, numbers, key=key, dictionaries=dictionaries)
     except CorruptObject:
         if len(numbers) == 1:
             return {}
     out: dict[int, bytes] = {}
     for n in numbers:
         try:
-            out.update(packs.read_blocks(backend, index, [n], key=key))
+            out.update(packs.read_blocks(backend, index, [n], key=key, dictionaries=dictionaries))
         except CorruptObject as e:
             log.warning("%s", e)
     return out

@@ -30,6 +30,7 @@ from casstore import (
     chunking,
     config,
     constants,
+    dictionaries,
     localfs,
     packs,
     restore,
@@ -134,6 +135,10 @@ class _Counter:
             done = self.done
         if self._progress is not None:
             self._progress(done, self.total)
+
+
+#: Store formats this casstore refuses, and what they were.
+_OLDER_FORMATS = {1: "one object per chunk", 2: "packs without dictionaries"}
 
 
 def _layout_doc() -> dict[str, object]:
@@ -242,12 +247,14 @@ class Store:
             found = json.loads(blob)
         except ValueError as e:
             raise FormatMismatch(f"{constants.LAYOUT_FILE} is not valid JSON: {e}") from e
-        if found.get("format") == 1:
+        older = _OLDER_FORMATS.get(found.get("format"))
+        if older is not None:
             raise FormatMismatch(
-                f"{self.location} is a format 1 store (one object per chunk), which this "
-                f"casstore does not read: it stores chunks in packs (format "
-                f"{expected['format']}). Point the store root at a new, empty directory or "
-                "prefix; saves fill it again (docs/format.md)"
+                f"{self.location} is a format {found.get('format')} store ({older}), which "
+                f"this casstore does not read (format {expected['format']}: packs whose "
+                "blocks may be compressed with a dictionary of stored chunks). Point the "
+                "store root at a new, empty directory or prefix; saves fill it again "
+                "(docs/format.md)"
             )
         if found.get("format") != expected["format"]:
             raise FormatMismatch(
@@ -362,6 +369,20 @@ class Store:
             log.warning("ignoring %s: it belongs to key %s", shown(name), m.key)
             return f"{shown(name)}: stored under the wrong key"
         return StoredManifest(name, m, decoded.signer)
+
+    def recent_manifests(self) -> Iterator[Manifest]:
+        """Every key's valid manifests, the most recently published first (manifest names
+        start with their creation time), read one by one as the caller goes on."""
+        names = [
+            info.key
+            for info in self.backend.list(f"{constants.MANIFESTS_DIR}/")
+            if info.key.endswith(constants.MANIFEST_SUFFIX) and info.key.count("/") == 2
+        ]
+        names.sort(key=lambda n: n.rsplit("/", 1)[-1], reverse=True)
+        for name in names:
+            outcome = self._read_manifest(name, name.split("/")[1], None)
+            if isinstance(outcome, StoredManifest):
+                yield outcome.manifest
 
     def files(self, key: CacheKey) -> dict[str, FileEntry]:
         """The merged view of ``key``: every file a load would restore."""
@@ -768,7 +789,8 @@ class Store:
         pack_state: dict[str, bool] = {}  # pack id -> present (and renewed) for this save
         pack_locks: dict[str, threading.Lock] = {}
         stats_lock = threading.Lock()
-        builder = packs.PackBuilder()
+        dictionary_state: dict[tuple[bytes, ...], bool] = {}  # dictionary -> its chunks kept
+        dictionary_lock = threading.Lock()
 
         def publish(sealed: list[packs.Sealed]) -> None:
             for one in sealed:
@@ -786,6 +808,16 @@ class Store:
                     report.packs += 1
                     report.stored_bytes += len(one.data)
 
+        def look(pack_id: str, fresh: bool) -> bool:
+            """Whether a pack is present (and renewed): one look per pack and save however
+            many threads need it at once, or a new one when ``fresh``."""
+            with stats_lock:
+                pack_lock = pack_locks.setdefault(pack_id, threading.Lock())
+            with pack_lock:
+                if fresh or pack_id not in pack_state:
+                    pack_state[pack_id] = self._pack_present(pack_id)
+                return pack_state[pack_id]
+
         def reusable(digest: bytes) -> bool:
             late = intent is not None and not intent.covers(digest)
             if late and intent is not None:
@@ -795,16 +827,50 @@ class Store:
                 # moved the pack since without a reason to give it back.
                 intent.announce([digest])
             for loc in reversed(index.locate(digest)):
-                pack_id = loc.index.id
-                with stats_lock:
-                    pack_lock = pack_locks.setdefault(pack_id, threading.Lock())
-                # One look per pack and save, however many threads need it at once.
-                with pack_lock:
-                    if late or pack_id not in pack_state:
-                        pack_state[pack_id] = self._pack_present(pack_id)
-                    if pack_state[pack_id]:
-                        return True
+                block = loc.index.blocks[loc.chunk.block]
+                # A copy in a block compressed with a dictionary serves only while the
+                # dictionary's chunks are kept too (docs/gc.md, S1).
+                if look(loc.index.id, late) and (
+                    block.plain or dictionary_kept(loc.index.dictionaries[block.dictionary])
+                ):
+                    return True
             return False
+
+        def keep_plain(digests: tuple[bytes, ...] | list[bytes]) -> set[bytes]:
+            """Those of ``digests`` found in a present (renewed) pack, in a block without a
+            dictionary: where a dictionary's chunks are read from. On an object store they
+            are announced first, together, and their packs looked at afresh."""
+            candidates = {d: dictionaries.plain_locations(index, d) for d in digests}
+            pack_ids = {loc.index.id for locs in candidates.values() for loc in locs}
+            if intent is not None:
+                intent.announce(candidates)
+            fresh = intent is not None
+            ok = {pack_id for pack_id in sorted(pack_ids) if look(pack_id, fresh)}
+            return {d for d, locs in candidates.items() if any(loc.index.id in ok for loc in locs)}
+
+        def dictionary_kept(digests: tuple[bytes, ...]) -> bool:
+            with dictionary_lock:
+                kept = dictionary_state.get(digests)
+                if kept is None:
+                    kept = dictionary_state[digests] = len(keep_plain(digests)) == len(set(digests))
+            return kept
+
+        def reference() -> packs.Reference | None:
+            """The dictionary this save's blocks of small files are compressed with: chunks
+            other saves stored, kept like the chunks a save reuses, read back and checked.
+            Never fails the save: without one, blocks are stored plain."""
+            try:
+                candidates = dictionaries.choose(index, self.recent_manifests())
+                kept = keep_plain(candidates)
+                wanted = [d for d in candidates if d in kept]
+                found, _ = dictionaries.fetch(self.backend, index, wanted)
+            except (CasstoreError, OSError) as e:
+                log.warning("no dictionary for this save's blocks: %s", e)
+                return None
+            picked = [(d, found[d]) for d in candidates if d in found]
+            return packs.Reference.of(picked) if picked else None
+
+        builder = packs.PackBuilder(reference=reference)
 
         def ensure_chunk(data: memoryview, ref: ChunkRef, small: bool) -> None:
             """Make sure ``ref`` (the digest of ``data``) is in the store: reused, or packed
@@ -1092,14 +1158,16 @@ class Store:
                 for _ in pool.map(survey, _batches(list(view.values()), lambda e: e.size)):
                     pass
             if jobs:
+                index = self.chunk_index()
                 outcome = restore.fetch_files(
                     self.backend,
-                    self.chunk_index(),
+                    index,
                     list(jobs),
                     threads=min(self.threads, 2 * cores),
                     finished=finished,
                     trash=trash,
                     reload=self.chunk_index,
+                    dictionaries=dictionaries.Rebuilder(self.backend, index),
                 )
                 report.bytes_fetched += outcome.bytes_fetched
                 for job in outcome.failed:

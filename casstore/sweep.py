@@ -31,9 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casstore import constants, packs
+from casstore import chunk_index, constants, packs
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
+from casstore.chunk_index import ChunkIndex
 from casstore.errors import (
     CasstoreError,
     CorruptObject,
@@ -136,6 +137,11 @@ class NewManifests:
     a sweep: manifests are immutable, so each is read once (``read``: name -> chunks)."""
 
     read: dict[str, frozenset[bytes]] = field(default_factory=dict)
+    #: Every pack index read so far (the plan's, then those published since): where the
+    #: new manifests' chunks lie, and so which dictionaries they need.
+    index: ChunkIndex = field(default_factory=ChunkIndex)
+    #: Indexes that fail their checks: their packs serve nothing, read no more.
+    damaged: set[str] = field(default_factory=set)
 
 
 def chunks_of_new_manifests(
@@ -165,7 +171,31 @@ def chunks_of_new_manifests(
                 return None
             cache.read[info.key] = frozenset(c.digest for f in m.files for c in f.chunks)
         protected |= cache.read[info.key]
+    if protected:
+        needed = _dictionary_chunks(store, cache, protected)
+        if needed is None:
+            return None
+        protected |= needed
     return protected
+
+
+def _dictionary_chunks(store: Store, cache: NewManifests, chunks: set[bytes]) -> set[bytes] | None:
+    """The chunks the dictionaries of blocks holding ``chunks`` name (a new manifest's
+    chunk may lie in a block compressed with one, in a pack published since planning
+    too): every index the store lists now is read, those read before from ``cache``.
+    None when one cannot be read now (it could name any chunk)."""
+    listed = chunk_index.list_indexes(store.backend)
+    for pack_id in sorted(listed.keys() - cache.index.packs.keys() - cache.damaged):
+        try:
+            cache.index.add(chunk_index.read_index(store.backend, pack_id), listed[pack_id].mtime)
+        except NotFound:
+            continue  # deleted since the listing: its pack is gone too
+        except CorruptObject:
+            cache.damaged.add(pack_id)  # its pack serves no chunk: no dictionary needed
+        except (CasstoreError, OSError) as e:
+            log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, e)
+            return None
+    return cache.index.dictionary_chunks(chunks)
 
 
 # --- by rename (a filesystem) -------------------------------------------------------------

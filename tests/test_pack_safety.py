@@ -37,7 +37,7 @@ def age_packs(root: Path, seconds_ago: float) -> None:
 def plant_index(store: Store, pack_id: bytes, digest: bytes) -> None:
     """An index naming ``digest`` (20,000 bytes) in a pack that does not exist."""
     planted = packs.PackIndex(
-        format=1,
+        format=packs.INDEX_FORMAT_VERSION,
         pack=pack_id,
         size=10,
         blocks=(packs.BlockRef(0, 10, 20_000),),
@@ -155,7 +155,9 @@ def test_an_index_declaring_an_oversized_block_is_refused() -> None:
     index = sealed.index
     block = index.blocks[0]
     huge = packs.BlockRef(0, 48 * 2**20, block.usize)  # a sparse 48 MiB "frame"
-    bad = packs.PackIndex(1, index.pack, 48 * 2**20, (huge,), index.chunks, index.checksum)
+    bad = packs.PackIndex(
+        packs.INDEX_FORMAT_VERSION, index.pack, 48 * 2**20, (huge,), index.chunks, index.checksum
+    )
     with pytest.raises(Exception, match="block"):
         packs.decode_index(packs.encode_index(bad), source="t")
 

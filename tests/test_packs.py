@@ -66,7 +66,7 @@ def test_a_pack_round_trips_every_chunk_through_its_index(backend: Backend) -> N
         if loc.block in blocks:
             assert packs.chunk_of(blocks[loc.block], loc, "t") == by_digest[loc.digest]
     assert {loc.digest for loc in index.chunks} == set(by_digest)
-    assert packs.verify_pack(backend, index) == ([], True)
+    assert packs.verify_pack(backend, index) == packs.PackCheck([], True, [])
 
 
 def test_blocks_compress_across_chunks() -> None:
@@ -134,8 +134,9 @@ def test_a_damaged_block_is_an_error_never_wrong_bytes(tmp_path: Path) -> None:
         for loc in index.chunks:
             if loc.block == 1:
                 packs.chunk_of(block, loc, "t")
-    damaged, intact = packs.verify_pack(backend, index)
-    assert set(damaged) == {loc.digest for loc in index.chunks if loc.block == 1} and not intact
+    check = packs.verify_pack(backend, index)
+    assert set(check.damaged) == {loc.digest for loc in index.chunks if loc.block == 1}
+    assert not check.intact and not check.unverified
     # The other blocks still read.
     assert packs.read_blocks(backend, index, [0])[0]
     path.unlink()

@@ -1,0 +1,147 @@
+"""Dictionaries of stored chunks: which chunks a save compresses against, and rebuilding
+a block's dictionary to read it.
+
+A compile cache of a new model repeats much of what caches of other models already hold
+(Triton kernels of the same templates, FX entries of the same layers), but chunk dedup
+cannot see it: the repeats sit inside files of their own. A save therefore compresses its
+blocks of small files' chunks with, as a zstd raw-content dictionary, chunks the store
+already holds (docs/decisions.md, "Cross-save compression"). The dictionary costs no stored
+bytes: a pack's index lists its chunks' digests, and a reader rebuilds it from them.
+
+Depth is one: a dictionary is made only of chunks read from blocks compressed without
+one, so rebuilding a dictionary never needs another dictionary, and no chain of blocks can
+loop. Every chunk is checked against its digest, so a rebuilt dictionary is exactly the
+one the writer used, or it is not rebuilt at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+
+import zstandard
+
+from casstore import constants, packs
+from casstore.backends.base import Backend
+from casstore.chunk_index import ChunkIndex, Location
+from casstore.errors import CasstoreError, DictionaryUnavailable
+from casstore.manifest import Manifest
+
+#: How many of the most recent manifests a dictionary is drawn from, at most: when they
+#: hold no chunk of a plain small-file block (every recent save used a dictionary), the
+#: save goes without one rather than read every manifest of the store.
+MAX_MANIFESTS = 32
+#: How many of a chunk's locations are tried before it counts as unavailable.
+MAX_TRIES = 16  # as for any chunk (docs/format.md)
+
+
+def choose(
+    index: ChunkIndex,
+    manifests: Iterable[Manifest],
+    target: int | None = None,
+) -> list[bytes]:
+    """The chunks a new save's dictionary is drawn from, up to ``target`` bytes: those the
+    most recent ``manifests`` list (newest first) that lie in a block of small files
+    stored without a dictionary (only those may feed one: depth one). Chunks some manifest
+    lists, rather than the most recently packed ones: a dictionary keeps its chunks from gc
+    while a block needs it, and a dropped key's chunks would stay for it. Oldest first
+    (zstd reaches the end of a dictionary most cheaply). ``target`` defaults to
+    :data:`constants.DICTIONARY_TARGET` (0: no dictionary)."""
+    target = constants.DICTIONARY_TARGET if target is None else target
+    newest_first: list[bytes] = []
+    seen: set[bytes] = set()
+    total = 0
+    for m in itertools.islice(manifests, MAX_MANIFESTS):
+        for f in reversed(m.files):
+            for c in reversed(f.chunks):
+                if c.digest in seen or not any(
+                    loc.index.blocks[loc.chunk.block].plain
+                    and loc.index.blocks[loc.chunk.block].small
+                    for loc in index.locate(c.digest)
+                ):
+                    continue
+                if total + c.size > target:
+                    return newest_first[::-1]
+                seen.add(c.digest)
+                newest_first.append(c.digest)
+                total += c.size
+    return newest_first[::-1]
+
+
+def plain_locations(index: ChunkIndex, digest: bytes) -> list[Location]:
+    """The locations of ``digest`` in blocks without a dictionary, the most recently
+    published last: the only ones a dictionary's chunk is read from."""
+    return [loc for loc in index.locate(digest) if loc.index.blocks[loc.chunk.block].plain]
+
+
+def fetch(
+    backend: Backend, index: ChunkIndex, digests: Iterable[bytes]
+) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
+    """The bytes of ``digests``, each read from a block without a dictionary and checked
+    against its digest; and, for those that could not be read, why. Each pack is read
+    once per round, neighbouring blocks together."""
+    found: dict[bytes, bytes] = {}
+    why: dict[bytes, str] = {}
+    options = {d: plain_locations(index, d)[-MAX_TRIES:] for d in set(digests)}
+    for d, left in options.items():
+        if not left:
+            why[d] = f"chunk {d.hex()} is in no block without a dictionary"
+    while True:
+        plan: dict[bytes, tuple[packs.PackIndex, list[Location]]] = {}
+        for d, left in options.items():
+            if d not in found and left:
+                loc = left.pop()  # the most recently published first
+                plan.setdefault(loc.index.pack, (loc.index, []))[1].append(loc)
+        if not plan:
+            return found, {d: w for d, w in why.items() if d not in found}
+        for pack, locs in plan.values():
+            source = packs.pack_key(pack.pack)
+            try:
+                blocks = packs.read_blocks(backend, pack, {loc.chunk.block for loc in locs})
+            except (CasstoreError, OSError) as e:
+                for loc in locs:
+                    why[loc.chunk.digest] = f"{source}: {e}"
+                continue
+            for loc in locs:
+                try:
+                    found[loc.chunk.digest] = packs.chunk_of(
+                        blocks[loc.chunk.block], loc.chunk, source
+                    )
+                except CasstoreError as e:
+                    why[loc.chunk.digest] = str(e)
+
+
+class Rebuilder:
+    """Rebuilds the dictionaries blocks name (a :data:`casstore.packs.Dictionaries`), each
+    once per instance however many blocks and threads need it; a dictionary that could
+    not be rebuilt is not tried again by the same instance."""
+
+    def __init__(self, backend: Backend, index: ChunkIndex) -> None:
+        self.backend = backend
+        self.index = index
+        self._lock = threading.Lock()
+        self._locks: dict[tuple[bytes, ...], threading.Lock] = defaultdict(threading.Lock)
+        self._built: dict[tuple[bytes, ...], zstandard.ZstdCompressionDict | str] = {}
+
+    def __call__(self, pack: packs.PackIndex, number: int) -> zstandard.ZstdCompressionDict:
+        digests = pack.dictionaries[number]
+        with self._lock:
+            one = self._locks[digests]
+        with one:
+            built = self._built.get(digests)
+            if built is None:
+                built = self._built[digests] = self._build(digests)
+        if isinstance(built, str):
+            raise DictionaryUnavailable(
+                f"dictionary {number} of pack {pack.id} cannot be rebuilt: {built}"
+            )
+        return built
+
+    def _build(self, digests: tuple[bytes, ...]) -> zstandard.ZstdCompressionDict | str:
+        found, why = fetch(self.backend, self.index, digests)
+        if why:
+            first = next(iter(why.values()))
+            return f"{len(why)} of its {len(digests)} chunks cannot be read ({first})"
+        return packs.raw_dictionary(b"".join(found[d] for d in digests))

@@ -1,0 +1,263 @@
+"""Cross-save compression (casstore/dictionaries.py): a save compresses its blocks against
+chunks earlier saves stored, and every guarantee holds for such blocks: restores rebuild
+the dictionary, gc keeps its chunks while a block needs them, a saver reusing a chunk of
+such a block keeps the dictionary too, lost dictionary chunks are misses, never wrong
+bytes. On real compile caches (six GPU caches from an H200, benchmarks/data)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from casstore import CacheKey, Store, chunk_index, chunking, constants, dictionaries, packs
+from casstore import gc as gc_mod
+from casstore.audit import repair, verify
+from casstore.errors import CorruptObject, FormatMismatch, UnsupportedIndex
+from tests.helpers import read_tree
+from tests.test_gc_s3 import aged
+
+CORPUS = Path(__file__).resolve().parent.parent / "benchmarks/data/gpu-caches-h200.tar.xz"
+FIRST = CacheKey(torch="2.11.0+cu130", arch="sm_90 H200", model="first")
+SECOND = CacheKey(torch="2.11.0+cu130", arch="sm_90 H200", model="second")
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real inductor caches of different models (bert, conv, gpt, ...), the third one
+    without the files that share a chunk with the first: its chunks are all its own, so
+    that a save of it reuses nothing of the first but through a dictionary."""
+    target = tmp_path_factory.mktemp("gpu")
+    with tarfile.open(CORPUS) as tar:
+        tar.extractall(target, filter="data")
+    found = sorted(p for p in target.iterdir() if p.is_dir())
+    assert len(found) >= 3
+    first = set(_chunks_of(found[0]))
+    for p in sorted(found[2].rglob("*")):
+        if p.is_file() and set(_chunks_of_file(p)) & first:
+            p.unlink()
+    return found
+
+
+def index_of(store: Store) -> chunk_index.ChunkIndex:
+    return chunk_index.load(store.backend)
+
+
+def packs_with_dictionaries(store: Store) -> list[packs.PackIndex]:
+    return [p for p in index_of(store).packs.values() if any(not b.plain for b in p.blocks)]
+
+
+def age_everything(root: Path, seconds_ago: float) -> None:
+    then = time.time() - seconds_ago
+    for d in (constants.PACKS_DIR, constants.INDEX_DIR):
+        for p in (root / d).rglob("*"):
+            os.utime(p, (then, then))
+
+
+def two_models(tmp_path: Path, caches: list[Path]) -> Store:
+    store = Store(tmp_path / "store")
+    store.save(caches[0], FIRST)
+    store.save(caches[2], SECOND)  # bert, then gpt: a dictionary makes it a tenth
+    return store
+
+
+def test_a_second_model_is_stored_against_the_first_ones_chunks(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    first_chunks = {d for f in store.files(FIRST).values() for d in (c.digest for c in f.chunks)}
+    (dictionary,) = referring.dictionaries
+    # Made of the first save's chunks, read from its plain blocks (depth one).
+    assert set(dictionary) <= first_chunks
+    # And worth it: the second cache's blocks take at most DICTIONARY_GAIN of their size
+    # compressed without the dictionary.
+    second = [c for f in store.files(SECOND).values() for c in f.chunks]
+    data = _chunks_of(caches[2])
+    own = [data[c.digest] for c in second if c.digest not in first_chunks]
+    plain = len(zstandard.ZstdCompressor(level=constants.SMALL_FILE_LEVEL).compress(b"".join(own)))
+    assert referring.size <= constants.DICTIONARY_GAIN * plain
+    # A replica with nothing cached restores it byte for byte.
+    out = tmp_path / "out"
+    report = Store(tmp_path / "store").load(SECOND, out)
+    assert report.missing == []
+    assert read_tree(out) == read_tree(caches[2])
+    assert verify(store).ok
+
+
+def _chunks_of(tree: Path) -> dict[bytes, bytes]:
+    found: dict[bytes, bytes] = {}
+    for p in sorted(tree.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            found.update(_chunks_of_file(p))
+    return found
+
+
+def _chunks_of_file(path: Path) -> dict[bytes, bytes]:
+    data = path.read_bytes()
+    return {c.digest: data[c.offset : c.offset + c.length] for c in chunking.cut(data)}
+
+
+def test_gc_keeps_a_dictionarys_chunks_while_a_block_needs_them(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    store = two_models(tmp_path, caches)
+    gc_mod.remove_key(store, FIRST)
+    age_everything(tmp_path / "store", 7200)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
+    assert report.errors == []
+    out = tmp_path / "out"
+    assert Store(tmp_path / "store").load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+    # Once no block needs them, they go like any dead chunk.
+    gc_mod.remove_key(store, SECOND)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
+    assert report.errors == [] and index_of(store).packs == {}
+
+
+def test_a_save_reusing_a_chunk_of_such_a_block_keeps_its_dictionary(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    """gc plans while both keys are gone (every pack dead); a replica then saves the second
+    cache again, reusing its chunks from the block that needs the first cache's chunks.
+    The saver renews the dictionary's packs too, so the sweep gives them back."""
+    store = two_models(tmp_path, caches)
+    gc_mod.remove_key(store, FIRST)
+    gc_mod.remove_key(store, SECOND)
+    age_everything(tmp_path / "store", 7200)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    assert len(plan.packs) == 2
+    saved = Store(tmp_path / "store").save(caches[2], SECOND)
+    assert saved.new_chunks == 0  # every chunk reused, none from the first save's pack
+    report = gc_mod.execute(store, plan)
+    assert report.errors == []
+    out = tmp_path / "out"
+    assert Store(tmp_path / "store").load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+
+
+def test_a_lost_dictionary_chunk_is_a_miss_never_wrong_bytes(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    for pack_id in index_of(store).packs:
+        if pack_id != referring.id:
+            (tmp_path / "store" / packs.pack_key(pack_id)).unlink()  # the first save's
+    out = tmp_path / "out"
+    report = Store(tmp_path / "store").load(SECOND, out)
+    in_referring = {c.digest for c in referring.chunks}
+    needing = {
+        path
+        for path, f in store.files(SECOND).items()
+        if any(c.digest in in_referring for c in f.chunks)
+    }
+    assert needing and set(report.missing) >= needing
+    expected = read_tree(caches[2])
+    for rel, content in read_tree(out).items():
+        assert content == expected[rel]  # whatever was written is right
+    # verify says the store is not whole, without calling the block damaged; repair
+    # leaves the pack (its bytes may be whole: a later save brings the chunks back).
+    found = verify(store)
+    assert not found.ok and referring.id not in found.damaged_chunks
+    assert any(referring.id in key for key, _ in found.unreadable)
+    repair(store, found)
+    assert (tmp_path / "store" / packs.pack_key(referring.id)).exists()
+    # A save of the first cache brings its chunks back: the second cache loads whole.
+    Store(tmp_path / "store").save(caches[0], FIRST)
+    again = tmp_path / "again"
+    assert Store(tmp_path / "store").load(SECOND, again).missing == []
+    assert read_tree(again) == expected
+
+
+def test_a_dictionary_is_drawn_from_listed_chunks_of_plain_small_file_blocks(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    tree = tmp_path / "first"
+    shutil.copytree(caches[0], tree)
+    big = os.urandom(constants.STREAM_MIN_FILE_SIZE + 1000)  # a large file: its own blocks
+    (tree / "big.so").write_bytes(big)
+    dropped = tmp_path / "dropped"
+    shutil.copytree(caches[1], dropped)
+    store = Store(tmp_path / "store")
+    store.save(dropped, CacheKey(torch="t", arch="a", model="dropped"))
+    gc_mod.remove_key(store, CacheKey(torch="t", arch="a", model="dropped"))
+    store.save(tree, FIRST)
+    store.save(caches[2], SECOND)
+    index = index_of(store)
+    chosen = dictionaries.choose(index, store.recent_manifests())
+    assert chosen
+    big_chunks = {c.digest for c in store.files(FIRST)["big.so"].chunks}
+    dropped_only = set(_chunks_of(dropped)) - set(_chunks_of(tree)) - set(_chunks_of(caches[2]))
+    for digest in chosen:
+        assert digest not in big_chunks and digest not in dropped_only
+        assert any(loc.index.blocks[loc.chunk.block].plain for loc in index.locate(digest))
+    sizes = {c.digest: c.size for f in store.files(FIRST).values() for c in f.chunks}
+    assert sum(sizes.get(d, 0) for d in chosen) <= constants.DICTIONARY_TARGET
+    # The newest save's chunks come last: its own blocks use a dictionary, so they do not
+    # feed one; the first save's do.
+    assert set(chosen) <= set(sizes)
+    assert dictionaries.choose(index, store.recent_manifests(), target=10) == []
+
+
+def test_an_index_naming_a_missing_dictionary_is_refused(tmp_path: Path) -> None:
+    data = os.urandom(20_000)
+    builder = packs.PackBuilder()
+    builder.add(chunking.digest(data), data, small=True)
+    (sealed,) = builder.finish()
+    index = sealed.index
+    block = index.blocks[0]
+    bad_block = packs.BlockRef(block.offset, block.length, block.usize, 0, True)
+    bad = packs.PackIndex(
+        packs.INDEX_FORMAT_VERSION,
+        index.pack,
+        index.size,
+        (bad_block,),
+        index.chunks,
+        index.checksum,
+    )
+    with pytest.raises(CorruptObject, match="dictionary"):
+        packs.decode_index(packs.encode_index(bad))
+    old = packs.PackIndex(1, index.pack, index.size, index.blocks, index.chunks, index.checksum)
+    with pytest.raises(UnsupportedIndex):
+        packs.decode_index(packs.encode_index(old))
+
+
+def test_a_store_without_dictionaries_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    Store(root)
+    layout = (root / constants.LAYOUT_FILE).read_text().replace('"format": 3', '"format": 2')
+    (root / constants.LAYOUT_FILE).chmod(0o644)
+    (root / constants.LAYOUT_FILE).write_text(layout)
+    with pytest.raises(FormatMismatch, match=r"format 2 store \(packs without dictionaries"):
+        Store(root)
+
+
+def test_on_s3_gc_and_a_racing_saver_keep_a_dictionary(
+    s3_url: str, tmp_path: Path, caches: list[Path]
+) -> None:
+    """The same guarantees on an object store (no utime: the racing saver announces the
+    dictionary's chunks in its intent, and the sweep gives their pack back)."""
+    store = Store(s3_url)
+    store.save(caches[0], FIRST)
+    store.save(caches[2], SECOND)
+    assert packs_with_dictionaries(store)
+    gc_mod.remove_key(store, FIRST)
+    aged(store, 0)
+    assert gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0))).errors == []
+    out = tmp_path / "out"
+    assert Store(s3_url).load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+    gc_mod.remove_key(store, SECOND)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    assert len(plan.packs) == 2
+    assert Store(s3_url).save(caches[2], SECOND).new_chunks == 0
+    assert gc_mod.execute(store, plan).errors == []
+    again = tmp_path / "again"
+    assert Store(s3_url).load(SECOND, again).missing == []
+    assert read_tree(again) == read_tree(caches[2])
