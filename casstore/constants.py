@@ -76,13 +76,20 @@ TEMP_PREFIX = ".tmp-"
 SMALL_FILE_LEVEL = 6
 LARGE_FILE_LEVEL = 3
 # Cross-save compression (docs/decisions.md): a save compresses its blocks of small files'
-# chunks with, as a zstd raw-content dictionary, the most recently stored chunks of plain
-# small-file blocks, up to DICTIONARY_TARGET bytes (on six GPU caches 4 MiB stored 0.24x
-# of tar.gz, 2 MiB 0.30x, 1 MiB 0.35x, 8 MiB no better than 4). A block keeps its
-# dictionary only when that makes it at most DICTIONARY_GAIN of its size without one;
-# otherwise it is stored plain and feeds later saves' dictionaries.
+# chunks with, as a zstd raw-content dictionary, chunks of plain small-file blocks that
+# recent manifests list, up to DICTIONARY_TARGET bytes (on six GPU caches 4 MiB stored
+# 0.24x of tar.gz, 2 MiB 0.30x, 1 MiB 0.35x, 8 MiB no better than 4). A block keeps its
+# dictionary only when that makes it at most DICTIONARY_GAIN of its size compressed
+# without one at DICTIONARY_ESTIMATE_LEVEL (fast; its own level is compressed only for a
+# block stored plain); otherwise it is stored plain and feeds later saves' dictionaries.
 DICTIONARY_TARGET = 4 * 2**20
-DICTIONARY_GAIN = 0.6
+DICTIONARY_GAIN = 0.7
+DICTIONARY_ESTIMATE_LEVEL = 1
+# Window and match-table sizes (log2) for blocks compressed with a dictionary: the window
+# spans a dictionary and a block (4 + 9 MiB), the tables index a million positions (4 MiB
+# each; larger ones found no more on the GPU caches, smaller ones lost most of it).
+DICTIONARY_WINDOW_LOG = 24
+DICTIONARY_TABLE_LOG = 20
 # A dictionary costs a save (and every restore of the block) a read of up to 4 MiB of
 # chunks: worth it only for a block of at least this much; smaller ones (a save healing a
 # lost chunk, a few changed files) stay plain.
