@@ -79,13 +79,13 @@ class ChunkIndex:
         return list(self._where.get(digest, ()))
 
     def dictionary_chunks(self, live: Iterable[bytes]) -> set[bytes]:
-        """The chunks, not among ``live``, that the dictionaries of blocks holding a live
-        chunk name, and so on for blocks holding those (any copy of a chunk may be the
-        one read): what must be kept for every live chunk to stay readable."""
-        live = set(live)
-        needed: set[bytes] = set()
+        """Every chunk the dictionaries of blocks holding a live chunk name, and so on for
+        blocks holding those (any copy of a chunk may be the one read), live or not: what
+        must stay readable from a block without a dictionary for every live chunk to stay
+        readable."""
+        named: set[bytes] = set()
         seen: set[tuple[bytes, ...]] = set()
-        frontier = live
+        frontier = set(live)
         while frontier:
             found: set[bytes] = set()
             for digest in frontier:
@@ -96,10 +96,27 @@ class ChunkIndex:
                     dictionary = loc.index.dictionaries[block.dictionary]
                     if dictionary not in seen:
                         seen.add(dictionary)
-                        found.update(d for d in dictionary if d not in live and d not in needed)
-            needed |= found
+                        found.update(d for d in dictionary if d not in named)
+            named |= found
             frontier = found
-        return needed
+        return named
+
+    def catch_up(self, backend: Backend, skip: Iterable[str] = ()) -> dict[str, str]:
+        """Read the indexes the store lists now that this index lacks (published since it
+        was read; ``skip``: ids not to read again); returns those that could not be read,
+        with why (a damaged one is reported with the mark :data:`DAMAGED_MARK`)."""
+        failed: dict[str, str] = {}
+        listed = list_indexes(backend)
+        for pack_id in sorted(listed.keys() - self.packs.keys() - set(skip)):
+            try:
+                self.add(read_index(backend, pack_id), listed[pack_id].mtime)
+            except NotFound:
+                continue  # deleted since the listing: its pack is gone too
+            except CorruptObject as e:
+                failed[pack_id] = f"{DAMAGED_MARK}{e}"
+            except (CasstoreError, OSError) as e:
+                failed[pack_id] = str(e)
+        return failed
 
     def stored_sizes(self) -> dict[bytes, int]:
         """Each chunk's stored bytes: its share of its block's compressed length (what
@@ -209,6 +226,8 @@ def _by_pack_id(
 
 #: Starts the reason of an index from a newer casstore in ``ChunkIndex.unreadable``.
 UNSUPPORTED_MARK = "newer format: "
+#: Starts the reason of an index that fails its checks, in :meth:`ChunkIndex.catch_up`.
+DAMAGED_MARK = "damaged: "
 
 #: What fetching one index gave: the index, why it could not be read, or None (gone).
 _Fetched = PackIndex | CasstoreError | OSError | None

@@ -101,8 +101,10 @@ COALESCE_GAP = 2**20
 MAX_PACK_BYTES = 2**30
 MAX_BLOCK_USIZE = BLOCK_TARGET + 2 * CHUNK_MAX_SIZE
 MAX_INDEX_BYTES = 64 * 2**20
-# A dictionary lists at most this many chunks (4 MiB of 64-byte chunks).
+# A dictionary lists at most this many chunks, each once, and a reader rebuilds none
+# larger than MAX_DICTIONARY_BYTES (a hostile index could list its largest chunks).
 MAX_DICTIONARY_CHUNKS = 65536
+MAX_DICTIONARY_BYTES = 2 * DICTIONARY_TARGET
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a declared size above this is treated as hostile
 MAX_PATH_BYTES = 4096

@@ -16,23 +16,18 @@ one the writer used, or it is not rebuilt at all.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import zstandard
 
 from casstore import constants, packs
 from casstore.backends.base import Backend
 from casstore.chunk_index import ChunkIndex, Location
-from casstore.errors import CasstoreError, DictionaryUnavailable
+from casstore.errors import CasstoreError, DictionaryUnavailable, NotFound
 from casstore.manifest import Manifest
 
-#: How many of the most recent manifests a dictionary is drawn from, at most: when they
-#: hold no chunk of a plain small-file block (every recent save used a dictionary), the
-#: save goes without one rather than read every manifest of the store.
-MAX_MANIFESTS = 32
 #: How many of a chunk's locations are tried before it counts as unavailable.
 MAX_TRIES = 16  # as for any chunk (docs/format.md)
 
@@ -53,21 +48,40 @@ def choose(
     newest_first: list[bytes] = []
     seen: set[bytes] = set()
     total = 0
-    for m in itertools.islice(manifests, MAX_MANIFESTS):
+    for m in manifests:
         for f in reversed(m.files):
             for c in reversed(f.chunks):
-                if c.digest in seen or not any(
-                    loc.index.blocks[loc.chunk.block].plain
-                    and loc.index.blocks[loc.chunk.block].small
-                    for loc in index.locate(c.digest)
-                ):
+                if len(newest_first) == constants.MAX_DICTIONARY_CHUNKS:
+                    return newest_first[::-1]
+                if c.digest in seen:
                     continue
-                if total + c.size > target:
+                feeding = [
+                    loc
+                    for loc in index.locate(c.digest)
+                    if loc.index.blocks[loc.chunk.block].plain
+                    and loc.index.blocks[loc.chunk.block].small
+                ]
+                if not feeding:
+                    continue
+                # The size an index gives, not the manifest's (anyone's words): the bytes
+                # are counted again once read (reference_of).
+                size = feeding[-1].chunk.size
+                if total + size > target:
                     return newest_first[::-1]
                 seen.add(c.digest)
                 newest_first.append(c.digest)
-                total += c.size
+                total += size
     return newest_first[::-1]
+
+
+def newest_within(chunks: list[tuple[bytes, bytes]], budget: int) -> list[tuple[bytes, bytes]]:
+    """The longest tail of ``chunks`` (oldest first) whose bytes fit in ``budget``."""
+    total = 0
+    for i in range(len(chunks) - 1, -1, -1):
+        total += len(chunks[i][1])
+        if total > budget:
+            return chunks[i + 1 :]
+    return chunks
 
 
 def plain_locations(index: ChunkIndex, digest: bytes) -> list[Location]:
@@ -77,13 +91,21 @@ def plain_locations(index: ChunkIndex, digest: bytes) -> list[Location]:
 
 
 def fetch(
-    backend: Backend, index: ChunkIndex, digests: Iterable[bytes]
+    backend: Backend,
+    index: ChunkIndex,
+    digests: Iterable[bytes],
+    *,
+    max_bytes: int | None = None,
+    trash_key: Callable[[str], str | None] | None = None,
 ) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
     """The bytes of ``digests``, each read from a block without a dictionary and checked
     against its digest; and, for those that could not be read, why. Each pack is read
-    once per round, neighbouring blocks together."""
+    once per round, neighbouring blocks together. Reading stops once the chunks read pass
+    ``max_bytes`` (an index may lie about sizes). ``trash_key(pack id)``: where a pack gc
+    is sweeping lies meanwhile (a load reads it there, as restore.py does)."""
     found: dict[bytes, bytes] = {}
     why: dict[bytes, str] = {}
+    total = 0
     options = {d: plain_locations(index, d)[-MAX_TRIES:] for d in set(digests)}
     for d, left in options.items():
         if not left:
@@ -99,18 +121,37 @@ def fetch(
         for pack, locs in plan.values():
             source = packs.pack_key(pack.pack)
             try:
-                blocks = packs.read_blocks(backend, pack, {loc.chunk.block for loc in locs})
+                blocks = _read_plain(backend, pack, {loc.chunk.block for loc in locs}, trash_key)
             except (CasstoreError, OSError) as e:
                 for loc in locs:
                     why[loc.chunk.digest] = f"{source}: {e}"
                 continue
             for loc in locs:
                 try:
-                    found[loc.chunk.digest] = packs.chunk_of(
-                        blocks[loc.chunk.block], loc.chunk, source
-                    )
+                    data = packs.chunk_of(blocks[loc.chunk.block], loc.chunk, source)
                 except CasstoreError as e:
                     why[loc.chunk.digest] = str(e)
+                    continue
+                found[loc.chunk.digest] = data
+                total += len(data)
+                if max_bytes is not None and total > max_bytes:
+                    over = f"its chunks pass {max_bytes} bytes"
+                    return found, {d: over for d in options if d not in found}
+
+
+def _read_plain(
+    backend: Backend,
+    pack: packs.PackIndex,
+    numbers: set[int],
+    trash_key: Callable[[str], str | None] | None,
+) -> dict[int, bytes]:
+    try:
+        return packs.read_blocks(backend, pack, numbers)
+    except NotFound:
+        moved = trash_key(pack.id) if trash_key is not None else None
+        if moved is None:
+            raise
+        return packs.read_blocks(backend, pack, numbers, key=moved)
 
 
 class Rebuilder:
@@ -118,9 +159,21 @@ class Rebuilder:
     once per instance however many blocks and threads need it; a dictionary that could
     not be rebuilt is not tried again by the same instance."""
 
-    def __init__(self, backend: Backend, index: ChunkIndex) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        index: ChunkIndex,
+        *,
+        reload: Callable[[], ChunkIndex] | None = None,
+        trash_key: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """``reload()``: the store's chunk index read again, tried once when a dictionary
+        cannot be rebuilt (gc may have repacked its chunks since ``index`` was read);
+        ``trash_key``: as for :func:`fetch`."""
         self.backend = backend
         self.index = index
+        self._reload = reload
+        self._trash_key = trash_key
         self._lock = threading.Lock()
         self._locks: dict[tuple[bytes, ...], threading.Lock] = defaultdict(threading.Lock)
         self._built: dict[tuple[bytes, ...], zstandard.ZstdCompressionDict | str] = {}
@@ -140,7 +193,33 @@ class Rebuilder:
         return built
 
     def _build(self, digests: tuple[bytes, ...]) -> zstandard.ZstdCompressionDict | str:
-        found, why = fetch(self.backend, self.index, digests)
+        built = self._build_from(self.index, digests)
+        if isinstance(built, str) and self._reload is not None:
+            with self._lock:
+                if self._reload is not None:
+                    self.index = self._reload()
+                    self._reload = None
+            built = self._build_from(self.index, digests)
+        return built
+
+    def _build_from(
+        self, index: ChunkIndex, digests: tuple[bytes, ...]
+    ) -> zstandard.ZstdCompressionDict | str:
+        # Sizes as the index tells them, checked before anything is read (an index can
+        # list up to 65,536 chunks, which could be gigabytes), and the bytes as read.
+        size = 0
+        for d in digests:
+            locations = plain_locations(index, d)
+            size += locations[-1].chunk.size if locations else 0
+        if size > constants.MAX_DICTIONARY_BYTES:
+            return f"it lists {size} bytes of chunks, over the {constants.MAX_DICTIONARY_BYTES}"
+        found, why = fetch(
+            self.backend,
+            index,
+            digests,
+            max_bytes=constants.MAX_DICTIONARY_BYTES,
+            trash_key=self._trash_key,
+        )
         if why:
             first = next(iter(why.values()))
             return f"{len(why)} of its {len(digests)} chunks cannot be read ({first})"

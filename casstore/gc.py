@@ -422,6 +422,15 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     index = chunk_index.load(store.backend, threads=store.threads, listed=index_infos)
     sizes = index.stored_sizes()
     listing = _list_manifests(store)
+    # A pack published between the listing of index/ and that of manifests/ may hold the
+    # chunks of a manifest just listed, in a block whose dictionary must then stay: its
+    # index is read too (unlike its pack, which this run does not judge).
+    late_indexes = index.catch_up(store.backend, skip={*index.damaged, *index.unreadable})
+    for pack_id, reason in late_indexes.items():
+        if reason.startswith(chunk_index.DAMAGED_MARK):
+            index.damaged[pack_id] = reason
+        else:
+            index.unreadable[pack_id] = reason
     states, blocked = _key_states(store, listing, now)
     drop = _retention(states, sizes, policy, now)
     dropped_ids = {d.state.key_id for d in drop}
@@ -443,11 +452,14 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     # are: they live as long as a live chunk lies in such a block.
     dictionary_chunks = index.dictionary_chunks(live)
     live |= dictionary_chunks
-    if index.unreadable and not blocked:
-        # An index not read could name a dictionary of chunks this run would see as dead.
+    # An index not read could name a dictionary of chunks this run would see as dead;
+    # one whose pack is gone names none that anything can read.
+    unknown = sorted(p for p in index.unreadable if p in pack_infos or p in late_indexes)
+    if unknown and not blocked:
         blocked = (
-            f"{len(index.unreadable)} pack index(es) cannot be read (verify lists them); "
-            "not sweeping any chunk while the dictionaries they name are unknown"
+            f"{len(unknown)} pack index(es) cannot be read ({packs.index_key(unknown[0])}: "
+            f"{index.unreadable[unknown[0]]}); not sweeping any chunk while the dictionaries "
+            "they may name are unknown (casstore verify lists them)"
         )
     kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
     # Chunk ages against the clock that dated them: the store's own, on an object store.
@@ -493,8 +505,10 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             if any(
                 loc.index.id in staying
                 and loc.index.id != own
-                # A dictionary's chunk is read only from blocks without one.
-                and (d not in dictionary_chunks or loc.index.blocks[loc.chunk.block].plain)
+                # Only a copy in a block without a dictionary covers a chunk: any chunk
+                # may be, or become (a save racing this run), a dictionary's, and those
+                # are read only from such blocks.
+                and loc.index.blocks[loc.chunk.block].plain
                 for loc in index.locate(d)
             )
         )
@@ -728,17 +742,18 @@ def execute(
         # finds a pack whose index it cannot read.
         for pack_id in swept.deleted_packs:
             report.indexes_deleted += store.backend.delete(packs.index_key(pack_id))
-        # An index whose pack is gone (a run that crashed between the two deletes); one
-        # whose pack sits in trash/ stays: a run may still give that pack back.
-        in_trash = chunk_index.list_trashed(store.backend)
-        for key in p.orphan_indexes:
-            orphan = packs.pack_id_from_key(key)
-            if (
-                orphan is not None
-                and orphan not in in_trash
-                and store.backend.stat(packs.pack_key(orphan)) is None
-            ):
-                report.indexes_deleted += store.backend.delete(key)
+    # An index whose pack is gone (a run that crashed between the two deletes, or one
+    # nothing can read): deleted even while the sweep is blocked, which such an index
+    # must not do forever. One whose pack sits in trash/ stays: a run may give it back.
+    in_trash = chunk_index.list_trashed(store.backend)
+    for key in p.orphan_indexes:
+        orphan = packs.pack_id_from_key(key)
+        if (
+            orphan is not None
+            and orphan not in in_trash
+            and store.backend.stat(packs.pack_key(orphan)) is None
+        ):
+            report.indexes_deleted += store.backend.delete(key)
     # 6. Cleanup of what crashed writers and lock holders left.
     report.temps_removed = sum(1 for t in p.temps if _unlink(t))
     report.locks_removed = sum(1 for path in p.locks if remove_if_unheld(path))

@@ -192,10 +192,12 @@ def _validate(index: PackIndex, source: str) -> None:
     if end != index.size:
         raise bad("blocks do not cover the pack exactly")
     for d in index.dictionaries:
-        if not 0 < len(d) <= constants.MAX_DICTIONARY_CHUNKS or any(
-            len(x) != constants.DIGEST_SIZE for x in d
+        if (
+            not 0 < len(d) <= constants.MAX_DICTIONARY_CHUNKS
+            or any(len(x) != constants.DIGEST_SIZE for x in d)
+            or len(set(d)) != len(d)
         ):
-            raise bad("a dictionary is empty, too long, or lists an invalid digest")
+            raise bad("a dictionary is empty, too long, or lists an invalid or repeated digest")
     for c in index.chunks:
         if (
             len(c.digest) != constants.DIGEST_SIZE
@@ -433,6 +435,9 @@ class PackBuilder:
             checksum=chunking.digest(data),
             dictionaries=tuple(r.digests for r in dictionaries),
         )
+        # Checked as every reader checks it: an index readers refuse would leave its
+        # chunks in no pack, under a manifest published after it.
+        _validate(index, "a new pack index")
         return Sealed(data, index)
 
 

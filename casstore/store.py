@@ -352,12 +352,17 @@ class Store:
         return found, errors
 
     def _read_manifest(
-        self, name: str, key_id: str, key: CacheKey | None
+        self,
+        name: str,
+        key_id: str,
+        key: CacheKey | None,
+        *,
+        max_bytes: int = constants.MAX_MANIFEST_BYTES,
     ) -> StoredManifest | str | None:
         """The manifest ``name``; a string saying why it is ignored (damaged, forged,
-        another key's); None when it has vanished."""
+        another key's, over ``max_bytes``); None when it has vanished."""
         try:
-            blob = self.backend.get(name, max_bytes=constants.MAX_MANIFEST_BYTES)
+            blob = self.backend.get(name, max_bytes=max_bytes)
             decoded = mf.decode_signed(blob, source=shown(name))
         except NotFound:
             return None
@@ -370,17 +375,30 @@ class Store:
             return f"{shown(name)}: stored under the wrong key"
         return StoredManifest(name, m, decoded.signer)
 
-    def recent_manifests(self) -> Iterator[Manifest]:
-        """Every key's valid manifests, the most recently published first (manifest names
-        start with their creation time), read one by one as the caller goes on."""
-        names = [
-            info.key
-            for info in self.backend.list(f"{constants.MANIFESTS_DIR}/")
-            if info.key.endswith(constants.MANIFEST_SUFFIX) and info.key.count("/") == 2
-        ]
+    def recent_manifests(
+        self, *, limit: int = 32, max_bytes: int = 16 * 2**20
+    ) -> Iterator[Manifest]:
+        """The valid ones of the ``limit`` most recently published manifests of every key
+        (manifest names start with their creation time), read one by one as the caller
+        goes on. Names dated more than a day ahead (a broken clock, or a writer putting
+        itself first) and manifests over ``max_bytes`` are passed over: one writer must not
+        make every save read much."""
+        ahead = time.time_ns() + 86_400 * 10**9
+        names = []
+        for info in self.backend.list(f"{constants.MANIFESTS_DIR}/"):
+            name = info.key.rsplit("/", 1)[-1]
+            stamp = name.split("-", 1)[0]
+            if (
+                info.key.endswith(constants.MANIFEST_SUFFIX)
+                and info.key.count("/") == 2
+                and stamp.isdigit()
+                and int(stamp) <= ahead
+                and info.size <= max_bytes
+            ):
+                names.append(info.key)
         names.sort(key=lambda n: n.rsplit("/", 1)[-1], reverse=True)
-        for name in names:
-            outcome = self._read_manifest(name, name.split("/")[1], None)
+        for name in names[:limit]:
+            outcome = self._read_manifest(name, name.split("/")[1], None, max_bytes=max_bytes)
             if isinstance(outcome, StoredManifest):
                 yield outcome.manifest
 
@@ -868,6 +886,9 @@ class Store:
                 log.warning("no dictionary for this save's blocks: %s", e)
                 return None
             picked = [(d, found[d]) for d in candidates if d in found]
+            # The bytes as read, not as any index or manifest said: a dictionary readers
+            # refuse to rebuild would lose the blocks compressed with it.
+            picked = dictionaries.newest_within(picked, constants.DICTIONARY_TARGET)
             return packs.Reference.of(picked) if picked else None
 
         builder = packs.PackBuilder(reference=reference)
@@ -1167,7 +1188,9 @@ class Store:
                     finished=finished,
                     trash=trash,
                     reload=self.chunk_index,
-                    dictionaries=dictionaries.Rebuilder(self.backend, index),
+                    dictionaries=dictionaries.Rebuilder(
+                        self.backend, index, reload=self.chunk_index, trash_key=trash.key_of
+                    ),
                 )
                 report.bytes_fetched += outcome.bytes_fetched
                 for job in outcome.failed:

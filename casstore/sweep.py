@@ -184,16 +184,11 @@ def _dictionary_chunks(store: Store, cache: NewManifests, chunks: set[bytes]) ->
     chunk may lie in a block compressed with one, in a pack published since planning
     too): every index the store lists now is read, those read before from ``cache``.
     None when one cannot be read now (it could name any chunk)."""
-    listed = chunk_index.list_indexes(store.backend)
-    for pack_id in sorted(listed.keys() - cache.index.packs.keys() - cache.damaged):
-        try:
-            cache.index.add(chunk_index.read_index(store.backend, pack_id), listed[pack_id].mtime)
-        except NotFound:
-            continue  # deleted since the listing: its pack is gone too
-        except CorruptObject:
+    for pack_id, why in cache.index.catch_up(store.backend, skip=cache.damaged).items():
+        if why.startswith(chunk_index.DAMAGED_MARK):
             cache.damaged.add(pack_id)  # its pack serves no chunk: no dictionary needed
-        except (CasstoreError, OSError) as e:
-            log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, e)
+        else:
+            log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, why)
             return None
     return cache.index.dictionary_chunks(chunks)
 

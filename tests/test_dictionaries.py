@@ -12,14 +12,21 @@ import tarfile
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import zstandard
 
 from casstore import CacheKey, Store, chunk_index, chunking, constants, dictionaries, packs
 from casstore import gc as gc_mod
+from casstore import manifest as mf
 from casstore.audit import repair, verify
-from casstore.errors import CorruptObject, FormatMismatch, UnsupportedIndex
-from tests.helpers import read_tree
+from casstore.errors import (
+    CorruptObject,
+    DictionaryUnavailable,
+    FormatMismatch,
+    UnsupportedIndex,
+)
+from tests.helpers import KEY, read_tree
 from tests.test_gc_s3 import aged
 
 CORPUS = Path(__file__).resolve().parent.parent / "benchmarks/data/gpu-caches-h200.tar.xz"
@@ -223,6 +230,18 @@ def test_an_index_naming_a_missing_dictionary_is_refused(tmp_path: Path) -> None
     )
     with pytest.raises(CorruptObject, match="dictionary"):
         packs.decode_index(packs.encode_index(bad))
+    # A dictionary listing one chunk many times (memory out of all proportion).
+    repeated = packs.PackIndex(
+        packs.INDEX_FORMAT_VERSION,
+        index.pack,
+        index.size,
+        (bad_block,),
+        index.chunks,
+        index.checksum,
+        ((chunking.digest(data),) * 256,),
+    )
+    with pytest.raises(CorruptObject, match="repeated"):
+        packs.decode_index(packs.encode_index(repeated))
     old = packs.PackIndex(1, index.pack, index.size, index.blocks, index.chunks, index.checksum)
     with pytest.raises(UnsupportedIndex):
         packs.decode_index(packs.encode_index(old))
@@ -261,3 +280,175 @@ def test_on_s3_gc_and_a_racing_saver_keep_a_dictionary(
     again = tmp_path / "again"
     assert Store(s3_url).load(SECOND, again).missing == []
     assert read_tree(again) == read_tree(caches[2])
+
+
+# --- found by review: each failed on the version before its fix -------------------------
+
+
+def test_a_chunk_is_covered_only_by_a_copy_in_a_block_without_a_dictionary(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    """The first cache's chunks lie in a mostly dead plain pack and, again, in a block
+    compressed with a dictionary (a racing replica's). gc must not count that copy as
+    covering them: the dictionary of the second cache's block reads them from plain
+    blocks only."""
+    root = tmp_path / "store"
+    store = Store(root)
+    junk_key = CacheKey(torch="t", arch="a", model="junk")
+    tree = tmp_path / "tree"
+    shutil.copytree(caches[0], tree)
+    for i in range(10):
+        write = tree / "junk" / f"{i}.bin"
+        write.parent.mkdir(exist_ok=True)
+        write.write_bytes(os.urandom(2**20))
+    store.save(tree, junk_key)  # the first cache's chunks, in a pack mostly of junk
+    store.save(caches[0], FIRST)  # every chunk reused
+    store.save(caches[2], SECOND)  # compressed against the first cache's chunks
+    first = _chunks_of(caches[0])
+    reference = packs.Reference.of(list(first.items()))
+    builder = packs.PackBuilder(reference=lambda: reference)
+    sealed = [s for d, data in first.items() for s in builder.add(d, data, small=True)]
+    for one in sealed + builder.finish():
+        assert not one.index.blocks[0].plain
+        packs.publish(store.backend, one)
+    gc_mod.remove_key(store, junk_key)
+    age_everything(root, 7200)
+    assert gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600))).errors == []
+    for key, cache in ((SECOND, caches[2]), (FIRST, caches[0])):
+        out = tmp_path / f"out-{key.model}"
+        assert Store(root).load(key, out).missing == []
+        assert read_tree(out) == read_tree(cache)
+
+
+def test_on_s3_a_pack_published_while_gc_plans_keeps_its_dictionary(
+    s3_url: str, tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between gc's reading of the pack indexes and its listing of manifests, a replica
+    saves the second cache (its dictionary drawn from the first's chunks) and the first
+    key is removed: the plan sees the manifest, and must see the new pack's index too."""
+    store = Store(s3_url)
+    store.save(caches[0], FIRST)
+    aged(store, 0)
+    original = gc_mod._list_manifests
+
+    def racing(s: Store) -> object:
+        Store(s3_url).save(caches[2], SECOND)
+        gc_mod.remove_key(Store(s3_url), FIRST)
+        return original(s)
+
+    monkeypatch.setattr(gc_mod, "_list_manifests", racing)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
+    monkeypatch.setattr(gc_mod, "_list_manifests", original)
+    assert packs_with_dictionaries(store)
+    assert gc_mod.execute(store, plan).errors == []
+    out = tmp_path / "out"
+    assert Store(s3_url).load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+
+
+def test_a_dictionary_never_passes_what_readers_accept(
+    tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest that understates its chunks' sizes, and more chunks than a dictionary
+    may list: the saver's dictionary stays within the byte target and the chunk limit
+    (readers refuse more, which would lose the blocks compressed with it)."""
+    root = tmp_path / "store"
+    store = Store(root)
+    for i, cache in enumerate(caches[:2]):
+        store.save(cache, CacheKey(torch="t", arch="a", model=f"m{i}"))
+    index = index_of(store)
+    everything = [d for d in index.digests() if dictionaries.plain_locations(index, d)]
+    liar = CacheKey(torch="t", arch="a", model="liar")
+    entry = mf.FileEntry(
+        "x", len(everything), 0o644, os.urandom(32), tuple(mf.ChunkRef(d, 1) for d in everything)
+    )
+    lie = mf.new_manifest(liar, [entry])
+    store.backend.put_if_absent(
+        f"{constants.MANIFESTS_DIR}/{liar.id}/{mf.new_manifest_name(lie.created_at)}",
+        mf.encode(lie),
+    )
+    monkeypatch.setattr(constants, "DICTIONARY_TARGET", 512 * 1024)
+    monkeypatch.setattr(constants, "MAX_DICTIONARY_CHUNKS", 20)
+    used: list[packs.Reference] = []
+    real = packs.Reference.of.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[packs.Reference], chunks: list[tuple[bytes, bytes]]) -> packs.Reference:
+        used.append(real(cls, chunks))
+        return used[-1]
+
+    monkeypatch.setattr(packs.Reference, "of", classmethod(spy))
+    store.save(caches[2], SECOND)
+    (reference,) = used
+    assert 0 < len(reference.digests) <= 20 and reference.size <= 512 * 1024
+    out = tmp_path / "out"
+    assert Store(root).load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+
+
+def test_a_dictionary_too_large_to_rebuild_is_a_miss(
+    tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index naming more chunk bytes than any dictionary holds (a hostile one could name
+    gigabytes): readers refuse to rebuild it, before or while reading, and the load goes
+    on without those files."""
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    monkeypatch.setattr(constants, "MAX_DICTIONARY_BYTES", 1024)
+    out = tmp_path / "out"
+    report = Store(tmp_path / "store").load(SECOND, out)
+    assert report.missing
+    rebuild = dictionaries.Rebuilder(store.backend, index_of(store))
+    with pytest.raises(DictionaryUnavailable, match="over the 1024"):
+        rebuild(referring, 0)
+    found, why = dictionaries.fetch(
+        store.backend, index_of(store), referring.dictionaries[0], max_bytes=1024
+    )
+    assert why and sum(map(len, found.values())) <= 1024 + constants.CHUNK_MAX_SIZE
+
+
+def test_an_unreadable_index_without_its_pack_does_not_stop_gc(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = Store(root)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(os.urandom(100_000))
+    store.save(tree, KEY)
+    gc_mod.remove_key(store, KEY)
+    # A newer casstore's index of a pack already gone.
+    body = msgspec.msgpack.encode({"format": 99})
+    orphan = os.urandom(32).hex()
+    store.backend.put_if_absent(
+        packs.index_key(orphan), constants.INDEX_MAGIC + chunking.digest(body) + body
+    )
+    age_everything(root, 7200)
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
+    assert report.errors == [] and report.packs_deleted == 1 and report.indexes_deleted == 2
+    # With its pack present, nothing is swept: it may name a dictionary of any chunk.
+    store.save(tree, KEY)
+    gc_mod.remove_key(store, KEY)
+    (pack_id,) = index_of(store).packs
+    (root / packs.index_key(pack_id)).chmod(0o644)
+    (root / packs.index_key(pack_id)).write_bytes(
+        constants.INDEX_MAGIC + chunking.digest(body) + body
+    )
+    age_everything(root, 7200)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    assert plan.sweep_blocked and "cannot be read" in plan.sweep_blocked
+
+
+def test_a_load_racing_a_repack_of_a_dictionary_still_rebuilds_it(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    """A load read the chunk index; gc then repacked the pack holding the dictionary's
+    chunks and deleted it: the rebuild reads the index again once, and finds them."""
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    stale = index_of(store)
+    (holder,) = (p for p in stale.packs.values() if p.id != referring.id)
+    packs.copy_chunks(store.backend, holder, [c.digest for c in holder.chunks])
+    store.backend.delete(packs.pack_key(holder.id))
+    store.backend.delete(packs.index_key(holder.id))
+    with pytest.raises(DictionaryUnavailable):
+        dictionaries.Rebuilder(store.backend, stale)(referring, 0)
+    rebuilt = dictionaries.Rebuilder(store.backend, stale, reload=lambda: index_of(store))
+    assert len(rebuilt(referring, 0).as_bytes()) > 0
