@@ -63,9 +63,10 @@ def choose(
                 ]
                 if not feeding:
                     continue
-                # The size an index gives, not the manifest's (anyone's words): the bytes
-                # are counted again once read (reference_of).
-                size = feeding[-1].chunk.size
+                # The largest size an index gives, not the manifest's: both are anyone's
+                # words, so the save also stops reading past its budget (fetch) and
+                # counts the bytes as read (newest_within).
+                size = max(loc.chunk.size for loc in feeding)
                 if total + size > target:
                     return newest_first[::-1]
                 seen.add(c.digest)
@@ -193,26 +194,23 @@ class Rebuilder:
         return built
 
     def _build(self, digests: tuple[bytes, ...]) -> zstandard.ZstdCompressionDict | str:
-        built = self._build_from(self.index, digests)
-        if isinstance(built, str) and self._reload is not None:
-            with self._lock:
+        tried = self.index
+        built = self._build_from(tried, digests)
+        if isinstance(built, str):
+            with self._lock:  # read again once, by whichever thread fails first
                 if self._reload is not None:
                     self.index = self._reload()
                     self._reload = None
-            built = self._build_from(self.index, digests)
+                fresh = self.index
+            if fresh is not tried:
+                built = self._build_from(fresh, digests)
         return built
 
     def _build_from(
         self, index: ChunkIndex, digests: tuple[bytes, ...]
     ) -> zstandard.ZstdCompressionDict | str:
-        # Sizes as the index tells them, checked before anything is read (an index can
-        # list up to 65,536 chunks, which could be gigabytes), and the bytes as read.
-        size = 0
-        for d in digests:
-            locations = plain_locations(index, d)
-            size += locations[-1].chunk.size if locations else 0
-        if size > constants.MAX_DICTIONARY_BYTES:
-            return f"it lists {size} bytes of chunks, over the {constants.MAX_DICTIONARY_BYTES}"
+        # Bounded by the bytes read and verified, never by sizes an index declares (any
+        # writer of the store can publish an index that lies about them).
         found, why = fetch(
             self.backend,
             index,

@@ -164,6 +164,9 @@ class Plan:
     # The chunk index read when planning: where the chunks of manifests published during
     # the run lie (step 4), without reading every index again.
     index: ChunkIndex | None = field(default=None, repr=False, compare=False)
+    # Indexes that name nothing a reader can use (damaged, or of a pack surely gone): not
+    # read again when manifests published during the run are judged.
+    ignored_indexes: frozenset[str] = frozenset()
     # Kept keys with several manifests that gc may not merge, and why (signatures).
     uncompacted: tuple[tuple[str, str], ...] = ()
     # Object stores: the store's own clock when planned (objects are dated by it, not by
@@ -452,20 +455,31 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     # are: they live as long as a live chunk lies in such a block.
     dictionary_chunks = index.dictionary_chunks(live)
     live |= dictionary_chunks
-    # An index not read could name a dictionary of chunks this run would see as dead;
-    # one whose pack is gone names none that anything can read.
-    unknown = sorted(p for p in index.unreadable if p in pack_infos or p in late_indexes)
+    kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
+    # Chunk ages against the clock that dated them: the store's own, on an object store.
+    clock = store_clock(store) if fs is None else None
+    planned_at = time.monotonic()
+    cutoff = (clock if clock is not None else now) - policy.grace
+    # An index not read could name a dictionary of chunks this run would see as dead. Only
+    # one whose pack is surely gone names none that anything can read: its pack neither
+    # listed nor in trash/ (a crashed run may give it back), and the index older than the
+    # grace (its pack may have been published after packs/ was listed).
+    trashed = chunk_index.list_trashed(store.backend)
+    orphaned = {
+        p
+        for p in index.unreadable
+        if p not in pack_infos
+        and p not in trashed
+        and p in index_infos
+        and index_infos[p].mtime < cutoff
+    }
+    unknown = sorted(set(index.unreadable) - orphaned)
     if unknown and not blocked:
         blocked = (
             f"{len(unknown)} pack index(es) cannot be read ({packs.index_key(unknown[0])}: "
             f"{index.unreadable[unknown[0]]}); not sweeping any chunk while the dictionaries "
             "they may name are unknown (casstore verify lists them)"
         )
-    kept_live: set[bytes] = set().union(*(s.chunks for s in kept)) if kept else set()
-    # Chunk ages against the clock that dated them: the store's own, on an object store.
-    clock = store_clock(store) if fs is None else None
-    planned_at = time.monotonic()
-    cutoff = (clock if clock is not None else now) - policy.grace
     dead, repack, young = [], [], []
     for pack_id, info in sorted(pack_infos.items()):
         if pack_id in index.unreadable or pack_id in index.damaged:
@@ -543,6 +557,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         members={p: frozenset(c.digest for c in i.chunks) for p, i in index.packs.items()},
         dictionary_chunks=frozenset(dictionary_chunks),
         index=index,
+        ignored_indexes=frozenset({*index.damaged, *orphaned}),
         orphan_indexes=orphan_indexes,
         temps=tuple(_stale_temps(fs.root, now - policy.temp_timeout)) if fs else (),
         locks=(
@@ -676,7 +691,10 @@ def execute(
             report.errors.append(f"compaction of {s.key_id}: {type(e).__name__}: {e}")
     # 4. Protect the chunks of every manifest published since planning. One that cannot
     #    be read now could list any chunk: then nothing is swept this run.
-    new_manifests = NewManifests(index=p.index if p.index is not None else ChunkIndex())
+    new_manifests = NewManifests(
+        index=p.index if p.index is not None else ChunkIndex(),
+        ignored=set(p.ignored_indexes),
+    )
     late = chunks_of_new_manifests(store, p.seen_manifests, new_manifests)
     if late is None:
         p = replace(

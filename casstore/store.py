@@ -881,7 +881,8 @@ class Store:
                 candidates = dictionaries.choose(index, self.recent_manifests())
                 kept = keep_plain(candidates)
                 wanted = [d for d in candidates if d in kept]
-                found, _ = dictionaries.fetch(self.backend, index, wanted)
+                budget = constants.DICTIONARY_TARGET + constants.CHUNK_MAX_SIZE
+                found, _ = dictionaries.fetch(self.backend, index, wanted, max_bytes=budget)
             except (CasstoreError, OSError) as e:
                 log.warning("no dictionary for this save's blocks: %s", e)
                 return None

@@ -140,8 +140,9 @@ class NewManifests:
     #: Every pack index read so far (the plan's, then those published since): where the
     #: new manifests' chunks lie, and so which dictionaries they need.
     index: ChunkIndex = field(default_factory=ChunkIndex)
-    #: Indexes that fail their checks: their packs serve nothing, read no more.
-    damaged: set[str] = field(default_factory=set)
+    #: Indexes not to read again: damaged (their packs serve nothing), or of packs gc
+    #: found surely gone when it planned.
+    ignored: set[str] = field(default_factory=set)
 
 
 def chunks_of_new_manifests(
@@ -184,9 +185,9 @@ def _dictionary_chunks(store: Store, cache: NewManifests, chunks: set[bytes]) ->
     chunk may lie in a block compressed with one, in a pack published since planning
     too): every index the store lists now is read, those read before from ``cache``.
     None when one cannot be read now (it could name any chunk)."""
-    for pack_id, why in cache.index.catch_up(store.backend, skip=cache.damaged).items():
+    for pack_id, why in cache.index.catch_up(store.backend, skip=cache.ignored).items():
         if why.startswith(chunk_index.DAMAGED_MARK):
-            cache.damaged.add(pack_id)  # its pack serves no chunk: no dictionary needed
+            cache.ignored.add(pack_id)  # its pack serves no chunk: no dictionary needed
         else:
             log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, why)
             return None

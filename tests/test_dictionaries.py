@@ -398,7 +398,7 @@ def test_a_dictionary_too_large_to_rebuild_is_a_miss(
     report = Store(tmp_path / "store").load(SECOND, out)
     assert report.missing
     rebuild = dictionaries.Rebuilder(store.backend, index_of(store))
-    with pytest.raises(DictionaryUnavailable, match="over the 1024"):
+    with pytest.raises(DictionaryUnavailable, match="pass 1024 bytes"):
         rebuild(referring, 0)
     found, why = dictionaries.fetch(
         store.backend, index_of(store), referring.dictionaries[0], max_bytes=1024
@@ -452,3 +452,109 @@ def test_a_load_racing_a_repack_of_a_dictionary_still_rebuilds_it(
         dictionaries.Rebuilder(store.backend, stale)(referring, 0)
     rebuilt = dictionaries.Rebuilder(store.backend, stale, reload=lambda: index_of(store))
     assert len(rebuilt(referring, 0).as_bytes()) > 0
+
+
+# --- found by the second review: each failed on 5f12e26 ----------------------------------
+
+
+def plant_plain_index(store: Store, listed: list[tuple[bytes, int]]) -> None:
+    """A pack of one byte whose index claims a plain small-file block holding ``listed``
+    (digest, size): what any user who can write the store can publish."""
+    frame = b"x"
+    usize = constants.MAX_BLOCK_USIZE
+    index = packs.PackIndex(
+        packs.INDEX_FORMAT_VERSION,
+        os.urandom(32),
+        len(frame),
+        (packs.BlockRef(0, len(frame), usize, packs.NO_DICTIONARY, True),),
+        tuple(packs.ChunkLoc(d, 0, 0, size) for d, size in listed),
+        chunking.digest(frame),
+    )
+    packs.publish(store.backend, packs.Sealed(frame, index))
+
+
+def test_an_index_overstating_sizes_does_not_deny_a_dictionary(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    (dictionary,) = referring.dictionaries
+    plant_plain_index(store, [(d, constants.CHUNK_MAX_SIZE) for d in dictionary[:17]])
+    out = tmp_path / "out"
+    assert Store(tmp_path / "store").load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+
+
+def test_a_save_reads_no_more_than_its_dictionary_budget(
+    tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index understating sizes makes every stored chunk look small: the save still
+    stops reading chunks for its dictionary once past its budget."""
+    store = Store(tmp_path / "store")
+    for i, cache in enumerate(caches[:2]):
+        store.save(cache, CacheKey(torch="t", arch="a", model=f"m{i}"))
+    index = index_of(store)
+    plant_plain_index(store, [(d, 1) for d in index.digests()])
+    monkeypatch.setattr(constants, "DICTIONARY_TARGET", 64 * 1024)
+    read: list[int] = []
+    real = packs.chunk_of
+
+    def counting(block: bytes, loc: packs.ChunkLoc, source: str) -> bytes:
+        data = real(block, loc, source)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(packs, "chunk_of", counting)
+    store.save(caches[2], SECOND)
+    assert 0 < sum(read) <= 64 * 1024 + 2 * constants.CHUNK_MAX_SIZE
+
+
+def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_sweep(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "store"
+    store = Store(root)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(os.urandom(100_000))
+    store.save(tree, KEY)
+    gc_mod.remove_key(store, KEY)
+    body = msgspec.msgpack.encode({"format": 99})
+    newer = constants.INDEX_MAGIC + chunking.digest(body) + body
+    # A pack a crashed gc run left in trash/, whose index cannot be read now.
+    in_trash = os.urandom(32).hex()
+    store.backend.put_if_absent(f"{constants.TRASH_DIR}/crashed/{in_trash}.pack", b"x")
+    store.backend.put_if_absent(packs.index_key(in_trash), newer)
+    age_everything(root, 7200)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    assert plan.sweep_blocked and in_trash in plan.sweep_blocked
+    # And one published just now, whose pack the plan did not list.
+    store.backend.delete(f"{constants.TRASH_DIR}/crashed/{in_trash}.pack")
+    fresh = os.urandom(32).hex()
+    store.backend.put_if_absent(packs.index_key(fresh), newer)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    assert plan.sweep_blocked and fresh in plan.sweep_blocked
+
+
+def test_an_ignored_index_does_not_block_a_run_during_which_a_replica_saves(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "store"
+    store = Store(root)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(os.urandom(100_000))
+    store.save(tree, KEY)
+    gc_mod.remove_key(store, KEY)
+    body = msgspec.msgpack.encode({"format": 99})
+    store.backend.put_if_absent(
+        packs.index_key(os.urandom(32).hex()), constants.INDEX_MAGIC + chunking.digest(body) + body
+    )
+    age_everything(root, 7200)
+    plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b").write_bytes(os.urandom(50_000))
+    store.save(other, SECOND)  # published during the run
+    report = gc_mod.execute(store, plan)
+    assert report.errors == [] and report.packs_deleted == 1
