@@ -28,6 +28,11 @@ from casstore.chunk_index import ChunkIndex, Location
 from casstore.errors import CasstoreError, DictionaryUnavailable, NotFound
 from casstore.manifest import Manifest
 
+#: Blocks read (and held decompressed) at once while gathering a dictionary's chunks.
+_BLOCKS_PER_READ = 2
+#: Bytes of blocks decompressed, at most, per byte of chunks a dictionary may hold: its
+#: chunks may lie in blocks of other chunks (up to 8 MiB each), but not without bound.
+DECOMPRESSED_PER_BYTE = 16
 #: How many of a chunk's locations are tried before it counts as unavailable.
 MAX_TRIES = 16  # as for any chunk (docs/format.md)
 
@@ -100,50 +105,80 @@ def fetch(
     trash_key: Callable[[str], str | None] | None = None,
 ) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
     """The bytes of ``digests``, each read from a block without a dictionary and checked
-    against its digest; and, for those that could not be read, why. Each pack is read
-    once per round, neighbouring blocks together. Reading stops once the chunks read pass
-    ``max_bytes`` (an index may lie about sizes). ``trash_key(pack id)``: where a pack gc
-    is sweeping lies meanwhile (a load reads it there, as restore.py does)."""
+    against its digest; and, for those that could not be read, why. Each digest is tried
+    in up to :data:`MAX_TRIES` packs, the most recently published first; blocks are read
+    two at a time (neighbours in one range) and let go once their chunks are taken.
+
+    Bounded whatever the indexes say: reading stops once the chunks read pass
+    ``max_bytes``, or the blocks decompressed pass :data:`DECOMPRESSED_PER_BYTE` times
+    that (a planted block of a few bytes may expand to 9 MiB, its chunk never matching).
+    ``trash_key(pack id)``: where a pack gc is sweeping lies meanwhile (a load reads it
+    there, as restore.py does)."""
     found: dict[bytes, bytes] = {}
     why: dict[bytes, str] = {}
-    total = 0
-    options = {d: plain_locations(index, d)[-MAX_TRIES:] for d in set(digests)}
+    total = expanded = 0
+    options = {d: _distinct_packs(plain_locations(index, d))[-MAX_TRIES:] for d in set(digests)}
     for d, left in options.items():
         if not left:
             why[d] = f"chunk {d.hex()} is in no block without a dictionary"
+
+    def over(what: str) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
+        return found, {d: f"{what} pass {max_bytes} bytes" for d in options if d not in found}
+
     while True:
-        plan: dict[bytes, tuple[packs.PackIndex, list[Location]]] = {}
+        plan: dict[bytes, tuple[packs.PackIndex, dict[int, list[Location]]]] = {}
         for d, left in options.items():
             if d not in found and left:
                 loc = left.pop()  # the most recently published first
-                plan.setdefault(loc.index.pack, (loc.index, []))[1].append(loc)
+                entry = plan.setdefault(loc.index.pack, (loc.index, {}))
+                entry[1].setdefault(loc.chunk.block, []).append(loc)
         if not plan:
             return found, {d: w for d, w in why.items() if d not in found}
-        for pack, locs in plan.values():
+        for pack, by_block in plan.values():
             source = packs.pack_key(pack.pack)
-            try:
-                blocks = _read_plain(backend, pack, {loc.chunk.block for loc in locs}, trash_key)
-            except (CasstoreError, OSError) as e:
-                for loc in locs:
-                    why[loc.chunk.digest] = f"{source}: {e}"
-                continue
-            for loc in locs:
+            numbers = sorted(by_block)
+            for i in range(0, len(numbers), _BLOCKS_PER_READ):
+                group = numbers[i : i + _BLOCKS_PER_READ]
+                # Declared sizes are checked as blocks are decoded: they bound the work.
+                expanded += sum(pack.blocks[n].usize for n in group)
+                if max_bytes is not None and expanded > DECOMPRESSED_PER_BYTE * max_bytes:
+                    return over("the blocks read for its chunks")
                 try:
-                    data = packs.chunk_of(blocks[loc.chunk.block], loc.chunk, source)
-                except CasstoreError as e:
-                    why[loc.chunk.digest] = str(e)
+                    blocks = _read_plain(backend, pack, group, trash_key)
+                except (CasstoreError, OSError) as e:
+                    for n in group:
+                        for loc in by_block[n]:
+                            why[loc.chunk.digest] = f"{source}: {e}"
                     continue
-                found[loc.chunk.digest] = data
-                total += len(data)
-                if max_bytes is not None and total > max_bytes:
-                    over = f"its chunks pass {max_bytes} bytes"
-                    return found, {d: over for d in options if d not in found}
+                for n in group:
+                    for loc in by_block[n]:
+                        try:
+                            data = packs.chunk_of(blocks[n], loc.chunk, source)
+                        except CasstoreError as e:
+                            why[loc.chunk.digest] = str(e)
+                            continue
+                        found[loc.chunk.digest] = data
+                        total += len(data)
+                        if max_bytes is not None and total > max_bytes:
+                            return over("its chunks")
+
+
+def _distinct_packs(locations: list[Location]) -> list[Location]:
+    """One location per pack (the last listed): a pack listing a digest many times must
+    not use up its tries."""
+    seen: set[bytes] = set()
+    kept: list[Location] = []
+    for loc in reversed(locations):
+        if loc.index.pack not in seen:
+            seen.add(loc.index.pack)
+            kept.append(loc)
+    return kept[::-1]
 
 
 def _read_plain(
     backend: Backend,
     pack: packs.PackIndex,
-    numbers: set[int],
+    numbers: list[int],
     trash_key: Callable[[str], str | None] | None,
 ) -> dict[int, bytes]:
     try:
@@ -221,4 +256,7 @@ class Rebuilder:
         if why:
             first = next(iter(why.values()))
             return f"{len(why)} of its {len(digests)} chunks cannot be read ({first})"
+        size = sum(len(found[d]) for d in digests)
+        if size > constants.MAX_DICTIONARY_BYTES:
+            return f"its chunks pass {constants.MAX_DICTIONARY_BYTES} bytes"
         return packs.raw_dictionary(b"".join(found[d] for d in digests))

@@ -472,6 +472,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         and p not in trashed
         and p in index_infos
         and index_infos[p].mtime < cutoff
+        # Looked at once more after trash/ was listed: a pack given back from trash/ in
+        # between (another gc) was in neither listing.
+        and store.backend.stat(packs.pack_key(p)) is None
     }
     unknown = sorted(set(index.unreadable) - orphaned)
     if unknown and not blocked:

@@ -198,6 +198,10 @@ def _validate(index: PackIndex, source: str) -> None:
             or len(set(d)) != len(d)
         ):
             raise bad("a dictionary is empty, too long, or lists an invalid or repeated digest")
+    if len({c.digest for c in index.chunks}) != len(index.chunks):
+        # Writers never list a chunk twice; a reader trying a chunk's locations would
+        # spend its tries on one pack.
+        raise bad("a chunk is listed twice")
     for c in index.chunks:
         if (
             len(c.digest) != constants.DIGEST_SIZE

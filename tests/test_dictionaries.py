@@ -506,7 +506,10 @@ def test_a_save_reads_no_more_than_its_dictionary_budget(
 
     monkeypatch.setattr(packs, "chunk_of", counting)
     store.save(caches[2], SECOND)
-    assert 0 < sum(read) <= 64 * 1024 + 2 * constants.CHUNK_MAX_SIZE
+    assert sum(read) <= 64 * 1024 + 2 * constants.CHUNK_MAX_SIZE
+    out = tmp_path / "out"
+    assert Store(tmp_path / "store").load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
 
 
 def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_sweep(
@@ -558,3 +561,60 @@ def test_an_ignored_index_does_not_block_a_run_during_which_a_replica_saves(
     store.save(other, SECOND)  # published during the run
     report = gc_mod.execute(store, plan)
     assert report.errors == [] and report.packs_deleted == 1
+
+
+# --- found by the third review: each failed on 61f45f7 -----------------------------------
+
+
+def test_an_index_listing_a_chunk_many_times_does_not_use_up_its_tries(
+    tmp_path: Path, caches: list[Path]
+) -> None:
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    plant_plain_index(store, [(referring.dictionaries[0][0], 1)] * 16)
+    out = tmp_path / "out"
+    assert Store(tmp_path / "store").load(SECOND, out).missing == []
+    assert read_tree(out) == read_tree(caches[2])
+
+
+def test_planted_blocks_cannot_make_a_rebuild_hold_gigabytes(
+    tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack of a few bytes whose blocks each expand to 9 MiB of zeros, one per chunk of a
+    dictionary: rebuilding it holds at most two such blocks at once, and decompresses no
+    more than its budget allows (a miss, never a crash)."""
+    store = two_models(tmp_path, caches)
+    (referring,) = packs_with_dictionaries(store)
+    (dictionary,) = referring.dictionaries
+    usize = constants.MAX_BLOCK_USIZE
+    frame = zstandard.ZstdCompressor(level=19).compress(bytes(usize))
+    blocks = tuple(
+        packs.BlockRef(i * len(frame), len(frame), usize, packs.NO_DICTIONARY, True)
+        for i in range(len(dictionary))
+    )
+    data = frame * len(dictionary)
+    planted = packs.PackIndex(
+        packs.INDEX_FORMAT_VERSION,
+        os.urandom(32),
+        len(data),
+        blocks,
+        tuple(packs.ChunkLoc(d, i, 0, 1000) for i, d in enumerate(dictionary)),
+        chunking.digest(data),
+    )
+    packs.publish(store.backend, packs.Sealed(data, planted))
+    held: list[int] = []
+    real = packs.read_blocks
+
+    def measuring(*args: object, **kwargs: object) -> dict[int, bytes]:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        held.append(sum(map(len, out.values())))
+        return out
+
+    monkeypatch.setattr(packs, "read_blocks", measuring)
+    rebuild = dictionaries.Rebuilder(store.backend, index_of(store))
+    try:
+        rebuild(referring, 0)
+    except DictionaryUnavailable:
+        pass
+    assert max(held) <= 2 * usize
+    assert sum(held) <= dictionaries.DECOMPRESSED_PER_BYTE * constants.MAX_DICTIONARY_BYTES
