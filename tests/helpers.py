@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from casstore import CacheKey, chunk_index, constants, packs
+from casstore import CacheKey, chunk_index, chunking, constants, packs
 from casstore.backends.base import Backend
 
 KEY = CacheKey(torch="2.13.0+cpu", arch="x86-64-v3-test", model="unit")
@@ -155,3 +155,12 @@ class Lines:
         """Everything written, once the pipe is closed (the child has exited)."""
         self._thread.join(timeout)
         return "".join(self.lines)
+
+
+def single_chunk_pack(size: int = 20_000) -> tuple[bytes, packs.Sealed]:
+    """Random bytes of ``size``, sealed alone in a pack (not published)."""
+    data = os.urandom(size)
+    builder = packs.PackBuilder()
+    builder.add(chunking.digest(data), data, small=True)
+    (sealed,) = builder.finish()
+    return data, sealed

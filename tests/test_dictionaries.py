@@ -26,7 +26,7 @@ from casstore.errors import (
     FormatMismatch,
     UnsupportedIndex,
 )
-from tests.helpers import KEY, read_tree
+from tests.helpers import KEY, read_tree, single_chunk_pack
 from tests.test_gc_s3 import aged
 
 CORPUS = Path(__file__).resolve().parent.parent / "benchmarks/data/gpu-caches-h200.tar.xz"
@@ -49,6 +49,12 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         if p.is_file() and set(_chunks_of_file(p)) & first:
             p.unlink()
     return found
+
+
+def assert_loads_whole(root: Path | str, key: CacheKey, cache: Path, out: Path) -> None:
+    """A replica with nothing cached restores ``key`` into ``out``, byte for byte."""
+    assert Store(root).load(key, out).missing == []
+    assert read_tree(out) == read_tree(cache)
 
 
 def index_of(store: Store) -> chunk_index.ChunkIndex:
@@ -89,11 +95,7 @@ def test_a_second_model_is_stored_against_the_first_ones_chunks(
     own = [data[c.digest] for c in second if c.digest not in first_chunks]
     plain = len(zstandard.ZstdCompressor(level=constants.SMALL_FILE_LEVEL).compress(b"".join(own)))
     assert referring.size <= constants.DICTIONARY_GAIN * plain
-    # A replica with nothing cached restores it byte for byte.
-    out = tmp_path / "out"
-    report = Store(tmp_path / "store").load(SECOND, out)
-    assert report.missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
     assert verify(store).ok
 
 
@@ -118,9 +120,7 @@ def test_gc_keeps_a_dictionarys_chunks_while_a_block_needs_them(
     age_everything(tmp_path / "store", 7200)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
     assert report.errors == []
-    out = tmp_path / "out"
-    assert Store(tmp_path / "store").load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
     # Once no block needs them, they go like any dead chunk.
     gc_mod.remove_key(store, SECOND)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
@@ -143,9 +143,7 @@ def test_a_save_reusing_a_chunk_of_such_a_block_keeps_its_dictionary(
     assert saved.new_chunks == 0  # every chunk reused, none from the first save's pack
     report = gc_mod.execute(store, plan)
     assert report.errors == []
-    out = tmp_path / "out"
-    assert Store(tmp_path / "store").load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
 
 
 def test_a_lost_dictionary_chunk_is_a_miss_never_wrong_bytes(
@@ -213,35 +211,18 @@ def test_a_dictionary_is_drawn_from_listed_chunks_of_plain_small_file_blocks(
 
 
 def test_an_index_naming_a_missing_dictionary_is_refused(tmp_path: Path) -> None:
-    data = os.urandom(20_000)
-    builder = packs.PackBuilder()
-    builder.add(chunking.digest(data), data, small=True)
-    (sealed,) = builder.finish()
+    data, sealed = single_chunk_pack()
     index = sealed.index
     block = index.blocks[0]
     bad_block = packs.BlockRef(block.offset, block.length, block.usize, 0, True)
-    bad = packs.PackIndex(
-        packs.INDEX_FORMAT_VERSION,
-        index.pack,
-        index.size,
-        (bad_block,),
-        index.chunks,
-        index.checksum,
-    )
-    with pytest.raises(CorruptObject, match="dictionary"):
-        packs.decode_index(packs.encode_index(bad))
-    # A dictionary listing one chunk many times (memory out of all proportion).
-    repeated = packs.PackIndex(
-        packs.INDEX_FORMAT_VERSION,
-        index.pack,
-        index.size,
-        (bad_block,),
-        index.chunks,
-        index.checksum,
-        ((chunking.digest(data),) * 256,),
-    )
-    with pytest.raises(CorruptObject, match="repeated"):
-        packs.decode_index(packs.encode_index(repeated))
+    for dictionaries_listed, why in (
+        ((), "dictionary"),  # a block naming a dictionary the index does not list
+        # A dictionary listing one chunk many times (memory out of all proportion).
+        (((chunking.digest(data),) * 256,), "repeated"),
+    ):
+        bad = msgspec.structs.replace(index, blocks=(bad_block,), dictionaries=dictionaries_listed)
+        with pytest.raises(CorruptObject, match=why):
+            packs.decode_index(packs.encode_index(bad))
     old = packs.PackIndex(1, index.pack, index.size, index.blocks, index.chunks, index.checksum)
     with pytest.raises(UnsupportedIndex):
         packs.decode_index(packs.encode_index(old))
@@ -269,17 +250,13 @@ def test_on_s3_gc_and_a_racing_saver_keep_a_dictionary(
     gc_mod.remove_key(store, FIRST)
     aged(store, 0)
     assert gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=0))).errors == []
-    out = tmp_path / "out"
-    assert Store(s3_url).load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(s3_url, SECOND, caches[2], tmp_path / "out")
     gc_mod.remove_key(store, SECOND)
     plan = gc_mod.plan(store, gc_mod.Policy(grace=0))
     assert len(plan.packs) == 2
     assert Store(s3_url).save(caches[2], SECOND).new_chunks == 0
     assert gc_mod.execute(store, plan).errors == []
-    again = tmp_path / "again"
-    assert Store(s3_url).load(SECOND, again).missing == []
-    assert read_tree(again) == read_tree(caches[2])
+    assert_loads_whole(s3_url, SECOND, caches[2], tmp_path / "again")
 
 
 # --- found by review: each failed on the version before its fix -------------------------
@@ -315,9 +292,7 @@ def test_a_chunk_is_covered_only_by_a_copy_in_a_block_without_a_dictionary(
     age_everything(root, 7200)
     assert gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600))).errors == []
     for key, cache in ((SECOND, caches[2]), (FIRST, caches[0])):
-        out = tmp_path / f"out-{key.model}"
-        assert Store(root).load(key, out).missing == []
-        assert read_tree(out) == read_tree(cache)
+        assert_loads_whole(root, key, cache, tmp_path / f"out-{key.model}")
 
 
 def test_on_s3_a_pack_published_while_gc_plans_keeps_its_dictionary(
@@ -341,9 +316,7 @@ def test_on_s3_a_pack_published_while_gc_plans_keeps_its_dictionary(
     monkeypatch.setattr(gc_mod, "_list_manifests", original)
     assert packs_with_dictionaries(store)
     assert gc_mod.execute(store, plan).errors == []
-    out = tmp_path / "out"
-    assert Store(s3_url).load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(s3_url, SECOND, caches[2], tmp_path / "out")
 
 
 def test_a_dictionary_never_passes_what_readers_accept(
@@ -380,9 +353,7 @@ def test_a_dictionary_never_passes_what_readers_accept(
     store.save(caches[2], SECOND)
     (reference,) = used
     assert 0 < len(reference.digests) <= 20 and reference.size <= 512 * 1024
-    out = tmp_path / "out"
-    assert Store(root).load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(root, SECOND, caches[2], tmp_path / "out")
 
 
 def test_a_dictionary_too_large_to_rebuild_is_a_miss(
@@ -407,19 +378,10 @@ def test_a_dictionary_too_large_to_rebuild_is_a_miss(
 
 
 def test_an_unreadable_index_without_its_pack_does_not_stop_gc(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    store = Store(root)
+    store, root = a_dead_pack(tmp_path)
     tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "a").write_bytes(os.urandom(100_000))
-    store.save(tree, KEY)
-    gc_mod.remove_key(store, KEY)
     # A newer casstore's index of a pack already gone.
-    body = msgspec.msgpack.encode({"format": 99})
-    orphan = os.urandom(32).hex()
-    store.backend.put_if_absent(
-        packs.index_key(orphan), constants.INDEX_MAGIC + chunking.digest(body) + body
-    )
+    store.backend.put_if_absent(packs.index_key(os.urandom(32).hex()), newer_index())
     age_everything(root, 7200)
     report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=3600)))
     assert report.errors == [] and report.packs_deleted == 1 and report.indexes_deleted == 2
@@ -428,9 +390,7 @@ def test_an_unreadable_index_without_its_pack_does_not_stop_gc(tmp_path: Path) -
     gc_mod.remove_key(store, KEY)
     (pack_id,) = index_of(store).packs
     (root / packs.index_key(pack_id)).chmod(0o644)
-    (root / packs.index_key(pack_id)).write_bytes(
-        constants.INDEX_MAGIC + chunking.digest(body) + body
-    )
+    (root / packs.index_key(pack_id)).write_bytes(newer_index())
     age_everything(root, 7200)
     plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
     assert plan.sweep_blocked and "cannot be read" in plan.sweep_blocked
@@ -480,9 +440,7 @@ def test_an_index_overstating_sizes_does_not_deny_a_dictionary(
     (referring,) = packs_with_dictionaries(store)
     (dictionary,) = referring.dictionaries
     plant_plain_index(store, [(d, constants.CHUNK_MAX_SIZE) for d in dictionary[:17]])
-    out = tmp_path / "out"
-    assert Store(tmp_path / "store").load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
 
 
 def test_a_save_reads_no_more_than_its_dictionary_budget(
@@ -507,14 +465,11 @@ def test_a_save_reads_no_more_than_its_dictionary_budget(
     monkeypatch.setattr(packs, "chunk_of", counting)
     store.save(caches[2], SECOND)
     assert sum(read) <= 64 * 1024 + 2 * constants.CHUNK_MAX_SIZE
-    out = tmp_path / "out"
-    assert Store(tmp_path / "store").load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
 
 
-def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_sweep(
-    tmp_path: Path,
-) -> None:
+def a_dead_pack(tmp_path: Path) -> tuple[Store, Path]:
+    """A store holding one pack no key lists any more."""
     root = tmp_path / "store"
     store = Store(root)
     tree = tmp_path / "tree"
@@ -522,8 +477,20 @@ def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_swe
     (tree / "a").write_bytes(os.urandom(100_000))
     store.save(tree, KEY)
     gc_mod.remove_key(store, KEY)
+    return store, root
+
+
+def newer_index() -> bytes:
+    """A well-formed pack index of a format this casstore does not read."""
     body = msgspec.msgpack.encode({"format": 99})
-    newer = constants.INDEX_MAGIC + chunking.digest(body) + body
+    return constants.INDEX_MAGIC + chunking.digest(body) + body
+
+
+def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_sweep(
+    tmp_path: Path,
+) -> None:
+    store, root = a_dead_pack(tmp_path)
+    newer = newer_index()
     # A pack a crashed gc run left in trash/, whose index cannot be read now.
     in_trash = os.urandom(32).hex()
     store.backend.put_if_absent(f"{constants.TRASH_DIR}/crashed/{in_trash}.pack", b"x")
@@ -542,17 +509,8 @@ def test_an_unreadable_index_of_a_pack_in_trash_or_just_published_blocks_the_swe
 def test_an_ignored_index_does_not_block_a_run_during_which_a_replica_saves(
     tmp_path: Path,
 ) -> None:
-    root = tmp_path / "store"
-    store = Store(root)
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "a").write_bytes(os.urandom(100_000))
-    store.save(tree, KEY)
-    gc_mod.remove_key(store, KEY)
-    body = msgspec.msgpack.encode({"format": 99})
-    store.backend.put_if_absent(
-        packs.index_key(os.urandom(32).hex()), constants.INDEX_MAGIC + chunking.digest(body) + body
-    )
+    store, root = a_dead_pack(tmp_path)
+    store.backend.put_if_absent(packs.index_key(os.urandom(32).hex()), newer_index())
     age_everything(root, 7200)
     plan = gc_mod.plan(store, gc_mod.Policy(grace=3600))
     other = tmp_path / "other"
@@ -572,9 +530,7 @@ def test_an_index_listing_a_chunk_many_times_does_not_use_up_its_tries(
     store = two_models(tmp_path, caches)
     (referring,) = packs_with_dictionaries(store)
     plant_plain_index(store, [(referring.dictionaries[0][0], 1)] * 16)
-    out = tmp_path / "out"
-    assert Store(tmp_path / "store").load(SECOND, out).missing == []
-    assert read_tree(out) == read_tree(caches[2])
+    assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
 
 
 def test_planted_blocks_cannot_make_a_rebuild_hold_gigabytes(

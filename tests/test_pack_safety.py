@@ -18,7 +18,7 @@ from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.errors import StoreUnavailable
 from casstore.manifest import ChunkRef, FileEntry
-from tests.helpers import pack_files, read_tree, write_tree
+from tests.helpers import pack_files, read_tree, single_chunk_pack, write_tree
 
 HOUR = 3600.0
 
@@ -148,10 +148,7 @@ def test_an_unreadable_pack_costs_its_files_not_the_load(
 
 
 def test_an_index_declaring_an_oversized_block_is_refused() -> None:
-    data = os.urandom(20_000)
-    builder = packs.PackBuilder()
-    builder.add(chunking.digest(data), data, small=True)
-    (sealed,) = builder.finish()
+    _, sealed = single_chunk_pack()
     index = sealed.index
     block = index.blocks[0]
     huge = packs.BlockRef(0, 48 * 2**20, block.usize)  # a sparse 48 MiB "frame"
