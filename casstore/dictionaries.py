@@ -30,9 +30,11 @@ from casstore.manifest import Manifest
 
 #: Blocks read (and held decompressed) at once while gathering a dictionary's chunks.
 _BLOCKS_PER_READ = 2
-#: Bytes of blocks decompressed, at most, per byte of chunks a dictionary may hold: its
-#: chunks may lie in blocks of other chunks (up to 8 MiB each), but not without bound.
-DECOMPRESSED_PER_BYTE = 16
+#: Decompressed bytes of blocks that hold none of the chunks their index places there
+#: (damaged or planted), at most, in one gathering of a dictionary's chunks: each such
+#: pack is read no further, so this is 32 packs of two 9 MiB blocks (a chunk is tried in
+#: 16 packs at most anyway).
+WASTED_BLOCK_BYTES = 64 * constants.MAX_BLOCK_USIZE
 #: How many of a chunk's locations are tried before it counts as unavailable.
 MAX_TRIES = 16  # as for any chunk (docs/format.md)
 
@@ -110,28 +112,35 @@ def fetch(
     two at a time (neighbours in one range) and let go once their chunks are taken.
 
     Bounded whatever the indexes say: reading stops once the chunks read pass
-    ``max_bytes``, or the blocks decompressed pass :data:`DECOMPRESSED_PER_BYTE` times
-    that (a planted block of a few bytes may expand to 9 MiB, its chunk never matching).
-    ``trash_key(pack id)``: where a pack gc is sweeping lies meanwhile (a load reads it
-    there, as restore.py does)."""
+    ``max_bytes``. A pack that cannot be read, or one of whose blocks yields none of the
+    chunks its index places there (damaged, or planted: a frame of a few bytes may expand
+    to 9 MiB), is not read again, and reading stops once such blocks add up to
+    :data:`WASTED_BLOCK_BYTES`: only blocks that yield nothing count, so a planted index
+    never uses up the budget of the blocks that hold the chunks. ``trash_key(pack id)``:
+    where a pack gc is sweeping lies meanwhile (a load reads it there, as restore.py
+    does)."""
     found: dict[bytes, bytes] = {}
     why: dict[bytes, str] = {}
-    total = expanded = 0
+    total = wasted = 0
+    shunned: set[bytes] = set()  # packs whose blocks did not hold what their index says
     options = {d: _distinct_packs(plain_locations(index, d))[-MAX_TRIES:] for d in set(digests)}
     for d, left in options.items():
         if not left:
             why[d] = f"chunk {d.hex()} is in no block without a dictionary"
 
-    def over(what: str) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
-        return found, {d: f"{what} pass {max_bytes} bytes" for d in options if d not in found}
+    def stop(what: str) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
+        return found, {d: what for d in options if d not in found}
 
     while True:
         plan: dict[bytes, tuple[packs.PackIndex, dict[int, list[Location]]]] = {}
         for d, left in options.items():
-            if d not in found and left:
+            while d not in found and left:
                 loc = left.pop()  # the most recently published first
+                if loc.index.pack in shunned:
+                    continue
                 entry = plan.setdefault(loc.index.pack, (loc.index, {}))
                 entry[1].setdefault(loc.chunk.block, []).append(loc)
+                break
         if not plan:
             return found, {d: w for d, w in why.items() if d not in found}
         for pack, by_block in plan.values():
@@ -139,28 +148,40 @@ def fetch(
             numbers = sorted(by_block)
             for i in range(0, len(numbers), _BLOCKS_PER_READ):
                 group = numbers[i : i + _BLOCKS_PER_READ]
-                # Declared sizes are checked as blocks are decoded: they bound the work.
-                expanded += sum(pack.blocks[n].usize for n in group)
-                if max_bytes is not None and expanded > DECOMPRESSED_PER_BYTE * max_bytes:
-                    return over("the blocks read for its chunks")
+                if pack.pack in shunned:
+                    for n in group:
+                        for loc in by_block[n]:
+                            why[loc.chunk.digest] = f"{source} holds other bytes than it says"
+                    continue
                 try:
                     blocks = _read_plain(backend, pack, group, trash_key)
                 except (CasstoreError, OSError) as e:
+                    shunned.add(pack.pack)  # gone, damaged or unreadable: not again
                     for n in group:
                         for loc in by_block[n]:
                             why[loc.chunk.digest] = f"{source}: {e}"
                     continue
                 for n in group:
+                    yielded = False
                     for loc in by_block[n]:
                         try:
                             data = packs.chunk_of(blocks[n], loc.chunk, source)
                         except CasstoreError as e:
                             why[loc.chunk.digest] = str(e)
                             continue
+                        yielded = True
                         found[loc.chunk.digest] = data
                         total += len(data)
                         if max_bytes is not None and total > max_bytes:
-                            return over("its chunks")
+                            return stop(f"its chunks pass {max_bytes} bytes")
+                    if not yielded:
+                        shunned.add(pack.pack)
+                        wasted += pack.blocks[n].usize
+                        if wasted > WASTED_BLOCK_BYTES:
+                            return stop(
+                                f"blocks holding none of the chunks their indexes place there "
+                                f"pass {WASTED_BLOCK_BYTES} bytes"
+                            )
 
 
 def _distinct_packs(locations: list[Location]) -> list[Location]:
