@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import subprocess
 import sys
@@ -85,9 +86,8 @@ def store_row(layout: str, caches: list[Path], work: Path, *, dictionaries: bool
     """A real save of each cache into one store (bytes of its packs and indexes), then a
     load of each into an empty directory; speeds end to end, MB/s of cache bytes."""
     root = work / ("store-dict" if dictionaries else "store-plain")
-    saved_target = constants.DICTIONARY_TARGET
-    if not dictionaries:
-        constants.DICTIONARY_TARGET = 0  # what format 2 stored: no block uses one
+    saved = os.environ.get("CASSTORE_DICTIONARIES")
+    os.environ["CASSTORE_DICTIONARIES"] = "1" if dictionaries else "0"
     try:
         store = Store(root, create=True)
         keys = [CacheKey(torch="t", arch="a", model=f"m{i}") for i in range(len(caches))]
@@ -96,7 +96,10 @@ def store_row(layout: str, caches: list[Path], work: Path, *, dictionaries: bool
             store.save(cache, key)
         save_seconds = time.perf_counter() - start
     finally:
-        constants.DICTIONARY_TARGET = saved_target
+        if saved is None:
+            del os.environ["CASSTORE_DICTIONARIES"]
+        else:
+            os.environ["CASSTORE_DICTIONARIES"] = saved
     start = time.perf_counter()
     for i, key in enumerate(keys):
         report = Store(root).load(key, work / f"out-{root.name}-{i}")

@@ -321,6 +321,15 @@ def index_cache_dir() -> Path | None:
     return _host_cache("CASSTORE_INDEX_CACHE", "index")
 
 
+def dictionaries_enabled() -> bool:
+    """Whether saves compress blocks against chunks the store holds (casstore/
+    dictionaries.py): ``$CASSTORE_DICTIONARIES``, on by default. Off, a save stores every
+    block plain (loads of blocks other saves compressed so still rebuild their
+    dictionaries): for stores where a restore's extra read of up to 4 MiB costs more than
+    the bytes it saves."""
+    return _env_bool("CASSTORE_DICTIONARIES", True)
+
+
 def stat_cache_dir() -> Path | None:
     """Where this host records the state of the files it saved or restored, to skip reading
     (or hashing) unchanged ones next time (casstore/statcache.py): ``$CASSTORE_STAT_CACHE``,

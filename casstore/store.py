@@ -892,7 +892,7 @@ class Store:
             picked = dictionaries.newest_within(picked, constants.DICTIONARY_TARGET)
             return packs.Reference.of(picked) if picked else None
 
-        builder = packs.PackBuilder(reference=reference)
+        builder = packs.PackBuilder(reference=reference if config.dictionaries_enabled() else None)
 
         def ensure_chunk(data: memoryview, ref: ChunkRef, small: bool) -> None:
             """Make sure ``ref`` (the digest of ``data``) is in the store: reused, or packed

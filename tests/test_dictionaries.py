@@ -577,3 +577,19 @@ def test_a_planted_pack_neither_blows_up_nor_denies_a_rebuild(
     assert sum(held) <= 2 * usize + 4 * constants.BLOCK_TARGET + constants.MAX_DICTIONARY_BYTES
     monkeypatch.setattr(packs, "read_blocks", real)
     assert_loads_whole(tmp_path / "store", SECOND, caches[2], tmp_path / "out")
+
+
+def test_dictionaries_can_be_turned_off_for_saves_and_loads_still_read_them(
+    tmp_path: Path, caches: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "store")
+    store.save(caches[0], FIRST)
+    monkeypatch.setenv("CASSTORE_DICTIONARIES", "0")
+    store.save(caches[2], SECOND)
+    assert packs_with_dictionaries(store) == []
+    monkeypatch.setenv("CASSTORE_DICTIONARIES", "1")
+    third = CacheKey(torch="2.11.0+cu130", arch="sm_90 H200", model="third")
+    store.save(caches[3], third)
+    assert packs_with_dictionaries(store)
+    monkeypatch.setenv("CASSTORE_DICTIONARIES", "0")
+    assert_loads_whole(tmp_path / "store", third, caches[3], tmp_path / "out")
