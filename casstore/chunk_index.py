@@ -105,17 +105,13 @@ class ChunkIndex:
         """Read the indexes the store lists now that this index lacks (published since it
         was read; ``skip``: ids not to read again); returns those that could not be read,
         with why (a damaged one is reported with the mark :data:`DAMAGED_MARK`)."""
-        failed: dict[str, str] = {}
-        listed = list_indexes(backend)
-        for pack_id in sorted(listed.keys() - self.packs.keys() - set(skip)):
-            try:
-                self.add(read_index(backend, pack_id), listed[pack_id].mtime)
-            except NotFound:
-                continue  # deleted since the listing: its pack is gone too
-            except CorruptObject as e:
-                failed[pack_id] = f"{DAMAGED_MARK}{e}"
-            except (CasstoreError, OSError) as e:
-                failed[pack_id] = str(e)
+        passed = self.packs.keys() | set(skip)
+        listed = {p: info for p, info in list_indexes(backend).items() if p not in passed}
+        fresh = load(backend, listed=listed)
+        for pack_id, pack in fresh.packs.items():
+            self.add(pack, fresh.published[pack_id])
+        failed = {p: f"{DAMAGED_MARK}{why}" for p, why in fresh.damaged.items()}
+        failed.update(fresh.unreadable)
         return failed
 
     def stored_sizes(self) -> dict[bytes, int]:
