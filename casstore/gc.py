@@ -586,7 +586,12 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     )
 
 
-def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candidate | None:
+def repack(
+    store: Store,
+    candidate: Candidate,
+    keep: frozenset[bytes],
+    dictionaries: packs.Dictionaries | None = None,
+) -> Candidate | None:
     """Pack ``keep``'s chunks of ``candidate`` again (a new pack, published with its
     index like any save's), and return the candidate with them covered too; None when its
     pack is gone. Raises when a live chunk cannot be read (it is then left alone)."""
@@ -594,12 +599,11 @@ def repack(store: Store, candidate: Candidate, keep: frozenset[bytes]) -> Candid
     if pack_id is None:
         return None
     index = chunk_index.read_index(store.backend, pack_id)
-    rebuild = None
-    if index.dictionaries:
+    if index.dictionaries and dictionaries is None:
         # Copied into blocks without a dictionary: read through the one they were
         # compressed with, located in the store's current chunk index.
-        rebuild = Rebuilder(store.backend, store.chunk_index())
-    copied = packs.copy_chunks(store.backend, index, keep, dictionaries=rebuild)
+        dictionaries = Rebuilder(store.backend, store.chunk_index())
+    copied = packs.copy_chunks(store.backend, index, keep, dictionaries=dictionaries)
     return replace(candidate, covered=candidate.covered | copied)
 
 
@@ -737,9 +741,16 @@ def execute(
         report.errors.append(p.sweep_blocked)
     else:
         candidates = list(p.packs)
+        # One rebuild of each dictionary for the whole run, from the chunk index read when
+        # planning (nothing is deleted before the repacks are done), read again if needed.
+        rebuild = (
+            Rebuilder(store.backend, p.index, reload=store.chunk_index)
+            if p.index is not None
+            else None
+        )
         for c in p.repack:
             try:
-                repacked = repack(store, c, (c.members & live) - c.covered)
+                repacked = repack(store, c, (c.members & live) - c.covered, rebuild)
             except (CasstoreError, OSError) as e:
                 report.errors.append(f"repacking {c.key}: {e}")
                 continue
