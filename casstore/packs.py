@@ -316,8 +316,9 @@ class PackBuilder:
     objects) compress little better at a higher level and would cost it on every save.
 
     ``reference``, when given, is called once, when the first block of small files' chunks
-    of at least :data:`constants.DICTIONARY_MIN_BLOCK` bytes is compressed: the dictionary
-    to try on those blocks (None: none). A block keeps it only when it shrinks to
+    of at least :data:`constants.DICTIONARY_MIN_BLOCK` bytes that a fast compression
+    shrinks below :data:`constants.DICTIONARY_INCOMPRESSIBLE` is compressed: the
+    dictionary to try on those blocks (None: none). A block keeps it only when it shrinks to
     :data:`constants.DICTIONARY_GAIN` of its plain size.
     """
 
@@ -398,13 +399,17 @@ class PackBuilder:
 
     def _compress(self, block: _OpenBlock, small: bool) -> _Frame:
         content = b"".join(block.parts)
-        worth_it = small and block.size >= constants.DICTIONARY_MIN_BLOCK
-        reference = self._reference_for_block() if worth_it else None
+        reference = None
+        if small and block.size >= constants.DICTIONARY_MIN_BLOCK:
+            # A fast estimate of the plain frame (a low level, a little larger than the
+            # block's own): content it cannot shrink (random bytes, compressed data) is
+            # not worth a dictionary, whose chunks the save would first read.
+            estimate = _compressor(constants.DICTIONARY_ESTIMATE_LEVEL).compress(content)
+            if len(estimate) <= constants.DICTIONARY_INCOMPRESSIBLE * block.size:
+                reference = self._reference_for_block()
         if reference is not None:
             referring = _compressor(block.level, reference).compress(content)
-            # Judged against a fast estimate of the plain frame (a low level, a little
-            # larger than the block's own): the plain frame is made only when needed.
-            estimate = _compressor(constants.DICTIONARY_ESTIMATE_LEVEL).compress(content)
+            # Judged against the estimate: the plain frame is made only when needed.
             if len(referring) <= constants.DICTIONARY_GAIN * len(estimate):
                 return _Frame(referring, block.size, block.chunks, small, reference)
         plain = _compressor(block.level).compress(content)

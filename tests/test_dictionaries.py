@@ -593,3 +593,25 @@ def test_dictionaries_can_be_turned_off_for_saves_and_loads_still_read_them(
     assert packs_with_dictionaries(store)
     monkeypatch.setenv("CASSTORE_DICTIONARIES", "0")
     assert_loads_whole(tmp_path / "store", third, caches[3], tmp_path / "out")
+
+
+def test_incompressible_blocks_do_not_ask_for_a_dictionary() -> None:
+    """Random bytes (or compressed files) gain nothing from a dictionary of compile-cache
+    text: the save does not read one for them; compressible blocks still get one."""
+    asked: list[int] = []
+
+    def reference() -> packs.Reference | None:
+        asked.append(1)
+        return None
+
+    text = b"def kernel(buf0, buf1):\n    tl.store(buf0, tl.load(buf1))\n"
+    for chunks, expected in (
+        ([os.urandom(200_000) for _ in range(2)], []),
+        ([text * 3000 + str(i).encode() for i in range(2)], [1]),
+    ):
+        asked.clear()
+        builder = packs.PackBuilder(reference=reference)
+        for data in chunks:
+            builder.add(chunking.digest(data), data, small=True)
+        assert builder.finish()
+        assert asked == expected
