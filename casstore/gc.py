@@ -513,14 +513,23 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         for pack_id in index.packs
         if packs.pack_key(pack_id) not in sweeping and pack_id in pack_infos
     }
+    # A copy covers only once every host can see it: its index published before the
+    # cutoff. A mount may show what another host wrote only seconds later (a FUSE client's
+    # metadata, an NFS attribute cache), and a host that does not see the copy yet reads
+    # the chunk where it saw it. So a repack's own copy frees the old pack in a later run.
+    settled = {
+        pack_id
+        for pack_id in staying
+        if pack_id in index_infos and index_infos[pack_id].mtime < cutoff
+    }
 
-    def held_elsewhere(c: Candidate) -> frozenset[bytes]:
+    def held_elsewhere(c: Candidate, among: set[str]) -> frozenset[bytes]:
         own = packs.pack_id_from_key(c.key)
         return frozenset(
             d
             for d in c.members & live
             if any(
-                loc.index.id in staying
+                loc.index.id in among
                 and loc.index.id != own
                 # Only a copy in a block without a dictionary covers a chunk: any chunk
                 # may be, or become (a save racing this run), a dictionary's, and those
@@ -532,12 +541,14 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
 
     still_repack = []
     for c in repack:
-        covered = held_elsewhere(c)
+        covered = held_elsewhere(c, settled)
         c = replace(c, covered=covered)
         if c.members & live <= covered:
             dead.append(c)
-        else:
+        elif not c.members & live <= held_elsewhere(c, staying):
             still_repack.append(c)
+        # else: copies published lately hold every live chunk: swept by a later run, once
+        # every host sees them, without a copy of its own.
     repack = still_repack
     orphan_indexes = tuple(
         info.key
@@ -710,7 +721,8 @@ def execute(
     else:
         protected |= late
     # 5. Sweep, through trash/: first what crashed runs left there, then the packs with
-    #    no live chunk, then the mostly dead ones once their live chunks are packed again.
+    #    no live chunk. Mostly dead packs have their live chunks packed again, and are
+    #    swept by a later run, once every host sees the copy.
     live = protected | {c for s in p.keys for c in s.chunks} | p.dictionary_chunks
     live |= {c for a in p.set_aside if a.restore or not a.due for c in a.chunks}
 
@@ -755,9 +767,10 @@ def execute(
                 report.errors.append(f"repacking {c.key}: {e}")
                 continue
             if repacked is not None:
+                # The old pack stays until a later run: a host that does not see the new
+                # pack yet reads the chunks there (see plan, "settled").
                 report.packs_repacked += 1
                 report.chunks_repacked += len(repacked.covered - c.covered)
-                candidates.append(repacked)
         todo = [c for c in candidates if not c.needed_by & protected]
         report.packs_kept_late += len(candidates) - len(todo)
         if fs is not None:

@@ -27,6 +27,10 @@ class MixResult:
         return [s for r in self.results for s in r.get("saves", [])]
 
     @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.results for w in r.get("warnings", [])]
+
+    @property
     def errors(self) -> list[str]:
         return [e for r in self.results for e in r.get("errors", [])]
 

@@ -9,6 +9,7 @@ so a loader can tell a wrong byte from a miss without knowing who saved what.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -122,10 +123,23 @@ def saver(store: Store, work: Path, deadline: float, wid: str) -> dict[str, obje
     return {"saves": saved, "saved_bytes": nbytes, "reused_old_chunks": reused, "errors": errors}
 
 
+class Remember(logging.Handler):
+    """Keeps the warnings a worker logs, so a test that fails can say why a load missed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def loader(store: Store, work: Path, deadline: float, wid: str) -> dict[str, object]:
     rng = random.Random(wid)
     loads = misses = bad = files = nbytes = 0
     errors: list[str] = []
+    warnings = Remember()
+    logging.getLogger("casstore").addHandler(warnings)
     i = 0
     while time.monotonic() < deadline:
         dest = work / f"dst-{wid}-{i}"
@@ -152,21 +166,29 @@ def loader(store: Store, work: Path, deadline: float, wid: str) -> dict[str, obj
         "files": files,
         "loaded_bytes": nbytes,
         "errors": errors,
+        "warnings": warnings.lines[-50:],
     }
 
 
 def collector(store: Store, deadline: float, grace: float) -> dict[str, object]:
-    runs = deleted = 0
+    runs = deleted = repacked = 0
     errors: list[str] = []
     while time.monotonic() < deadline:
         try:
             p = gc_mod.plan(store, gc_mod.Policy(grace=grace, temp_timeout=5))
-            deleted += gc_mod.execute(store, p, threads=1).packs_deleted
+            report = gc_mod.execute(store, p, threads=1)
+            deleted += report.packs_deleted
+            repacked += report.chunks_repacked
         except Exception as e:
             errors.append(f"gc: {type(e).__name__}: {e}")
         runs += 1
         time.sleep(0.05)
-    return {"gc_runs": runs, "packs_deleted": deleted, "errors": errors}
+    return {
+        "gc_runs": runs,
+        "packs_deleted": deleted,
+        "chunks_repacked": repacked,
+        "errors": errors,
+    }
 
 
 def main() -> None:
