@@ -143,7 +143,7 @@ class Plan:
     compact: tuple[KeyState, ...]  # kept keys with more than one manifest
     packs: tuple[Candidate, ...]  # packs holding no live chunk: sweep candidates
     # Packs mostly dead (live chunks under REPACK_BELOW of their bytes): their live chunks
-    # are packed again, then they are swept like the others.
+    # are packed again; a later run sweeps them, once every host sees the copies.
     repack: tuple[Candidate, ...]
     temps: tuple[str, ...]  # stale temp files (absolute paths)
     locks: tuple[str, ...]  # stale lock files (absolute paths)
@@ -155,6 +155,9 @@ class Plan:
     sweep_blocked: str | None = None  # why no pack may be deleted this run
     grace_kept: int = 0  # packs without live chunks kept: younger than the grace
     grace_kept_bytes: int = 0
+    # Mostly dead packs whose live chunks copies published within the grace hold: swept by
+    # a later run, once every host sees those copies.
+    waiting: tuple[Candidate, ...] = ()
     # The chunks each pack held when planned (its index); packs whose index could not be
     # read are absent, and are never swept.
     members: dict[str, frozenset[bytes]] = field(default_factory=dict)
@@ -186,7 +189,12 @@ class Plan:
 
     @property
     def freed_bytes(self) -> int:
-        return 0 if self.sweep_blocked else sum(c.size for c in self.packs + self.repack)
+        """What this run deletes; repacked packs are freed by a later run."""
+        return 0 if self.sweep_blocked else sum(c.size for c in self.packs)
+
+    @property
+    def repack_bytes(self) -> int:
+        return 0 if self.sweep_blocked else sum(c.size for c in self.repack)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -212,6 +220,9 @@ class Plan:
             "packs_to_delete": 0 if self.sweep_blocked else len(self.packs),
             "packs_to_repack": 0 if self.sweep_blocked else len(self.repack),
             "bytes_to_free": self.freed_bytes,
+            "bytes_to_repack": self.repack_bytes,
+            "packs_waiting_for_copies": len(self.waiting),
+            "bytes_waiting_for_copies": sum(c.size for c in self.waiting),
             "packs_kept_by_grace": self.grace_kept,
             "bytes_kept_by_grace": self.grace_kept_bytes,
             "sweep_blocked": self.sweep_blocked,
@@ -506,7 +517,8 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             repack.append(Candidate(info.key, info.size, members))
     # A live chunk of a mostly dead pack that another pack (staying this run) holds too is
     # covered already: it is not copied again, so repeated runs never pile up copies, and a
-    # pack all of whose live chunks are held elsewhere is swept without a repack.
+    # pack all of whose live chunks are held elsewhere is swept without a repack (once
+    # those copies are settled, below).
     sweeping = {c.key for c in dead + repack}
     staying = {
         pack_id
@@ -521,6 +533,14 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         pack_id
         for pack_id in staying
         if pack_id in index_infos and index_infos[pack_id].mtime < cutoff
+    }
+    # A copy dated ahead of this run's clock (its writer's clock runs ahead) would settle
+    # only when that date comes: not waited for; the chunk is copied again, dated by gc.
+    present = clock if clock is not None else now
+    awaited = {
+        pack_id
+        for pack_id in staying
+        if pack_id in index_infos and index_infos[pack_id].mtime <= present
     }
 
     def held_elsewhere(c: Candidate, among: set[str]) -> frozenset[bytes]:
@@ -539,16 +559,18 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
             )
         )
 
-    still_repack = []
+    still_repack, waiting = [], []
     for c in repack:
         covered = held_elsewhere(c, settled)
         c = replace(c, covered=covered)
         if c.members & live <= covered:
             dead.append(c)
-        elif not c.members & live <= held_elsewhere(c, staying):
+        elif c.members & live <= held_elsewhere(c, awaited):
+            # Copies published lately hold every live chunk: swept by a later run, once
+            # every host sees them, without a copy of its own.
+            waiting.append(c)
+        else:
             still_repack.append(c)
-        # else: copies published lately hold every live chunk: swept by a later run, once
-        # every host sees them, without a copy of its own.
     repack = still_repack
     orphan_indexes = tuple(
         info.key
@@ -594,6 +616,7 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
         planned_at=planned_at,
         grace_kept=len(young),
         grace_kept_bytes=sum(young),
+        waiting=tuple(waiting),
     )
 
 
@@ -989,7 +1012,10 @@ def compact_key(
         for loc in reversed(index.locate(digest)):
             pack_id = loc.index.id
             if pack_id in sweeping:
-                present = True  # live, so repacked by this run before the pack goes
+                # Live, so this run sweeps it only if another pack holds the chunk, or
+                # copies it (the pack then stays until a later run): renewing the pack
+                # would only keep it longer.
+                present = True
                 continue
             if pack_id not in renewed:
                 renewed[pack_id] = _renew(store, pack_id)

@@ -877,14 +877,27 @@ class Store:
         def keep_plain(digests: tuple[bytes, ...] | list[bytes]) -> set[bytes]:
             """Those of ``digests`` found in a present (renewed) pack, in a block without a
             dictionary: where a dictionary's chunks are read from. On an object store they
-            are announced first, together, and their packs looked at afresh."""
+            are announced first, together, and their packs looked at afresh.
+
+            One copy of each is kept, the most recently published present one, as
+            ``reusable`` does: renewing every copy would keep young the pack a repack
+            copied the chunk out of, which is then never freed (docs/gc.md)."""
             candidates = {d: dictionaries.plain_locations(index, d) for d in digests}
-            pack_ids = {loc.index.id for locs in candidates.values() for loc in locs}
             if intent is not None:
                 intent.announce(candidates)
             fresh = intent is not None
-            ok = {pack_id for pack_id in sorted(pack_ids) if look(pack_id, fresh)}
-            return {d for d, locs in candidates.items() if any(loc.index.id in ok for loc in locs)}
+            looked: dict[str, bool] = {}  # one look per pack, however many chunks it holds
+
+            def present(pack_id: str) -> bool:
+                if pack_id not in looked:
+                    looked[pack_id] = look(pack_id, fresh)
+                return looked[pack_id]
+
+            return {
+                d
+                for d, locs in candidates.items()
+                if any(present(loc.index.id) for loc in reversed(locs))
+            }
 
         def dictionary_kept(digests: tuple[bytes, ...]) -> bool:
             with dictionary_lock:

@@ -1,8 +1,9 @@
 """gc's sweep: deleting packs without ever losing a chunk a save is about to list.
 
 A candidate is a pack object with the chunks it holds (its *members*, from its index) and
-those of them another pack now holds too (*covered*: gc packed them again first, when the
-candidate was mostly dead). Only its other members can make it needed.
+those of them another pack holds too, published before the grace (*covered*: a copy every
+host sees, often one an earlier run's repack made). Only its other members can make it
+needed.
 
 Two strategies, by what the backend can do (:attr:`Backend.renews_age`, docs/gc.md):
 

@@ -332,10 +332,13 @@ def test_a_second_listing_that_fails_costs_files_not_the_load(
 # --- found by the load test across two SeaweedFS mounts, each seen failing before its fix ---
 
 
-def a_mostly_dead_pack_and_a_key_reusing_it(store: Store, tmp_path: Path) -> bytes:
-    """A pack of one small live file (kept by key "hot") and 3 MB of a dropped key's bytes,
-    two hours old; the digest of the live file's chunk."""
-    small = os.urandom(20_000)
+def a_mostly_dead_pack_and_a_key_reusing_it(
+    store: Store, tmp_path: Path, small: bytes | None = None
+) -> bytes:
+    """A pack of one small live file (kept by key "hot": ``small``, or 20 kB of random
+    bytes) and 3 MB of a dropped key's bytes, two hours old; the digest of the live file's
+    chunk."""
+    small = os.urandom(20_000) if small is None else small
     write_tree(tmp_path / "old", {"a": small, "b": os.urandom(3_000_000)})
     store.save(tmp_path / "old", key("old"))
     gc_mod.remove_key(store, key("old"))
@@ -391,3 +394,75 @@ def test_a_copy_another_host_just_published_does_not_cover_a_chunk_yet(
     second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
     assert second.packs_repacked == 0 and second.packs_deleted == 1
     assert store.load(key("hot"), tmp_path / "out").missing == []
+
+
+def test_a_dictionary_renews_one_plain_copy_of_each_chunk_not_every_one(
+    store: Store, tmp_path: Path
+) -> None:
+    """After a repack, the old pack and its copy both hold the live chunk. A save whose
+    dictionary draws on that chunk must renew the newest copy only: renewing every copy
+    kept the 3 MB old pack young at every run, never freed while such saves came."""
+    digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
+    (old_pack,) = [p for p in pack_files(tmp_path / "store") if p.stat().st_size > 1_000_000]
+    assert gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR))).packs_repacked
+    age_packs(tmp_path / "store", 3 * HOUR)
+    (copy,) = [
+        loc.index.id
+        for loc in chunk_index.load(store.backend).locate(digest)
+        if loc.index.id not in old_pack.name
+    ]
+    then = time.time() - 2 * HOUR  # published after the old pack, as a repack's copy is
+    os.utime(tmp_path / "store" / packs.index_key(copy), (then, then))
+    # Files much like "a" (one byte differs in each): their block compresses far better
+    # with a dictionary holding "a".
+    small = (tmp_path / "hot" / "a").read_bytes()
+    files = {f"k{i}": small[:i] + bytes([small[i] ^ 1]) + small[i + 1 :] for i in range(14)}
+    write_tree(tmp_path / "new", files)
+    store.save(tmp_path / "new", key("new"))
+    named = {
+        d
+        for index in chunk_index.load(store.backend).packs.values()
+        for dictionary in index.dictionaries
+        for d in dictionary
+    }
+    assert digest in named, "the save's dictionary did not draw on the chunk"
+    assert old_pack.stat().st_mtime < time.time() - HOUR, "the old pack was renewed"
+    report = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert report.packs_deleted == 1 and not old_pack.exists()
+    assert store.load(key("hot"), tmp_path / "hot-out").missing == []
+    assert store.load(key("new"), tmp_path / "new-out").missing == []
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "new-out").items()} == files
+
+
+def test_a_copy_dated_ahead_does_not_hold_a_mostly_dead_pack(store: Store, tmp_path: Path) -> None:
+    """A copy whose index a host with a clock a month ahead dated: it would "settle" only
+    then, and the 3 MB pack would wait as long. gc copies the chunk itself instead (dated
+    by its own clock), and frees the pack the day after."""
+    digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
+    builder = packs.PackBuilder()
+    builder.add(digest, (tmp_path / "hot" / "a").read_bytes(), small=True)
+    (sealed,) = builder.finish()
+    packs.publish(store.backend, sealed)
+    ahead = time.time() + 30 * 24 * HOUR
+    os.utime(tmp_path / "store" / packs.index_key(sealed.index.pack), (ahead, ahead))
+    for day in (1, 2):
+        now = time.time() + day * 24 * HOUR
+        gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR), now=now))
+    assert max(f.stat().st_size for f in pack_files(tmp_path / "store")) < 1_000_000
+    assert store.load(key("hot"), tmp_path / "out").missing == []
+
+
+def test_a_plan_counts_as_freed_only_what_this_run_deletes(store: Store, tmp_path: Path) -> None:
+    """A repacked pack is freed by a later run: the plan (and `gc --dry-run`) says so,
+    and how many packs wait for a copy another host published lately."""
+    a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
+    p = gc_mod.plan(store, gc_mod.Policy(grace=HOUR))
+    summary = p.summary()
+    assert (
+        summary["packs_to_repack"] == 1 and summary["bytes_to_repack"] == p.repack_bytes > 3_000_000
+    )
+    report = gc_mod.execute(store, p)
+    assert summary["bytes_to_free"] == report.bytes_freed == 0
+    # The next run, within the grace: the pack waits for the copy, copied no more.
+    waiting = gc_mod.plan(store, gc_mod.Policy(grace=HOUR)).summary()
+    assert waiting["packs_waiting_for_copies"] == 1 and waiting["bytes_to_free"] == 0

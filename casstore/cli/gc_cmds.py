@@ -297,9 +297,20 @@ def _print_plan(plan: gc_mod.Plan) -> None:
         echo(f"  delete no pack: {plan.sweep_blocked}")
     else:
         echo(
-            f"  delete {len(plan.packs)} packs with no live chunk older than {grace}, "
-            f"repack {len(plan.repack)} mostly dead ones ({mib(plan.freed_bytes)})"
+            f"  delete {len(plan.packs)} packs with no live chunk (or their live chunks "
+            f"copied elsewhere) older than {grace} ({mib(plan.freed_bytes)})"
         )
+        echo(
+            f"  repack {len(plan.repack)} mostly dead packs ({mib(plan.repack_bytes)}): "
+            f"their live chunks are copied now, the packs freed by a run once the copies "
+            f"are older than {grace}"
+        )
+        if plan.waiting:
+            echo(
+                f"  keep {len(plan.waiting)} mostly dead packs "
+                f"({mib(sum(c.size for c in plan.waiting))}) until the copies of their "
+                f"live chunks, published within {grace}, are older than that"
+            )
     echo(
         f"  the grace keeps {plan.grace_kept} packs with no live chunk younger than {grace} "
         f"({mib(plan.grace_kept_bytes)})"
