@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import zstandard
 
@@ -105,9 +105,11 @@ def fetch(
     *,
     max_bytes: int | None = None,
     trash_key: Callable[[str], str | None] | None = None,
+    only_from: Mapping[bytes, str] | None = None,
 ) -> tuple[dict[bytes, bytes], dict[bytes, str]]:
     """The bytes of ``digests``, each read from a block without a dictionary and checked
-    against its digest; and, for those that could not be read, why. Each digest is tried
+    against its digest; and, for those that could not be read, why. ``only_from``: the
+    one pack (id) each digest may be read from (the copy a save keeps). Each digest is tried
     in up to :data:`MAX_TRIES` packs, the most recently published first; blocks are read
     two at a time (neighbours in one range) and let go once their chunks are taken.
 
@@ -123,7 +125,16 @@ def fetch(
     why: dict[bytes, str] = {}
     total = wasted = 0
     shunned: set[bytes] = set()  # packs whose blocks did not hold what their index says
-    options = {d: _distinct_packs(plain_locations(index, d))[-MAX_TRIES:] for d in set(digests)}
+    options = {
+        d: _distinct_packs(
+            [
+                loc
+                for loc in plain_locations(index, d)
+                if only_from is None or only_from.get(d) == loc.index.id
+            ]
+        )[-MAX_TRIES:]
+        for d in set(digests)
+    }
     for d, left in options.items():
         if not left:
             why[d] = f"chunk {d.hex()} is in no block without a dictionary"

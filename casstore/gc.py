@@ -221,8 +221,10 @@ class Plan:
             "packs_to_repack": 0 if self.sweep_blocked else len(self.repack),
             "bytes_to_free": self.freed_bytes,
             "bytes_to_repack": self.repack_bytes,
-            "packs_waiting_for_copies": len(self.waiting),
-            "bytes_waiting_for_copies": sum(c.size for c in self.waiting),
+            "packs_waiting_for_copies": 0 if self.sweep_blocked else len(self.waiting),
+            "bytes_waiting_for_copies": (
+                0 if self.sweep_blocked else sum(c.size for c in self.waiting)
+            ),
             "packs_kept_by_grace": self.grace_kept,
             "bytes_kept_by_grace": self.grace_kept_bytes,
             "sweep_blocked": self.sweep_blocked,

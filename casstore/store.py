@@ -874,10 +874,11 @@ class Store:
                     return True
             return False
 
-        def keep_plain(digests: tuple[bytes, ...] | list[bytes]) -> set[bytes]:
+        def keep_plain(digests: tuple[bytes, ...] | list[bytes]) -> dict[bytes, str]:
             """Those of ``digests`` found in a present (renewed) pack, in a block without a
-            dictionary: where a dictionary's chunks are read from. On an object store they
-            are announced first, together, and their packs looked at afresh.
+            dictionary (where a dictionary's chunks are read from), and that pack's id. On
+            an object store they are announced first, together, and their packs looked at
+            afresh.
 
             One copy of each is kept, the most recently published present one, as
             ``reusable`` does: renewing every copy would keep young the pack a repack
@@ -893,11 +894,13 @@ class Store:
                     looked[pack_id] = look(pack_id, fresh)
                 return looked[pack_id]
 
-            return {
-                d
-                for d, locs in candidates.items()
-                if any(present(loc.index.id) for loc in reversed(locs))
-            }
+            kept: dict[bytes, str] = {}
+            for d, locs in candidates.items():
+                for loc in reversed(locs):
+                    if present(loc.index.id):
+                        kept[d] = loc.index.id
+                        break
+            return kept
 
         def dictionary_kept(digests: tuple[bytes, ...]) -> bool:
             with dictionary_lock:
@@ -915,7 +918,11 @@ class Store:
                 kept = keep_plain(candidates)
                 wanted = [d for d in candidates if d in kept]
                 budget = constants.DICTIONARY_TARGET + constants.CHUNK_MAX_SIZE
-                found, _ = dictionaries.fetch(self.backend, index, wanted, max_bytes=budget)
+                # Read from the copy kept, and only there: bytes read from another copy
+                # (the kept one damaged) would make a dictionary whose source gc may sweep.
+                found, _ = dictionaries.fetch(
+                    self.backend, index, wanted, max_bytes=budget, only_from=kept
+                )
             except (CasstoreError, OSError) as e:
                 log.warning("no dictionary for this save's blocks: %s", e)
                 return None

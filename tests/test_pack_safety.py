@@ -466,3 +466,24 @@ def test_a_plan_counts_as_freed_only_what_this_run_deletes(store: Store, tmp_pat
     # The next run, within the grace: the pack waits for the copy, copied no more.
     waiting = gc_mod.plan(store, gc_mod.Policy(grace=HOUR)).summary()
     assert waiting["packs_waiting_for_copies"] == 1 and waiting["bytes_to_free"] == 0
+
+
+def test_a_dictionary_is_read_from_the_copy_the_save_keeps(store: Store, tmp_path: Path) -> None:
+    """The newest plain copy of a dictionary's chunk is damaged: the save keeps (renews)
+    that copy, so it must not take the bytes from the older one, which it does not keep and
+    gc then sweeps (the chunk covered by the damaged copy). Its files must still load."""
+    digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
+    small = (tmp_path / "hot" / "a").read_bytes()
+    builder = packs.PackBuilder()
+    builder.add(digest, bytes(b ^ 0xFF for b in small[:64]) + small[64:], small=True)
+    (damaged,) = builder.finish()
+    packs.publish(store.backend, damaged)
+    age_packs(tmp_path / "store", 3 * HOUR)
+    then = time.time() - 2 * HOUR  # published after the first copy, before the grace
+    os.utime(tmp_path / "store" / packs.index_key(damaged.id), (then, then))
+    files = {f"k{i}": small[:i] + bytes([small[i] ^ 1]) + small[i + 1 :] for i in range(14)}
+    write_tree(tmp_path / "new", files)
+    store.save(tmp_path / "new", key("new"))
+    gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert store.load(key("new"), tmp_path / "new-out").missing == []
+    assert {p: d for p, (d, _) in read_tree(tmp_path / "new-out").items()} == files

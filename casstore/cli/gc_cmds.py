@@ -300,11 +300,12 @@ def _print_plan(plan: gc_mod.Plan) -> None:
             f"  delete {len(plan.packs)} packs with no live chunk (or their live chunks "
             f"copied elsewhere) older than {grace} ({mib(plan.freed_bytes)})"
         )
-        echo(
-            f"  repack {len(plan.repack)} mostly dead packs ({mib(plan.repack_bytes)}): "
-            f"their live chunks are copied now, the packs freed by a run once the copies "
-            f"are older than {grace}"
-        )
+        if plan.repack:
+            echo(
+                f"  repack {len(plan.repack)} mostly dead packs ({mib(plan.repack_bytes)}): "
+                f"their live chunks are copied now, the packs freed by a run once the "
+                f"copies are older than {grace}"
+            )
         if plan.waiting:
             echo(
                 f"  keep {len(plan.waiting)} mostly dead packs "
