@@ -91,6 +91,25 @@ def test_ls_show_and_load_by_id(tmp_path: Path, saved: tuple[Path, dict[str, obj
     assert (tmp_path / "by-id" / "fx/a.py").read_bytes() == b"print(1)"
 
 
+def test_output_and_logs_are_whole_though_the_command_skips_teardown(tmp_path: Path) -> None:
+    """The command leaves without the interpreter's teardown (casstore.cli.common.finish):
+    what it wrote must still all be out, block-buffered stdout of hundreds of KiB and the
+    log lines of -v included."""
+    files = {f"d{i % 40}/f{i}.py": f"x = {i}".encode() for i in range(3000)}
+    write_tree(tmp_path / "src", files)
+    saved = run(tmp_path / "store", "-v", "save", str(tmp_path / "src"), *KEY_ARGS, "--json")
+    assert json.loads(saved.stdout)["files"] == 3000 and "saved" in saved.stderr
+    shown = run(tmp_path / "store", "show", str(json.loads(saved.stdout)["key_id"]), "--json")
+    assert len(shown.stdout) > 200_000
+    assert sorted(f["path"] for f in json.loads(shown.stdout)["files"]) == sorted(files)
+    missing = run(tmp_path / "store", "load", str(tmp_path / "dst"), "--model", "none", check=False)
+    assert missing.returncode != 0 and "error" in missing.stderr
+    # Written straight to sys.stdout, with no flush of its own, and block-buffered.
+    buffered = {"PYTHONUNBUFFERED": ""}
+    metrics = run(tmp_path / "store", "stats", "--prometheus", env=buffered).stdout
+    assert metrics.endswith("\n") and "casstore_" in metrics
+
+
 def test_verify_reports_each_damaged_chunk(
     tmp_path: Path, saved: tuple[Path, dict[str, object]]
 ) -> None:
@@ -649,9 +668,14 @@ def test_without_the_cli_extra_the_command_says_how_to_get_it(tmp_path: Path) ->
 # Runs `python -m casstore ARGS…` in this process (as a child sees no GPU), then prints
 # its exit status and every module it imported, as JSON, as the last line on stderr.
 _MODULES_IMPORTED_BY = r"""
-import json, runpy, sys
+import json, os, runpy, sys
 sys.argv = ["casstore", *sys.argv[1:]]
 code = None
+
+def leave(status):  # the command leaves by os._exit: come back here instead
+    raise SystemExit(status)
+
+os._exit = leave
 try:
     runpy.run_module("casstore", run_name="__main__", alter_sys=True)
 except SystemExit as e:
