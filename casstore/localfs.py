@@ -22,7 +22,7 @@ log = logging.getLogger("casstore")
 @dataclass
 class LocalFile:
     rel: str
-    path: Path
+    path: str  # a string, not a Path: a save scans thousands of files
     size: int
     mode: int
     signature: Signature  # its state when scanned
@@ -79,7 +79,7 @@ def scan_tree(
                 stack.append((Path(entry.path), f"{rel}/"))
             elif stat.S_ISREG(st.st_mode):
                 yield LocalFile(
-                    rel, Path(entry.path), st.st_size, stat.S_IMODE(st.st_mode), signature_of(st)
+                    rel, entry.path, st.st_size, stat.S_IMODE(st.st_mode), signature_of(st)
                 )
             else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"

@@ -560,7 +560,8 @@ class Store:
             intent = None if self.backend.renews_age else Intent(self.backend)
             stat_cache = self._stat_cache(key, src)
             # Files in the state this host recorded them in: their entries, unread.
-            surveyed = _Survey.of_known(local, stat_cache.load() if stat_cache else {})
+            known = stat_cache.load() if stat_cache else {}
+            surveyed = _Survey.of_known(local, known)
             try:
                 if intent is not None:
                     surveyed = self._survey(local, current, surveyed)
@@ -584,16 +585,21 @@ class Store:
                     intent.close()
         if stat_cache is not None:
             # A file changed since the scan may not hold the bytes its entry was made
-            # from in the state the scan saw: recorded only if still in that state.
+            # from in the state the scan saw: recorded only if still in that state. An
+            # entry recorded already for the state the scan saw describes it whatever
+            # happened since. Nothing is written when nothing changed.
             scanned = {f.rel: f for f in local}
-            stat_cache.record(
-                {
-                    e.path: (scanned[e.path].signature, e)
-                    for e in entries
-                    if not statcache.is_racy(scanned[e.path].signature, scanned_ns)
-                    and localfs.current_signature(scanned[e.path].path) == scanned[e.path].signature
-                }
-            )
+            states = {
+                e.path: (scanned[e.path].signature, e)
+                for e in entries
+                if not statcache.is_racy(scanned[e.path].signature, scanned_ns)
+                and (
+                    known.get(e.path) == (scanned[e.path].signature, e)
+                    or localfs.current_signature(scanned[e.path].path) == scanned[e.path].signature
+                )
+            }
+            if states != known:
+                stat_cache.record(states)
         report.seconds = time.monotonic() - started
         self._note(
             "save",
@@ -771,7 +777,7 @@ class Store:
         # Reading from the page cache and hashing: CPU work, one thread per core (more
         # only contend: 0.33 s instead of 0.14 s for 120 MiB with 8 threads on 2 cores).
         workers = min(self.threads, _cores())
-        merged = _Survey(dict(known.entries), set(known.digests))
+        merged = _Survey(dict(known.entries), set(known.digests), set(known.recorded))
         unknown = [f for f in local if f.rel not in known.entries]
         with ThreadPoolExecutor(workers, thread_name_prefix="casstore-survey") as pool:
             for part in pool.map(survey, _batches(unknown, lambda f: f.size)):
@@ -1443,6 +1449,9 @@ class _Survey:
 
     entries: dict[str, tuple[FileEntry, localfs.Signature]] = field(default_factory=dict)
     digests: set[bytes] = field(default_factory=set)
+    # Files whose entry this host recorded for the very state the scan saw: that entry
+    # describes what the save lists, whatever happened to the file since.
+    recorded: set[str] = field(default_factory=set)
 
     @classmethod
     def of_known(cls, local: list[localfs.LocalFile], known: statcache.Known) -> _Survey:
@@ -1453,12 +1462,16 @@ class _Survey:
             if recorded is not None and recorded[0] == f.signature:
                 found.entries[f.rel] = (recorded[1], f.signature)
                 found.digests.update(r.digest for r in recorded[1].chunks)
+                found.recorded.add(f.rel)
         return found
 
     def unchanged_entry(self, f: localfs.LocalFile) -> FileEntry | None:
-        """The entry known for ``f``, if the file is still in the state it was read in."""
+        """The entry known for ``f``, if the file is still in the state it was read in (a
+        file read by the first pass may have changed between the scan and that read)."""
         found = self.entries.get(f.rel)
-        if found is None or localfs.current_signature(f.path) != found[1]:
+        if found is None:
+            return None
+        if f.rel not in self.recorded and localfs.current_signature(f.path) != found[1]:
             return None
         return found[0]
 
