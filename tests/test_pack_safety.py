@@ -233,13 +233,19 @@ def test_a_mostly_dead_pack_is_freed_though_its_key_is_compacted(
     then = time.time() - 2 * HOUR
     for index_file in (tmp_path / "store" / constants.INDEX_DIR).rglob("*"):
         os.utime(index_file, (then, then))
-    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
-    assert second.packs_repacked == 0 and second.packs_deleted == 1
-    assert max(f.stat().st_size for f in pack_files(tmp_path / "store")) < 1_000_000
-    assert store.load(key("hot"), tmp_path / "out").missing == []
+    assert_a_run_frees_the_old_pack(store, tmp_path)
 
 
 # --- found by a second review, each seen failing before its fix ---------------------------
+
+
+def assert_a_run_frees_the_old_pack(store: Store, tmp_path: Path) -> None:
+    """A gc run sweeps the mostly dead pack without copying anything again; key "hot"
+    still loads."""
+    run = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
+    assert run.packs_repacked == 0 and run.packs_deleted == 1
+    assert max(f.stat().st_size for f in pack_files(tmp_path / "store")) < 1_000_000
+    assert store.load(key("hot"), tmp_path / "out").missing == []
 
 
 def test_planted_indexes_beyond_the_round_limit_never_hide_the_real_pack(
@@ -349,6 +355,15 @@ def a_mostly_dead_pack_and_a_key_reusing_it(
     return chunk.digest
 
 
+def publish_copy(store: Store, digest: bytes, data: bytes) -> packs.Sealed:
+    """A pack of one chunk, ``data`` under ``digest`` (a copy another host wrote)."""
+    builder = packs.PackBuilder()
+    builder.add(digest, data, small=True)
+    (sealed,) = builder.finish()
+    packs.publish(store.backend, sealed)
+    return sealed
+
+
 def lagging_host(store: Store, listing: chunk_index.ChunkIndex) -> Store:
     """The same store seen from a host whose listing of indexes is ``listing`` for now: a
     FUSE mount shows what another host wrote seconds later, here gc's new pack."""
@@ -368,10 +383,7 @@ def test_a_host_that_does_not_see_a_repack_yet_still_loads(store: Store, tmp_pat
     assert lagging.load(key("hot"), tmp_path / "lag").missing == []
     # Two hours on, every host has long seen the copy: the old pack goes, without a copy.
     age_packs(tmp_path / "store", 2 * HOUR)
-    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
-    assert second.packs_repacked == 0 and second.packs_deleted == 1
-    assert max(f.stat().st_size for f in pack_files(tmp_path / "store")) < 1_000_000
-    assert store.load(key("hot"), tmp_path / "out").missing == []
+    assert_a_run_frees_the_old_pack(store, tmp_path)
 
 
 def test_a_copy_another_host_just_published_does_not_cover_a_chunk_yet(
@@ -382,18 +394,12 @@ def test_a_copy_another_host_just_published_does_not_cover_a_chunk_yet(
     and goes once the copy is older than the grace."""
     digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
     lagging = lagging_host(store, chunk_index.load(store.backend))
-    data = (tmp_path / "hot" / "a").read_bytes()
-    builder = packs.PackBuilder()
-    builder.add(digest, data, small=True)
-    (sealed,) = builder.finish()
-    packs.publish(store.backend, sealed)
+    publish_copy(store, digest, (tmp_path / "hot" / "a").read_bytes())
     first = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
     assert first.packs_deleted == 0 and first.packs_repacked == 0
     assert lagging.load(key("hot"), tmp_path / "lag").missing == []
     age_packs(tmp_path / "store", 2 * HOUR)
-    second = gc_mod.execute(store, gc_mod.plan(store, gc_mod.Policy(grace=HOUR)))
-    assert second.packs_repacked == 0 and second.packs_deleted == 1
-    assert store.load(key("hot"), tmp_path / "out").missing == []
+    assert_a_run_frees_the_old_pack(store, tmp_path)
 
 
 def test_a_dictionary_renews_one_plain_copy_of_each_chunk_not_every_one(
@@ -439,10 +445,7 @@ def test_a_copy_dated_ahead_does_not_hold_a_mostly_dead_pack(store: Store, tmp_p
     then, and the 3 MB pack would wait as long. gc copies the chunk itself instead (dated
     by its own clock), and frees the pack the day after."""
     digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
-    builder = packs.PackBuilder()
-    builder.add(digest, (tmp_path / "hot" / "a").read_bytes(), small=True)
-    (sealed,) = builder.finish()
-    packs.publish(store.backend, sealed)
+    sealed = publish_copy(store, digest, (tmp_path / "hot" / "a").read_bytes())
     ahead = time.time() + 30 * 24 * HOUR
     os.utime(tmp_path / "store" / packs.index_key(sealed.index.pack), (ahead, ahead))
     for day in (1, 2):
@@ -474,10 +477,7 @@ def test_a_dictionary_is_read_from_the_copy_the_save_keeps(store: Store, tmp_pat
     gc then sweeps (the chunk covered by the damaged copy). Its files must still load."""
     digest = a_mostly_dead_pack_and_a_key_reusing_it(store, tmp_path)
     small = (tmp_path / "hot" / "a").read_bytes()
-    builder = packs.PackBuilder()
-    builder.add(digest, bytes(b ^ 0xFF for b in small[:64]) + small[64:], small=True)
-    (damaged,) = builder.finish()
-    packs.publish(store.backend, damaged)
+    damaged = publish_copy(store, digest, bytes(b ^ 0xFF for b in small[:64]) + small[64:])
     age_packs(tmp_path / "store", 3 * HOUR)
     then = time.time() - 2 * HOUR  # published after the first copy, before the grace
     os.utime(tmp_path / "store" / packs.index_key(damaged.id), (then, then))
