@@ -110,6 +110,50 @@ def test_output_and_logs_are_whole_though_the_command_skips_teardown(tmp_path: P
     assert metrics.endswith("\n") and "casstore_" in metrics
 
 
+# The command with a stdout whose writes fail as on a full disk.
+_FULL_STDOUT = r"""
+import errno, io, sys
+class Full(io.RawIOBase):
+    def writable(self):
+        return True
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()), encoding="utf-8")
+from casstore.cli import main
+sys.argv[0] = "casstore"
+main()
+"""
+
+
+def test_output_that_cannot_be_written_fails_the_command(tmp_path: Path) -> None:
+    """`casstore stats --prometheus > metrics.tmp && mv ...`: on a full disk the exposition,
+    written without a flush of its own, fails at the command's last flush; that must be
+    an error, not an exit 0 with nothing written."""
+    write_tree(tmp_path / "src", {"a.py": b"x = 1"})
+    run(tmp_path / "store", "save", str(tmp_path / "src"), "--model", "m")
+    proc = subprocess.run(
+        [*cpu_host.python(_FULL_STDOUT), "stats", "--prometheus"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CASSTORE_ROOT": str(tmp_path / "store"), "PYTHONUNBUFFERED": ""},
+    )
+    assert proc.returncode == 1 and "could not write the output" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("fd", [1, 2])
+def test_a_command_started_with_stdout_or_stderr_closed_succeeds(tmp_path: Path, fd: int) -> None:
+    """A daemon, or `casstore save ... >&-`: Python then has no sys.stdout (or stderr)."""
+    write_tree(tmp_path / "src", {"a.py": b"x = 1"})
+    argv = [*cpu_host.cli(), "--root", str(tmp_path / "store"), "save", str(tmp_path / "src")]
+    proc = subprocess.run(
+        ["bash", "-c", f'exec "$@" {fd}>&-', "_", *argv, "--model", "m"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert run(tmp_path / "store", "ls", "--json").stdout.count('"model": "m"') == 1
+
+
 def test_verify_reports_each_damaged_chunk(
     tmp_path: Path, saved: tuple[Path, dict[str, object]]
 ) -> None:

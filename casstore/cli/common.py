@@ -214,18 +214,39 @@ def finish(code: int) -> NoReturn:
     it, and every file, lock and pool it opened was closed by its context managers. What
     is left is finalizing every module and the object-store client's runtime: 30-50 ms
     of a 0.3 s command (an unchanged re-save), paid by every call from a startup script.
-    Output is flushed and logging shut down first, as a normal exit does; an output
-    closed early (``casstore ls | head``) is not an error. Under a profiler, a coverage
-    tool or a debugger (they write their results at exit), it exits the usual way."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
+    Output is flushed and logging shut down first, as a normal exit does: output that
+    cannot be written (a full disk) fails the command, as it would then; a reader gone
+    early (``casstore ls | head``) does not. Under a profiler, a coverage tool or a
+    debugger (they write their results at exit), it exits the usual way."""
+    if _observed():
         sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except BrokenPipeError:
             pass
+        except (OSError, ValueError) as e:
+            if stream is sys.stdout and code == EXIT_OK:
+                code = EXIT_ERROR
+                try:
+                    say("error", "red", f"could not write the output: {e}")
+                except (OSError, ValueError):
+                    pass
     os._exit(code)
+
+
+def _observed() -> bool:
+    """Whether a profiler, tracer or monitoring tool (coverage, debuggers; Python 3.12's
+    sys.monitoring) watches this process."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(
+        monitoring.get_tool(tool) is not None for tool in range(6)
+    )
 
 
 def _top_name(module: str | None) -> str:
