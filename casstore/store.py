@@ -586,8 +586,9 @@ class Store:
         if stat_cache is not None:
             # A file changed since the scan may not hold the bytes its entry was made
             # from in the state the scan saw: recorded only if still in that state. An
-            # entry recorded already for the state the scan saw describes it whatever
-            # happened since. Nothing is written when nothing changed.
+            # entry recorded already for the state the scan saw (and found in it again
+            # when listed) describes that state whatever happened since: recorded again
+            # without another look. Nothing is written when nothing changed.
             scanned = {f.rel: f for f in local}
             states = {
                 e.path: (scanned[e.path].signature, e)
@@ -777,7 +778,7 @@ class Store:
         # Reading from the page cache and hashing: CPU work, one thread per core (more
         # only contend: 0.33 s instead of 0.14 s for 120 MiB with 8 threads on 2 cores).
         workers = min(self.threads, _cores())
-        merged = _Survey(dict(known.entries), set(known.digests), set(known.recorded))
+        merged = _Survey(dict(known.entries), set(known.digests))
         unknown = [f for f in local if f.rel not in known.entries]
         with ThreadPoolExecutor(workers, thread_name_prefix="casstore-survey") as pool:
             for part in pool.map(survey, _batches(unknown, lambda f: f.size)):
@@ -1346,24 +1347,38 @@ class _Staged:
     verified: bool = False
 
     def publish(self) -> str:
+        # The target's state is taken by path after the rename or chmod: recorded only if
+        # the target is still the very file this load wrote or checked, not one another
+        # writer renamed into place in between (statcache.py).
         if self.tmp is None:
             if self.chmod is not None:
+                checked = self.signature
                 os.chmod(self.target, self.chmod)
-                self.signature = localfs.current_signature(self.target)
+                self.signature = _same_file(checked, localfs.current_signature(self.target))
             return "skipped"
         try:
+            written = localfs.current_signature(self.tmp)
             os.replace(self.tmp, self.target)
         except BaseException:
             self.discard()
             raise
         self.tmp = None
-        self.signature = localfs.current_signature(self.target)
+        self.signature = _same_file(written, localfs.current_signature(self.target))
         return "written"
 
     def discard(self) -> None:
         if self.tmp is not None:
             _unlink_quietly(self.tmp)
             self.tmp = None
+
+
+def _same_file(
+    before: localfs.Signature | None, after: localfs.Signature | None
+) -> localfs.Signature | None:
+    """``after``, if it is the state of the same file (device and inode) as ``before``."""
+    if before is None or after is None or before[:2] != after[:2]:
+        return None
+    return after
 
 
 @dataclass
@@ -1449,9 +1464,6 @@ class _Survey:
 
     entries: dict[str, tuple[FileEntry, localfs.Signature]] = field(default_factory=dict)
     digests: set[bytes] = field(default_factory=set)
-    # Files whose entry this host recorded for the very state the scan saw: that entry
-    # describes what the save lists, whatever happened to the file since.
-    recorded: set[str] = field(default_factory=set)
 
     @classmethod
     def of_known(cls, local: list[localfs.LocalFile], known: statcache.Known) -> _Survey:
@@ -1462,16 +1474,14 @@ class _Survey:
             if recorded is not None and recorded[0] == f.signature:
                 found.entries[f.rel] = (recorded[1], f.signature)
                 found.digests.update(r.digest for r in recorded[1].chunks)
-                found.recorded.add(f.rel)
         return found
 
     def unchanged_entry(self, f: localfs.LocalFile) -> FileEntry | None:
-        """The entry known for ``f``, if the file is still in the state it was read in (a
-        file read by the first pass may have changed between the scan and that read)."""
+        """The entry known for ``f``, if the file is still in the state it was read in:
+        looked at again, since a save may wait for its key's lock after the scan, and a
+        file rewritten meanwhile must be listed as it is now."""
         found = self.entries.get(f.rel)
-        if found is None:
-            return None
-        if f.rel not in self.recorded and localfs.current_signature(f.path) != found[1]:
+        if found is None or localfs.current_signature(f.path) != found[1]:
             return None
         return found[0]
 

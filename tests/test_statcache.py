@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -244,3 +245,79 @@ def test_the_packs_of_a_large_unread_file_are_looked_at_in_parallel(
     monkeypatch.setattr(Store, "_pack_present", slow)
     assert store.save(tmp_path / "src", KEY).manifest is None
     assert most >= 2, most
+
+
+def after_scan(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> None:
+    """Run ``action`` once the save has scanned the tree, before it uploads (where a save
+    may wait for the key's lock, reads the key's view and records its use)."""
+    real = Store._record_use
+
+    def hooked(self: Store, key: CacheKey) -> None:
+        action()
+        real(self, key)
+
+    monkeypatch.setattr(Store, "_record_use", hooked)
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_recorded_file_rewritten_after_the_scan_is_saved_as_it_is_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, mtime put back (its ctime moves): the save lists the new bytes, not the
+    entry recorded for the state the scan saw."""
+    tree(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    target = tmp_path / "src/fx/03.py"
+    new = b"n" * 3000
+
+    def rewrite() -> None:
+        st = target.stat()
+        target.write_bytes(new)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    after_scan(monkeypatch, rewrite)
+    store.save(tmp_path / "src", KEY)
+    assert Store(tmp_path / "store").files(KEY)["fx/03.py"].digest == chunking.digest(new)
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_recorded_file_deleted_after_the_scan_is_reported_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    store.save(tmp_path / "src", KEY)
+    after_scan(monkeypatch, lambda: (tmp_path / "src/fx/03.py").unlink())
+    report = store.save(tmp_path / "src", KEY)
+    assert "fx/03.py" in dict(report.skipped), report.skipped
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_file_swapped_in_right_after_a_load_wrote_it_is_not_recorded_as_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer renames its own file into place just after the load put its file
+    there, before the load takes the target's state: that state must not be recorded as
+    the load's entry, or the next load leaves the other bytes in place as identical."""
+    files = tree(tmp_path / "src")
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    dst = tmp_path / "dst"
+    other = b"o" * 3000
+    real = localfs.current_signature
+    swapped: list[str] = []
+
+    def racing(path: str | os.PathLike[str]) -> localfs.Signature | None:
+        p = os.fspath(path)
+        if p.endswith("fx/02.py") and p.startswith(str(dst)) and not swapped:
+            swapped.append(p)
+            Path(p + ".writer").write_bytes(other)
+            os.replace(p + ".writer", p)
+        return real(path)
+
+    monkeypatch.setattr(localfs, "current_signature", racing)
+    Store(tmp_path / "store").load(KEY, dst)
+    monkeypatch.setattr(localfs, "current_signature", real)
+    assert swapped and (dst / "fx/02.py").read_bytes() == other
+    Store(tmp_path / "store").load(KEY, dst)
+    assert (dst / "fx/02.py").read_bytes() == files["fx/02.py"]
