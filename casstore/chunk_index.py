@@ -101,18 +101,18 @@ class ChunkIndex:
             frontier = found
         return named
 
-    def catch_up(self, backend: Backend, skip: Iterable[str] = ()) -> dict[str, str]:
+    def catch_up(
+        self, backend: Backend, skip: Iterable[str] = ()
+    ) -> tuple[dict[str, str], dict[str, str]]:
         """Read the indexes the store lists now that this index lacks (published since it
         was read; ``skip``: ids not to read again); returns those that could not be read,
-        with why (a damaged one is reported with the mark :data:`DAMAGED_MARK`)."""
+        with why, as :func:`load` sorts them: (damaged, unreadable)."""
         passed = self.packs.keys() | set(skip)
         listed = {p: info for p, info in list_indexes(backend).items() if p not in passed}
         fresh = load(backend, listed=listed)
         for pack_id, pack in fresh.packs.items():
             self.add(pack, fresh.published[pack_id])
-        failed = {p: f"{DAMAGED_MARK}{why}" for p, why in fresh.damaged.items()}
-        failed.update(fresh.unreadable)
-        return failed
+        return fresh.damaged, fresh.unreadable
 
     def stored_sizes(self) -> dict[bytes, int]:
         """Each chunk's stored bytes: its share of its block's compressed length (what
@@ -222,8 +222,6 @@ def _by_pack_id(
 
 #: Starts the reason of an index from a newer casstore in ``ChunkIndex.unreadable``.
 UNSUPPORTED_MARK = "newer format: "
-#: Starts the reason of an index that fails its checks, in :meth:`ChunkIndex.catch_up`.
-DAMAGED_MARK = "damaged: "
 
 #: What fetching one index gave: the index, why it could not be read, or None (gone).
 _Fetched = PackIndex | CasstoreError | OSError | None

@@ -196,6 +196,10 @@ class Plan:
     def repack_bytes(self) -> int:
         return 0 if self.sweep_blocked else sum(c.size for c in self.repack)
 
+    @property
+    def waiting_bytes(self) -> int:
+        return 0 if self.sweep_blocked else sum(c.size for c in self.waiting)
+
     def summary(self) -> dict[str, object]:
         return {
             "keys": len(self.keys),
@@ -222,9 +226,7 @@ class Plan:
             "bytes_to_free": self.freed_bytes,
             "bytes_to_repack": self.repack_bytes,
             "packs_waiting_for_copies": 0 if self.sweep_blocked else len(self.waiting),
-            "bytes_waiting_for_copies": (
-                0 if self.sweep_blocked else sum(c.size for c in self.waiting)
-            ),
+            "bytes_waiting_for_copies": self.waiting_bytes,
             "packs_kept_by_grace": self.grace_kept,
             "bytes_kept_by_grace": self.grace_kept_bytes,
             "sweep_blocked": self.sweep_blocked,
@@ -441,12 +443,9 @@ def plan(store: Store, policy: Policy, *, now: float | None = None) -> Plan:
     # A pack published between the listing of index/ and that of manifests/ may hold the
     # chunks of a manifest just listed, in a block whose dictionary must then stay: its
     # index is read too (unlike its pack, which this run does not judge).
-    late_indexes = index.catch_up(store.backend, skip={*index.damaged, *index.unreadable})
-    for pack_id, reason in late_indexes.items():
-        if reason.startswith(chunk_index.DAMAGED_MARK):
-            index.damaged[pack_id] = reason
-        else:
-            index.unreadable[pack_id] = reason
+    damaged, unreadable = index.catch_up(store.backend, skip={*index.damaged, *index.unreadable})
+    index.damaged.update(damaged)
+    index.unreadable.update(unreadable)
     states, blocked = _key_states(store, listing, now)
     drop = _retention(states, sizes, policy, now)
     dropped_ids = {d.state.key_id for d in drop}
@@ -627,10 +626,10 @@ def repack(
     candidate: Candidate,
     keep: frozenset[bytes],
     dictionaries: packs.Dictionaries | None = None,
-) -> Candidate | None:
+) -> frozenset[bytes] | None:
     """Pack ``keep``'s chunks of ``candidate`` again (a new pack, published with its
-    index like any save's), and return the candidate with them covered too; None when its
-    pack is gone. Raises when a live chunk cannot be read (it is then left alone)."""
+    index like any save's), and return those copied; None when its pack is gone. Raises
+    when a live chunk cannot be read (it is then left alone)."""
     pack_id = packs.pack_id_from_key(candidate.key)
     if pack_id is None:
         return None
@@ -639,8 +638,7 @@ def repack(
         # Copied into blocks without a dictionary: read through the one they were
         # compressed with, located in the store's current chunk index.
         dictionaries = Rebuilder(store.backend, store.chunk_index())
-    copied = packs.copy_chunks(store.backend, index, keep, dictionaries=dictionaries)
-    return replace(candidate, covered=candidate.covered | copied)
+    return frozenset(packs.copy_chunks(store.backend, index, keep, dictionaries=dictionaries))
 
 
 def _stale_temps(root: Path, older_than: float) -> Iterable[str]:
@@ -787,15 +785,15 @@ def execute(
         )
         for c in p.repack:
             try:
-                repacked = repack(store, c, (c.members & live) - c.covered, rebuild)
+                copied = repack(store, c, (c.members & live) - c.covered, rebuild)
             except (CasstoreError, OSError) as e:
                 report.errors.append(f"repacking {c.key}: {e}")
                 continue
-            if repacked is not None:
+            if copied is not None:
                 # The old pack stays until a later run: a host that does not see the new
                 # pack yet reads the chunks there (see plan, "settled").
                 report.packs_repacked += 1
-                report.chunks_repacked += len(repacked.covered - c.covered)
+                report.chunks_repacked += len(copied)
         todo = [c for c in candidates if not c.needed_by & protected]
         report.packs_kept_late += len(candidates) - len(todo)
         if fs is not None:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casstore import chunk_index, constants, packs
+from casstore import constants, packs
 from casstore import manifest as mf
 from casstore.backends.fs import FileSystemBackend
 from casstore.chunk_index import ChunkIndex
@@ -186,12 +186,12 @@ def _dictionary_chunks(store: Store, cache: NewManifests, chunks: set[bytes]) ->
     chunk may lie in a block compressed with one, in a pack published since planning
     too): every index the store lists now is read, those read before from ``cache``.
     None when one cannot be read now (it could name any chunk)."""
-    for pack_id, why in cache.index.catch_up(store.backend, skip=cache.ignored).items():
-        if why.startswith(chunk_index.DAMAGED_MARK):
-            cache.ignored.add(pack_id)  # its pack serves no chunk: no dictionary needed
-        else:
-            log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, why)
-            return None
+    damaged, unreadable = cache.index.catch_up(store.backend, skip=cache.ignored)
+    cache.ignored.update(damaged)  # their packs serve no chunk: no dictionary needed
+    if unreadable:
+        pack_id, why = next(iter(unreadable.items()))
+        log.warning("gc: cannot read pack index %s (%s): protecting all", pack_id, why)
+        return None
     return cache.index.dictionary_chunks(chunks)
 
 

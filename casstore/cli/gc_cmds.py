@@ -309,7 +309,7 @@ def _print_plan(plan: gc_mod.Plan) -> None:
         if plan.waiting:
             echo(
                 f"  keep {len(plan.waiting)} mostly dead packs "
-                f"({mib(sum(c.size for c in plan.waiting))}) until the copies of their "
+                f"({mib(plan.waiting_bytes)}) until the copies of their "
                 f"live chunks, published within {grace}, are older than that"
             )
     echo(
