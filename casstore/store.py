@@ -532,6 +532,9 @@ class Store:
                 f"{max_bytes / 2**20:.0f} MiB cap; nothing was uploaded"
             )
         lock_path = self._lock_path(key)
+        # The key's manifests this save has read (names are never given other bytes): each
+        # reading of its view below decodes only the ones it has not seen.
+        seen: dict[str, StoredManifest | str] = {}
         with best_effort_lock(lock_path, lock_timeout) if lock_path else nullcontext(False):
             if max_bytes is not None:
                 # Loads apply the same cap to the key's merged view: refuse a save that
@@ -539,7 +542,7 @@ class Store:
                 # before the use is recorded: a refused save is no use, so a key stuck
                 # over the cap still ages out.
                 mine = {f.rel for f in local}
-                before = self._current_view(key, {})
+                before = self._current_view(key, seen)
                 merged = report.bytes + sum(e.size for p, e in before.items() if p not in mine)
                 if merged > max_bytes:
                     raise CacheTooLarge(
@@ -552,7 +555,6 @@ class Store:
             self._record_use(key)
             # Read the current view under the lock: a replica that waited for another's
             # upload of the same key then finds nothing left to do.
-            seen: dict[str, StoredManifest | str] = {}
             current = self._current_view(key, seen)
             # An object store cannot renew the packs this save reuses: announce their
             # chunks before looking for any, so that gc gives back any pack it deletes
