@@ -121,6 +121,16 @@ def _cli(root: Path, *args: str | Path) -> Callable[[], object]:
     return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
+def _untar(archive: Path, dst: Path) -> Callable[[], None]:
+    """`tar -xzf` of ``archive`` into a new directory ``dst``."""
+
+    def untar() -> None:
+        dst.mkdir()
+        subprocess.run(["tar", "-xzf", archive, "-C", dst], check=True)
+
+    return untar
+
+
 def data_objects(store: Path) -> list[Path]:
     """The objects a save writes: packs, their indexes, manifests (not usage records,
     access markers or locks)."""
@@ -144,13 +154,8 @@ def fuse_rows(src: Path, rounds: int, work: Path) -> dict[str, Op]:
         store, archive, dst = mount / "store", mount / "cache.tar.gz", work / "fuse-dst"
         _cli(store, "save", src)()
         subprocess.run(["tar", "-czf", archive, "-C", src, "."], check=True)
-
-        def untar() -> None:
-            dst.mkdir()
-            subprocess.run(["tar", "-xzf", archive, "-C", dst], check=True)
-
         ops = {
-            "fuse_tar_x": Op("`tar -xzf` from the mount", untar, _make_way(dst)),
+            "fuse_tar_x": Op("`tar -xzf` from the mount", _untar(archive, dst), _make_way(dst)),
             "fuse_load": Op(
                 "`casstore load` from the mount", _cli(store, "load", dst), _make_way(dst)
             ),
@@ -172,10 +177,6 @@ def memory_rows(src: Path, archive: Path, store: Path, rounds: int) -> dict[str,
     def clear() -> None:  # in memory: no inode reuse to avoid, and RAM to give back
         shutil.rmtree(dst, ignore_errors=True)
 
-    def untar() -> None:
-        dst.mkdir()
-        subprocess.run(["tar", "-xzf", archive, "-C", dst], check=True)
-
     try:
         ops = {
             "mem_cp": Op(
@@ -183,7 +184,7 @@ def memory_rows(src: Path, archive: Path, store: Path, rounds: int) -> dict[str,
                 lambda: subprocess.run(["cp", "-a", src, dst], check=True),
                 clear,
             ),
-            "mem_tar_x": Op("`tar -xzf` into tmpfs", untar, clear),
+            "mem_tar_x": Op("`tar -xzf` into tmpfs", _untar(archive, dst), clear),
             "mem_load": Op("`casstore load` into tmpfs", _cli(store, "load", dst), clear),
         }
         run_rounds(list(ops.values()), rounds)
@@ -216,10 +217,6 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
         public = str(signing.generate(signing_key))
         _cli(signed_store, "save", src, "--signing-key", signing_key)()
 
-        def untar() -> None:
-            dst.mkdir()
-            subprocess.run(["tar", "-xzf", archive, "-C", dst], check=True)
-
         def restore_into_full() -> None:
             _cli(warm_store, "load", dst)()
 
@@ -234,7 +231,7 @@ def run(rounds: int, small_files: int, big_mb: list[int]) -> str:
                 lambda: subprocess.run(["tar", "-czf", archive, "-C", src, "."], check=True),
                 _make_way(archive),
             ),
-            "tar_x": Op("`tar -xzf`", untar, _make_way(dst)),
+            "tar_x": Op("`tar -xzf`", _untar(archive, dst), _make_way(dst)),
             "save": Op(
                 "`casstore save` (empty store)",
                 _cli(cold_store, "save", src),
