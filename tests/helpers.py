@@ -157,10 +157,15 @@ class Lines:
         return "".join(self.lines)
 
 
+def seal_chunk(digest: bytes, data: bytes) -> packs.Sealed:
+    """``data``, listed under ``digest``, sealed alone in a pack (not published)."""
+    builder = packs.PackBuilder()
+    builder.add(digest, data, small=True)
+    (sealed,) = builder.finish()
+    return sealed
+
+
 def single_chunk_pack(size: int = 20_000) -> tuple[bytes, packs.Sealed]:
     """Random bytes of ``size``, sealed alone in a pack (not published)."""
     data = os.urandom(size)
-    builder = packs.PackBuilder()
-    builder.add(chunking.digest(data), data, small=True)
-    (sealed,) = builder.finish()
-    return data, sealed
+    return data, seal_chunk(chunking.digest(data), data)

@@ -18,7 +18,7 @@ from casstore import manifest as mf
 from casstore.backends.base import Backend
 from casstore.errors import StoreUnavailable
 from casstore.manifest import ChunkRef, FileEntry
-from tests.helpers import pack_files, read_tree, single_chunk_pack, write_tree
+from tests.helpers import pack_files, read_tree, seal_chunk, single_chunk_pack, write_tree
 
 HOUR = 3600.0
 
@@ -306,10 +306,7 @@ def test_publish_accepts_its_own_retried_write(tmp_path: Path) -> None:
     from casstore.backends.fs import FileSystemBackend
 
     backend = FileSystemBackend(tmp_path / "store")
-    data = os.urandom(5000)
-    builder = packs.PackBuilder()
-    builder.add(chunking.digest(data), data, small=True)
-    (sealed,) = builder.finish()
+    _, sealed = single_chunk_pack(5000)
     backend.put_if_absent(packs.pack_key(sealed.index.pack), sealed.data)  # the first try
     packs.publish(backend, sealed)  # the retry
     assert chunk_index.read_index(backend, sealed.id) == sealed.index
@@ -357,9 +354,7 @@ def a_mostly_dead_pack_and_a_key_reusing_it(
 
 def publish_copy(store: Store, digest: bytes, data: bytes) -> packs.Sealed:
     """A pack of one chunk, ``data`` under ``digest`` (a copy another host wrote)."""
-    builder = packs.PackBuilder()
-    builder.add(digest, data, small=True)
-    (sealed,) = builder.finish()
+    sealed = seal_chunk(digest, data)
     packs.publish(store.backend, sealed)
     return sealed
 
