@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -20,10 +22,15 @@ keys.GPU_DEVICE_PATHS = ()
 for _variable in ("CASSTORE_SIGNING_KEY", "CASSTORE_TRUSTED_KEYS"):
     os.environ.pop(_variable, None)
 # Pack indexes the tests' stores read are cached here, never in the developer's ~/.cache
-# (the children the tests start inherit it).
-os.environ["CASSTORE_INDEX_CACHE"] = tempfile.mkdtemp(prefix="casstore-test-index-")
-# So are the states of the files they save and restore (casstore/statcache.py).
-os.environ["CASSTORE_STAT_CACHE"] = tempfile.mkdtemp(prefix="casstore-test-stat-")
+# (the children the tests start inherit it); so are the states of the files they save and
+# restore (casstore/statcache.py). Each process of the session (xdist workers included)
+# removes its own when it ends.
+for _variable, _prefix in (
+    ("CASSTORE_INDEX_CACHE", "casstore-test-index-"),
+    ("CASSTORE_STAT_CACHE", "casstore-test-stat-"),
+):
+    os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_variable], ignore_errors=True)
 
 
 @pytest.fixture
