@@ -45,6 +45,20 @@ def current_signature(path: str | os.PathLike[str]) -> Signature | None:
         return None
 
 
+def current_umask() -> int | None:
+    """This process's umask, read without changing it (``os.umask`` sets it, and a
+    thread of the caller's process could create a file in that moment); None where the
+    kernel does not tell it (before Linux 4.7, or without /proc)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def scan_tree(
     root: Path, skipped: list[tuple[str, str]], exclude: Callable[[str], bool] | None
 ) -> Iterator[LocalFile]:
@@ -143,12 +157,13 @@ def file_digest(path: str, size: int) -> bytes | None:
         return None
 
 
-def safe_parent(dest: str, rel: str, made_dirs: set[str]) -> str:
+def safe_parent(dest: str, rel: str, made_dirs: set[str], created: set[str] | None = None) -> str:
     """The directory that will hold ``rel`` inside ``dest``, created as needed.
 
     Every existing component must be a real directory: a symlink (even one pointing back
     inside) is refused, so no write can be redirected outside ``dest``. ``made_dirs``
-    remembers directories already checked by this load, so each is checked once.
+    remembers directories already checked by this load, so each is checked once; the
+    directories this call made are also added to ``created``.
     """
     mf.check_path(rel)
     head = rel.rpartition("/")[0]
@@ -166,6 +181,8 @@ def safe_parent(dest: str, rel: str, made_dirs: set[str]) -> str:
             try:
                 os.mkdir(current, 0o755)
                 made_dirs.add(current)
+                if created is not None:
+                    created.add(current)
                 continue
             except FileExistsError:
                 st = os.lstat(current)

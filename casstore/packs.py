@@ -31,6 +31,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import zstandard
@@ -40,6 +41,7 @@ from casstore.backends.base import Backend
 from casstore.errors import CorruptObject, DictionaryUnavailable, NotFound, UnsupportedIndex
 
 INDEX_FORMAT_VERSION = 2
+_Bytes = TypeVar("_Bytes", bytes, memoryview)
 #: ``BlockRef.dictionary`` of a block compressed without one.
 NO_DICTIONARY = -1
 
@@ -546,8 +548,9 @@ def decode_block(
     return data
 
 
-def chunk_of(block: bytes, loc: ChunkLoc, source: str) -> bytes:
-    """Chunk ``loc`` out of its block's bytes, checked against its digest."""
+def chunk_of(block: _Bytes, loc: ChunkLoc, source: str) -> _Bytes:
+    """Chunk ``loc`` out of its block's bytes, checked against its digest (a view of a
+    memoryview's bytes, a copy of a bytes object's)."""
     data = block[loc.offset : loc.offset + loc.size]
     if len(data) != loc.size or chunking.digest(data) != loc.digest:
         raise CorruptObject(

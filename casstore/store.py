@@ -1090,10 +1090,15 @@ class Store:
         self._record_use(key)
         report = LoadReport(key=key, files=len(view), manifests=len(loaded))
         dest = Path(dest_dir)
+        # Directories this load made (the destination itself, when it made it): no file
+        # can be in the way there, so their files are not looked for before writing.
+        created: set[str] = set()
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise StoreUnavailable(f"destination {dest} is not a directory") from None
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.mkdir()
+            created.add(os.fspath(dest))
+        except FileExistsError:  # a directory or not: checked below
+            pass
         if dest.is_symlink() or not dest.is_dir():
             raise StoreUnavailable(f"destination {dest} is not a directory")
         counter = _Counter(total, progress)
@@ -1101,6 +1106,7 @@ class Store:
         trash = restore.PackTrash(self.backend)
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
+        umask = localfs.current_umask()
         stat_cache = self._stat_cache(key, dest)
         known = stat_cache.load() if stat_cache is not None else {}
         states: statcache.Known = {}  # what to record of the files in place after this load
@@ -1175,15 +1181,16 @@ class Store:
 
         jobs: dict[restore.FileJob, tuple[str, int]] = {}  # job -> target, mode
 
-        def settle(entry: FileEntry, staged: _Staged | None) -> None:
-            """One file is ready to appear (``staged``) or could not be restored (None):
-            published now, or with the rest of its group."""
+        def settle(entry: FileEntry, staged: _Staged | None, fd: int | None = None) -> None:
+            """One file is ready to appear (``staged``, ``fd`` an open descriptor of its
+            temp file if any) or could not be restored (None): published now, or with the
+            rest of its group."""
             g = group_of.get(entry.path)
             if g is None:
                 outcome = "missing"
                 if staged is not None:
                     try:
-                        outcome = staged.publish()
+                        outcome = staged.publish(fd)
                     except OSError as e:
                         if e.errno in restore.FATAL_ERRNOS:
                             raise
@@ -1207,7 +1214,7 @@ class Store:
             """Leave identical files alone; give every other one a temp file to fill."""
             for entry in batch:
                 try:
-                    prepared = self._prepare_file(dest_str, entry, made_dirs, known)
+                    prepared = self._prepare_file(dest_str, entry, made_dirs, created, known, umask)
                 except (CasstoreError, OSError) as e:
                     if isinstance(e, OSError) and e.errno in restore.FATAL_ERRNOS:
                         raise
@@ -1220,15 +1227,18 @@ class Store:
                     with stats_lock:
                         jobs[prepared[0]] = prepared[1:]
 
-        def finished(job: restore.FileJob) -> None:
+        def finished(job: restore.FileJob, fd: int) -> None:
             target, mode = jobs[job]
             assert job.tmp is not None  # made before its first chunk was written
-            os.chmod(job.tmp, mode)
+            if umask is None or (mode | _TEMP_MODE) & ~umask != mode:
+                os.fchmod(fd, mode)  # the mode it was made with is not the saved one
             # Every chunk was checked as it was written, but not the file's own digest (a
             # manifest may lie about it): recorded only where the chunks tell the digest.
             # Hashing the others here would cost every cold load what it saves a re-save.
             staged = _Staged(target, job.tmp, mode, verified=_trivially_described(job.entry))
-            settle(job.entry, staged)
+            if job.entry.path in group_of:  # renamed later, once its group is complete
+                staged.written = localfs.signature_of(os.fstat(fd))
+            settle(job.entry, staged, fd)
             if staged.tmp is None:  # in place now: nothing to clean up
                 job.tmp = None
 
@@ -1306,15 +1316,27 @@ class Store:
         return report
 
     def _prepare_file(
-        self, dest: str, entry: FileEntry, made_dirs: set[str], known: statcache.Known
+        self,
+        dest: str,
+        entry: FileEntry,
+        made_dirs: set[str],
+        created: set[str],
+        known: statcache.Known,
+        umask: int | None,
     ) -> _Staged | tuple[restore.FileJob, str, int]:
         """The target already in place with identical bytes (staged, perhaps for a mode
         change), or a job to fill a new temp file beside it, made when its first chunk
         comes (with its target and mode). A target in the state this host recorded it in
-        (``known``) is not hashed again."""
-        parent = localfs.safe_parent(dest, entry.path, made_dirs)
+        (``known``) is not hashed again; one in a directory this load made (``created``)
+        is not looked for."""
+        parent = localfs.safe_parent(dest, entry.path, made_dirs, created)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
+        create = functools.partial(_create_temp, parent, mode | _TEMP_MODE)
+        if parent in created:
+            # Whatever appeared there since (another load of this key, say) is replaced
+            # by the checked bytes, as a load replaces any file that differs.
+            return restore.FileJob(entry, create), target, mode
         try:
             st = os.lstat(target)
         except FileNotFoundError:
@@ -1332,7 +1354,7 @@ class Store:
                 # cannot differ from it (one chunk, or none).
                 verified = unchanged or _trivially_described(entry)
                 return _Staged(target, None, mode if chmod else None, signature, verified)
-        return restore.FileJob(entry, functools.partial(_create_temp, parent)), target, mode
+        return restore.FileJob(entry, create), target, mode
 
 
 @dataclass
@@ -1347,11 +1369,15 @@ class _Staged:
     # Whether the entry's chunk list is known to describe these bytes: only then may
     # this host record the file (statcache.py).
     verified: bool = False
+    written: localfs.Signature | None = None  # the complete temp file's state
 
-    def publish(self) -> str:
-        # The target's state is taken by path after the rename or chmod: recorded only if
-        # the target is still the very file this load wrote or checked, not one another
-        # writer renamed into place in between (statcache.py).
+    def publish(self, fd: int | None = None) -> str:
+        """Put the file in place. ``fd``: a descriptor of the temp file, still open.
+
+        The state recorded (statcache.py) is the state of the very file this load wrote or
+        checked after the rename or chmod (which change its ctime), never that of a file
+        another writer renamed into place in between: read through ``fd`` when there is
+        one, else by path and kept only if it is still the same file."""
         if self.tmp is None:
             if self.chmod is not None:
                 checked = self.signature
@@ -1359,13 +1385,18 @@ class _Staged:
                 self.signature = _same_file(checked, localfs.current_signature(self.target))
             return "skipped"
         try:
-            written = localfs.current_signature(self.tmp)
+            written = self.written
+            if fd is None and written is None:
+                written = localfs.current_signature(self.tmp)
             os.replace(self.tmp, self.target)
         except BaseException:
             self.discard()
             raise
         self.tmp = None
-        self.signature = _same_file(written, localfs.current_signature(self.target))
+        if fd is not None:
+            self.signature = localfs.signature_of(os.fstat(fd))
+        else:
+            self.signature = _same_file(written, localfs.current_signature(self.target))
         return "written"
 
     def discard(self) -> None:
@@ -1395,11 +1426,17 @@ class _Group:
     unfetched: int = 0  # files that could not be fetched or verified
 
 
-def _create_temp(parent: str) -> tuple[str, int]:
-    """A new, empty temp file in ``parent`` and a descriptor open for writing it: readable
-    by its owner only until it is complete and given its mode."""
+# Bits a temp file is made with whatever its saved mode: its owner reopens it to write a
+# file's later chunks, which a read-only saved mode would forbid (the mode is set once the
+# file is complete).
+_TEMP_MODE = 0o600
+
+
+def _create_temp(parent: str, mode: int) -> tuple[str, int]:
+    """A new, empty temp file in ``parent`` and a descriptor open for writing it, made with
+    ``mode`` (less the umask): most files need no chmod once complete."""
     tmp = os.path.join(parent, temp_name())
-    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -241,10 +241,10 @@ def test_a_temp_file_that_cannot_be_made_costs_only_its_file(
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
     real_create = casstore.store._create_temp
 
-    def create(parent: str) -> tuple[str, int]:
+    def create(parent: str, mode: int) -> tuple[str, int]:
         if parent.endswith("/b"):
             raise PermissionError(13, "Permission denied", parent)
-        return real_create(parent)
+        return real_create(parent, mode)
 
     monkeypatch.setattr(casstore.store, "_create_temp", create)
     report = Store(tmp_path / "store").load(KEY, tmp_path / "dst")

@@ -304,20 +304,20 @@ def test_a_file_swapped_in_right_after_a_load_wrote_it_is_not_recorded_as_the_en
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
     dst = tmp_path / "dst"
     other = b"o" * 3000
-    real = localfs.current_signature
+    real = os.replace
     swapped: list[str] = []
 
-    def racing(path: str | os.PathLike[str]) -> localfs.Signature | None:
-        p = os.fspath(path)
+    def racing(src: str, target: str) -> None:
+        real(src, target)  # the load's file in place; the other writer's comes at once
+        p = os.fspath(target)
         if p.endswith("fx/02.py") and p.startswith(str(dst)) and not swapped:
             swapped.append(p)
             Path(p + ".writer").write_bytes(other)
-            os.replace(p + ".writer", p)
-        return real(path)
+            real(p + ".writer", p)
 
-    monkeypatch.setattr(localfs, "current_signature", racing)
+    monkeypatch.setattr(os, "replace", racing)
     Store(tmp_path / "store").load(KEY, dst)
-    monkeypatch.setattr(localfs, "current_signature", real)
+    monkeypatch.setattr(os, "replace", real)
     assert swapped and (dst / "fx/02.py").read_bytes() == other
     Store(tmp_path / "store").load(KEY, dst)
     assert (dst / "fx/02.py").read_bytes() == files["fx/02.py"]

@@ -253,6 +253,35 @@ def test_load_skips_identical_and_replaces_different_files(store: Store, tmp_pat
     assert (dst / "extra").read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077, 0o777])
+def test_load_gives_every_file_its_saved_mode_whatever_the_umask(
+    store: Store, tmp_path: Path, umask: int
+) -> None:
+    """Temp files are made with the saved mode where the umask lets them (no chmod after):
+    whatever the umask, every restored file ends with its saved mode, a read-only file of
+    several chunks included (its owner reopens it for each chunk), into a new destination
+    and over stale files alike."""
+    modes = {"rw": 0o644, "group": 0o664, "exe": 0o755, "private": 0o600, "ro": 0o444}
+    files = {name: random.Random(name).randbytes(100 + 10_000 * i) for i, name in enumerate(modes)}
+    files["ro"] = random.Random(7).randbytes(3 * 2**20)  # several chunks
+    write_tree(tmp_path / "src", files)
+    for name, mode in modes.items():
+        os.chmod(tmp_path / "src" / name, mode)
+    store.save(tmp_path / "src", KEY)
+    stale = tmp_path / "stale"
+    write_tree(stale, dict.fromkeys(modes, b"old"))
+    before = os.umask(umask)
+    try:
+        for dst in (tmp_path / "new" / "dst", stale):
+            report = store.load(KEY, dst)
+            assert report.missing == [] and report.written == len(modes)
+            for name, mode in modes.items():
+                assert stat.S_IMODE(os.stat(dst / name).st_mode) == mode, (dst, name)
+                assert (dst / name).read_bytes() == files[name]
+    finally:
+        os.umask(before)
+
+
 def _flip_byte(path: Path, index: int) -> None:
     os.chmod(path, 0o644)
     data = bytearray(path.read_bytes())
