@@ -278,8 +278,8 @@ threads_option = click.option(
     "--threads",
     type=click.IntRange(min=1, max=256),
     metavar="N",
-    help="I/O threads (a restore uses at most 2 per core). Default: $CASSTORE_THREADS, "
-    "else 4 per core (at most 32).",
+    help="I/O threads (a restore uses at most 1 per core, 2 from s3://). Default: "
+    "$CASSTORE_THREADS, else 4 per core (at most 32).",
 )
 verbose_option = click.option("--verbose", "-v", is_flag=True, help="Log details on stderr.")
 #: --root, --threads, -v: each command takes them after its name too (``apply_globals``).
