@@ -14,7 +14,6 @@ import getpass
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +162,8 @@ def default_inductor_cache_dir() -> Path:
     except (KeyError, OSError):
         user = f"uid_{os.getuid()}"
     user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    import tempfile  # rarely needed (no $TORCHINDUCTOR_CACHE_DIR): not paid by every command
+
     return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import socket
 import sys
 import time
 import uuid
@@ -98,6 +97,8 @@ class _Header(msgspec.Struct):
 
 
 def this_producer() -> Producer:
+    import socket  # only a save names its host: loads do not pay for the import
+
     return Producer(
         host=socket.gethostname(),
         pid=os.getpid(),
