@@ -9,21 +9,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import blake3
+from pyfastcdc import FastCDC
 
 from casstore import constants
-
-if TYPE_CHECKING:
-    from pyfastcdc import FastCDC
 
 _local = threading.local()
 
 
 def _new_chunker() -> FastCDC:
-    from pyfastcdc import FastCDC  # only saves cut: loads do not pay for the import
-
     return FastCDC(
         constants.CHUNK_AVG_SIZE,
         min_size=constants.CHUNK_MIN_SIZE,

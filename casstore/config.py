@@ -14,6 +14,7 @@ import getpass
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,8 +163,6 @@ def default_inductor_cache_dir() -> Path:
     except (KeyError, OSError):
         user = f"uid_{os.getuid()}"
     user = re.sub(r'[\\/:*?"<>|]', "_", user)
-    import tempfile  # rarely needed (no $TORCHINDUCTOR_CACHE_DIR): not paid by every command
-
     return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
 
 

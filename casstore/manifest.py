@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import socket
 import sys
 import time
 import uuid
@@ -97,8 +98,6 @@ class _Header(msgspec.Struct):
 
 
 def this_producer() -> Producer:
-    import socket  # only a save names its host: loads do not pay for the import
-
     return Producer(
         host=socket.gethostname(),
         pid=os.getpid(),
