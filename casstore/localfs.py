@@ -45,20 +45,6 @@ def current_signature(path: str | os.PathLike[str]) -> Signature | None:
         return None
 
 
-def current_umask() -> int | None:
-    """This process's umask, read without changing it (``os.umask`` sets it, and a
-    thread of the caller's process could create a file in that moment); None where the
-    kernel does not tell it (before Linux 4.7, or without /proc)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def scan_tree(
     root: Path, skipped: list[tuple[str, str]], exclude: Callable[[str], bool] | None
 ) -> Iterator[LocalFile]:

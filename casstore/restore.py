@@ -35,11 +35,13 @@ from casstore.packs import ChunkLoc, PackIndex
 
 log = logging.getLogger("casstore")
 
-# Blocks read (and held decompressed) by one task: with 8 MiB blocks and at most
-# MAX_READERS tasks at once, a restore holds about 64 MiB of blocks whatever its size.
-# One block per task: its files are written while the next block is decompressed on the
-# other core (two per task left a core idle while both decompressed: a 2,003-file restore
-# took 0.22-0.25 s in-process with two, 0.19-0.22 s with one, on 2 cores).
+# Blocks read (and held decompressed) by one task, by default: with 8 MiB blocks and at
+# most MAX_READERS tasks at once, a restore holds 64-128 MiB of blocks whatever its size.
+# One block per task from a filesystem: its files are written while the next block is
+# decompressed on the other core (two per task left a core idle while both decompressed:
+# a 2,003-file restore took 0.22-0.25 s in-process with two, 0.19-0.22 s with one, on 2
+# cores). An object store gets two (neighbouring blocks read in one request: it pays per
+# request).
 BLOCKS_PER_READ = 1
 MAX_READERS = 8
 # Rounds of reading: the newest location of each chunk, then its others, newest first. A
@@ -74,14 +76,14 @@ def _open_temp(job: FileJob) -> int | None:
     with job.lock:
         if job.failed is not None:
             return None
-        if job.tmp is not None:
-            return os.open(job.tmp, os.O_WRONLY | os.O_CLOEXEC)
         try:
+            if job.tmp is not None:  # a later chunk (its temp file removed meanwhile, say)
+                return os.open(job.tmp, os.O_WRONLY | os.O_CLOEXEC)
             job.tmp, fd = job.create()
         except OSError as e:
             if e.errno in FATAL_ERRNOS:
                 raise
-            job.failed = f"could not create a temp file: {e.strerror or e}"
+            job.failed = f"could not open its temp file: {e.strerror or e}"
             return None
         return fd
 
@@ -130,6 +132,7 @@ def fetch_files(
     trash: PackTrash | None = None,
     reload: Callable[[], ChunkIndex] | None = None,
     dictionaries: packs.Dictionaries | None = None,
+    blocks_per_read: int = BLOCKS_PER_READ,
 ) -> Outcome:
     """Write every chunk of ``jobs`` into their temp files. ``finished(job, fd)`` is called
     (from a worker thread) as soon as a job's last chunk is written, with a descriptor of
@@ -138,7 +141,8 @@ def fetch_files(
     returned, their ``failed`` saying why. OSErrors of writing (a full disk) propagate.
     ``reload()`` lists the indexes again, once, when a chunk has no location left.
     ``dictionaries`` rebuilds the dictionaries of blocks compressed with one (without it,
-    such blocks count as unreadable and other locations are tried)."""
+    such blocks count as unreadable and other locations are tried). ``blocks_per_read``:
+    the blocks of one pack one task reads (neighbours in one request) and decompresses."""
     trash = trash if trash is not None else PackTrash(backend)
     outcome = Outcome()
     lock = threading.Lock()
@@ -177,7 +181,15 @@ def fetch_files(
             if fd is None:
                 continue
             try:
-                _write_all(fd, data, offset)
+                try:
+                    _write_all(fd, data, offset)
+                except OSError as e:
+                    if e.errno in FATAL_ERRNOS:
+                        raise
+                    with lock:
+                        if job.failed is None:
+                            job.failed = f"could not write its temp file: {e.strerror or e}"
+                    continue
                 with lock:
                     job.remaining -= 1
                     done = job.remaining == 0 and job.failed is None
@@ -265,8 +277,8 @@ def fetch_files(
         tasks = []
         for pack_index, by_block in plan.values():
             numbers = sorted(by_block)
-            for i in range(0, len(numbers), BLOCKS_PER_READ):
-                group = numbers[i : i + BLOCKS_PER_READ]
+            for i in range(0, len(numbers), blocks_per_read):
+                group = numbers[i : i + blocks_per_read]
                 tasks.append((pack_index, group, {n: by_block[n] for n in group}))
         failed: set[bytes] = set(unplaced)
         broken.clear()

@@ -1106,7 +1106,6 @@ class Store:
         trash = restore.PackTrash(self.backend)
         dest_str = os.fspath(dest)
         made_dirs: set[str] = set()  # directories this load verified or created
-        umask = localfs.current_umask()
         stat_cache = self._stat_cache(key, dest)
         known = stat_cache.load() if stat_cache is not None else {}
         states: statcache.Known = {}  # what to record of the files in place after this load
@@ -1214,7 +1213,9 @@ class Store:
             """Leave identical files alone; give every other one a temp file to fill."""
             for entry in batch:
                 try:
-                    prepared = self._prepare_file(dest_str, entry, made_dirs, created, known, umask)
+                    prepared = self._prepare_file(
+                        dest_str, entry, made_dirs, created, known, entry.path in group_of
+                    )
                 except (CasstoreError, OSError) as e:
                     if isinstance(e, OSError) and e.errno in restore.FATAL_ERRNOS:
                         raise
@@ -1230,8 +1231,6 @@ class Store:
         def finished(job: restore.FileJob, fd: int) -> None:
             target, mode = jobs[job]
             assert job.tmp is not None  # made before its first chunk was written
-            if umask is None or (mode | _TEMP_MODE) & ~umask != mode:
-                os.fchmod(fd, mode)  # the mode it was made with is not the saved one
             # Every chunk was checked as it was written, but not the file's own digest (a
             # manifest may lie about it): recorded only where the chunks tell the digest.
             # Hashing the others here would cost every cold load what it saves a re-save.
@@ -1250,7 +1249,8 @@ class Store:
             # with 2. From an object store a second reader per core hides the round trip
             # each request waits (docs/decisions.md).
             cores = _cores()
-            readers = cores if isinstance(self.backend, FileSystemBackend) else 2 * cores
+            local = isinstance(self.backend, FileSystemBackend)
+            readers = cores if local else 2 * cores
             survey_threads = min(self.threads, cores)
             with ThreadPoolExecutor(survey_threads, thread_name_prefix="casstore-file") as pool:
                 for _ in pool.map(survey, _batches(list(view.values()), lambda e: e.size)):
@@ -1262,6 +1262,7 @@ class Store:
                     index,
                     list(jobs),
                     threads=min(self.threads, readers),
+                    blocks_per_read=1 if local else 2,
                     finished=finished,
                     trash=trash,
                     reload=self.chunk_index,
@@ -1324,20 +1325,22 @@ class Store:
         made_dirs: set[str],
         created: set[str],
         known: statcache.Known,
-        umask: int | None,
+        grouped: bool,
     ) -> _Staged | tuple[restore.FileJob, str, int]:
         """The target already in place with identical bytes (staged, perhaps for a mode
         change), or a job to fill a new temp file beside it, made when its first chunk
         comes (with its target and mode). A target in the state this host recorded it in
         (``known``) is not hashed again; one in a directory this load made (``created``)
-        is not looked for."""
+        is not looked for, unless it belongs to a group (``grouped``): a directory another
+        process put in its way must fail the group before any of it is published."""
         parent = localfs.safe_parent(dest, entry.path, made_dirs, created)
         target = os.path.join(parent, entry.path.rsplit("/", 1)[-1])
         mode = entry.mode & 0o777
-        create = functools.partial(_create_temp, parent, mode | _TEMP_MODE)
-        if parent in created:
+        create = functools.partial(_create_temp, parent)
+        if parent in created and not grouped:
             # Whatever appeared there since (another load of this key, say) is replaced
-            # by the checked bytes, as a load replaces any file that differs.
+            # by the checked bytes, as a load replaces any file that differs; a directory
+            # fails this file when it is renamed.
             return restore.FileJob(entry, create), target, mode
         try:
             st = os.lstat(target)
@@ -1362,7 +1365,8 @@ class Store:
 @dataclass
 class _Staged:
     """A file ready to appear: its complete, verified temp file (``tmp``), or None when the
-    target already holds identical bytes (``chmod``: the mode to fix, if any)."""
+    target already holds identical bytes (``chmod``: the mode to give the temp file, or to
+    fix on the target, if any)."""
 
     target: str
     tmp: str | None
@@ -1387,6 +1391,13 @@ class _Staged:
                 self.signature = _same_file(checked, localfs.current_signature(self.target))
             return "skipped"
         try:
+            # The saved mode exactly (the umask, a default ACL or a caller's thread changing
+            # the umask meanwhile have no say), set only now: until the rename, the file
+            # is its owner's alone.
+            if self.chmod is not None and fd is not None:
+                os.fchmod(fd, self.chmod)
+            elif self.chmod is not None:
+                os.chmod(self.tmp, self.chmod)
             written = self.written
             if fd is None and written is None:
                 written = localfs.current_signature(self.tmp)
@@ -1428,17 +1439,12 @@ class _Group:
     unfetched: int = 0  # files that could not be fetched or verified
 
 
-# Bits a temp file is made with whatever its saved mode: its owner reopens it to write a
-# file's later chunks, which a read-only saved mode would forbid (the mode is set once the
-# file is complete).
-_TEMP_MODE = 0o600
-
-
-def _create_temp(parent: str, mode: int) -> tuple[str, int]:
-    """A new, empty temp file in ``parent`` and a descriptor open for writing it, made with
-    ``mode`` (less the umask): most files need no chmod once complete."""
+def _create_temp(parent: str) -> tuple[str, int]:
+    """A new, empty temp file in ``parent`` and a descriptor open for writing it: readable
+    and writable by its owner only until it is complete and given its mode, right before
+    it is renamed (in a shared directory, no one else may change bytes already checked)."""
     tmp = os.path.join(parent, temp_name())
-    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -241,14 +241,147 @@ def test_a_temp_file_that_cannot_be_made_costs_only_its_file(
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
     real_create = casstore.store._create_temp
 
-    def create(parent: str, mode: int) -> tuple[str, int]:
+    def create(parent: str) -> tuple[str, int]:
         if parent.endswith("/b"):
             raise PermissionError(13, "Permission denied", parent)
-        return real_create(parent, mode)
+        return real_create(parent)
 
     monkeypatch.setattr(casstore.store, "_create_temp", create)
     report = Store(tmp_path / "store").load(KEY, tmp_path / "dst")
     assert report.missing == ["b/y.py"] and report.written == 2
     assert (tmp_path / "dst/a/x.py").read_bytes() == b"x" * 5000
     assert (tmp_path / "dst/c").read_bytes() == b""
+    assert temp_files(tmp_path / "dst") == []
+
+
+# --- How a restored file is written: its mode, and who may touch it before it is in place ---
+
+
+def _posix_default_acl(directory: Path, other: int) -> None:
+    """A default POSIX ACL on ``directory`` (user rwx, group rwx, other ``other``): files
+    made in it take their mode from it, not from the umask."""
+    undefined = 0xFFFFFFFF
+    entries = ((0x01, 7), (0x04, 7), (0x20, other))  # ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER
+    data = (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + undefined.to_bytes(4, "little")
+        for tag, perm in entries
+    )
+    os.setxattr(directory, "system.posix_acl_default", data)
+
+
+def test_a_default_acl_does_not_change_the_saved_mode(tmp_path: Path) -> None:
+    """A shared directory's default ACL (o::---, say) would strip bits the umask leaves: the
+    restored files still get their saved mode exactly."""
+    files = {f"f{i}": random.Random(i).randbytes(1000) for i in range(3)}
+    write_tree(tmp_path / "src", files, dict.fromkeys(files, 0o644))
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _posix_default_acl(shared, other=0)
+    before = os.umask(0o022)
+    try:
+        report = Store(tmp_path / "store").load(KEY, shared / "dst")
+    finally:
+        os.umask(before)
+    assert report.missing == []
+    assert {n: oct((shared / "dst" / n).stat().st_mode & 0o777) for n in files} == dict.fromkeys(
+        files, "0o644"
+    )
+
+
+def test_a_umask_changed_during_a_load_does_not_change_the_saved_modes(tmp_path: Path) -> None:
+    """Another thread of the caller's process tightens the umask while the load runs (the
+    usual `os.umask(0o077)` around writing a secret): files still get their saved modes."""
+    files = {f"f{i}": random.Random(i).randbytes(1000) for i in range(8)}
+    write_tree(tmp_path / "src", files, dict.fromkeys(files, 0o644))
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+
+    def tighten(done: int, total: int) -> None:
+        os.umask(0o077)
+
+    before = os.umask(0o022)
+    try:
+        report = Store(tmp_path / "store").load(KEY, tmp_path / "dst", progress=tighten)
+    finally:
+        os.umask(before)
+    assert report.missing == []
+    modes = {n: oct((tmp_path / "dst" / n).stat().st_mode & 0o777) for n in files}
+    assert modes == dict.fromkeys(files, "0o644")
+
+
+def test_a_temp_file_is_its_owners_alone_until_it_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file saved 0666 restored with umask 0 (a shared team directory): while its checked
+    chunks are written, no one else may open its temp file to change them (the load records
+    the file's state once in place, and would record those bytes as the entry)."""
+    from casstore import restore
+
+    write_tree(tmp_path / "src", {"f": random.Random(1).randbytes(3 << 20)}, {"f": 0o666})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    seen: list[int] = []
+    real = restore._write_all
+
+    def spy(fd: int, data: bytes | memoryview, offset: int) -> None:
+        seen.append(os.fstat(fd).st_mode & 0o777)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(restore, "_write_all", spy)
+    before = os.umask(0)
+    try:
+        Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    finally:
+        os.umask(before)
+    assert len(seen) > 1 and set(seen) == {0o600}, seen
+    assert (tmp_path / "dst/f").stat().st_mode & 0o777 == 0o666
+
+
+def test_a_directory_put_in_a_groups_way_fails_the_group_before_any_of_it_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of a group in a directory the load just made are still looked for: a directory
+    another process makes in the way of one fails the whole group, none of it published."""
+    from casstore import localfs
+
+    write_tree(tmp_path / "src", {"grp/a/deep": b"A" * 100, "grp/b": b"B" * 100})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    real = localfs.safe_parent
+
+    def racing(dest: str, rel: str, *args: set[str]) -> str:
+        parent = real(dest, rel, *args)
+        if rel == "grp/b":  # made right after the load made grp/
+            os.makedirs(os.path.join(parent, "b", "x"), exist_ok=True)
+        return parent
+
+    monkeypatch.setattr(localfs, "safe_parent", racing)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "grp")
+    assert sorted(report.missing) == ["grp/a/deep", "grp/b"]
+    assert not (tmp_path / "dst/grp/a/deep").exists()
+    assert temp_files(tmp_path / "dst") == []
+
+
+def test_a_temp_file_removed_between_its_chunks_costs_only_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cleaner removes a temp file after its first chunk: that file is reported missing,
+    the others are restored, and the load does not fail."""
+    from casstore import restore
+
+    big = random.Random(2).randbytes(3 << 20)  # several chunks
+    write_tree(tmp_path / "src", {"big.bin": big, "small.py": b"s" * 500})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    real = restore._write_all
+    removed: list[str] = []
+
+    def write_then_remove(fd: int, data: bytes | memoryview, offset: int) -> None:
+        real(fd, data, offset)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not removed and os.path.getsize(path) > 100_000:  # big.bin's temp file
+            removed.append(path)
+            os.unlink(path)
+
+    monkeypatch.setattr(restore, "_write_all", write_then_remove)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst")
+    assert removed and report.missing == ["big.bin"]
+    assert (tmp_path / "dst/small.py").read_bytes() == b"s" * 500
     assert temp_files(tmp_path / "dst") == []
