@@ -59,11 +59,13 @@ FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 class FileJob:
     """One file to restore: ``create()`` makes its temp file and returns its path and a
     descriptor open for writing (called once, by the thread that brings its first chunk);
-    ``tmp`` is that path, once made."""
+    ``tmp`` is that path, once made, and ``made`` the (device, inode) it was made with,
+    for a file of several chunks (each later chunk reopens it by name)."""
 
     entry: FileEntry
     create: Callable[[], tuple[str, int]]
     tmp: str | None = None
+    made: tuple[int, int] | None = None
     remaining: int = 0  # chunk placements not yet written
     failed: str | None = None  # why, once failed
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards making tmp
@@ -77,15 +79,30 @@ def _open_temp(job: FileJob) -> int | None:
         if job.failed is not None:
             return None
         try:
-            if job.tmp is not None:  # a later chunk (its temp file removed meanwhile, say)
-                return os.open(job.tmp, os.O_WRONLY | os.O_CLOEXEC)
+            if job.tmp is not None:
+                return _reopen(job.tmp, job.made)
             job.tmp, fd = job.create()
+            if len(job.entry.chunks) > 1:
+                st = os.fstat(fd)
+                job.made = (st.st_dev, st.st_ino)
         except OSError as e:
             if e.errno in FATAL_ERRNOS:
                 raise
             job.failed = f"could not open its temp file: {e.strerror or e}"
             return None
         return fd
+
+
+def _reopen(tmp: str, made: tuple[int, int] | None) -> int:
+    """The temp file ``tmp`` again, for a later chunk: the very file the load made, never
+    a symlink or another file put in its place by whoever else can write the directory (a
+    write through it would land outside the destination)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if made is None or (st.st_dev, st.st_ino) != made:
+        os.close(fd)
+        raise OSError(errno.ESTALE, "replaced by another file since it was made", tmp)
+    return fd
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import errno
 import functools
 import itertools
 import json
@@ -1124,14 +1125,17 @@ class Store:
         def tally(entry: FileEntry, outcome: str, staged: _Staged | None = None) -> None:
             # Called with stats_lock held.
             # Recorded for the next load or save of this directory; a file found in place
-            # only if it did not change just before it was hashed.
+            # only if it did not change just before it was hashed; a file written only if
+            # no one else could write it between its chmod and the reading of its state
+            # (with a saved mode letting the group or others write, they could, within
+            # the same timestamp tick: docs/decisions.md).
             signature = staged.signature if staged is not None else None
             if (
                 staged is not None
                 and staged.verified
                 and signature is not None
                 and (
-                    outcome == "written"
+                    (outcome == "written" and not entry.mode & _OTHERS_WRITE)
                     or (outcome == "skipped" and not statcache.is_racy(signature, started_ns))
                 )
             ):
@@ -1397,7 +1401,7 @@ class _Staged:
             if self.chmod is not None and fd is not None:
                 os.fchmod(fd, self.chmod)
             elif self.chmod is not None:
-                os.chmod(self.tmp, self.chmod)
+                _chmod_made(self.tmp, self.written, self.chmod)
             written = self.written
             if fd is None and written is None:
                 written = localfs.current_signature(self.tmp)
@@ -1416,6 +1420,24 @@ class _Staged:
         if self.tmp is not None:
             _unlink_quietly(self.tmp)
             self.tmp = None
+
+
+# Mode bits letting someone other than the owner write a file.
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _chmod_made(tmp: str, written: localfs.Signature | None, mode: int) -> None:
+    """Give ``tmp`` ``mode`` if it is still the file the load wrote (``written``): never
+    through a symlink, nor to another file, put there by whoever else can write the
+    directory while the file waited for the rest of its group."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if written is None or (st.st_dev, st.st_ino) != written[:2]:
+            raise OSError(errno.ESTALE, "replaced by another file since it was written", tmp)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _same_file(

@@ -385,3 +385,102 @@ def test_a_temp_file_removed_between_its_chunks_costs_only_its_file(
     assert removed and report.missing == ["big.bin"]
     assert (tmp_path / "dst/small.py").read_bytes() == b"s" * 500
     assert temp_files(tmp_path / "dst") == []
+
+
+def _swap_for_symlink_after_first_write(monkeypatch: pytest.MonkeyPatch, victim: Path) -> list[str]:
+    """Whoever else can write the destination directory replaces a temp file with a
+    symlink to ``victim`` right after its first chunk is written."""
+    from casstore import restore
+
+    real = restore._write_all
+    swapped: list[str] = []
+
+    def write_then_swap(fd: int, data: bytes | memoryview, offset: int) -> None:
+        real(fd, data, offset)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not swapped and "/dst/" in path:
+            swapped.append(path)
+            os.unlink(path)
+            os.symlink(victim, path)
+
+    monkeypatch.setattr(restore, "_write_all", write_then_swap)
+    return swapped
+
+
+def test_a_temp_file_swapped_for_a_symlink_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of several chunks reopens its temp file for each later chunk: one replaced by
+    a symlink (to a file of the loading user's, outside the destination) is neither
+    written through nor given the saved mode; that file alone is missing."""
+    write_tree(
+        tmp_path / "src",
+        {"big.bin": random.Random(2).randbytes(3 << 20), "small.py": b"s" * 500},
+        {"big.bin": 0o666},
+    )
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"V" * 10)
+    victim.chmod(0o600)
+    swapped = _swap_for_symlink_after_first_write(monkeypatch, victim)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst")
+    assert swapped
+    assert victim.read_bytes() == b"V" * 10 and victim.stat().st_mode & 0o777 == 0o600
+    assert report.missing == ["big.bin"] and not (tmp_path / "dst/big.bin").exists()
+    assert (tmp_path / "dst/small.py").read_bytes() == b"s" * 500
+    assert temp_files(tmp_path / "dst") == []
+
+
+def test_a_grouped_temp_file_swapped_for_a_symlink_is_not_given_its_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grouped file's temp file waits for the rest of its group and is given its mode
+    then: replaced by a symlink meanwhile, the file it points to keeps its mode, and the
+    group is not restored."""
+    import casstore.store
+
+    write_tree(
+        tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100}, {"g/a": 0o666, "g/b": 0o666}
+    )
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"V")
+    victim.chmod(0o600)
+    real = casstore.store._Staged.publish
+
+    def swap_then_publish(self: casstore.store._Staged, fd: int | None = None) -> str:
+        if self.tmp is not None and fd is None and not os.path.islink(self.tmp):
+            os.unlink(self.tmp)
+            os.symlink(victim, self.tmp)
+        return real(self, fd)
+
+    monkeypatch.setattr(casstore.store._Staged, "publish", swap_then_publish)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "g")
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert sorted(report.missing) == ["g/a", "g/b"]
+    assert not (tmp_path / "dst/g/a").is_symlink()
+
+
+def test_bytes_changed_between_the_chmod_and_the_rename_are_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file saved 0664 becomes writable by its group when given its mode, just before the
+    rename: a group member who writes then (within one timestamp tick) must not have those
+    bytes recorded as the entry, or the next load would leave them in place as identical."""
+    write_tree(tmp_path / "src", {"f": b"good" * 1000}, {"f": 0o664})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    real_fchmod = os.fchmod
+
+    def fchmod_then_tamper(fd: int, mode: int) -> None:
+        real_fchmod(fd, mode)
+        st = os.fstat(fd)
+        os.pwrite(fd, b"EVIL", 0)  # the group member, allowed by the new bits
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if within the same tick
+
+    monkeypatch.setattr(os, "fchmod", fchmod_then_tamper)
+    Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    monkeypatch.setattr(os, "fchmod", real_fchmod)
+    assert (tmp_path / "dst/f").read_bytes()[:4] == b"EVIL"
+    report = Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    assert report.written == 1
+    assert (tmp_path / "dst/f").read_bytes() == b"good" * 1000
