@@ -83,7 +83,11 @@ def _open_temp(job: FileJob) -> int | None:
                 return _reopen(job.tmp, job.made)
             job.tmp, fd = job.create()
             if len(job.entry.chunks) > 1:
-                st = os.fstat(fd)
+                try:
+                    st = os.fstat(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 job.made = (st.st_dev, st.st_ino)
         except OSError as e:
             if e.errno in FATAL_ERRNOS:
@@ -98,10 +102,13 @@ def _reopen(tmp: str, made: tuple[int, int] | None) -> int:
     a symlink or another file put in its place by whoever else can write the directory (a
     write through it would land outside the destination)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    st = os.fstat(fd)
-    if made is None or (st.st_dev, st.st_ino) != made:
+    try:
+        st = os.fstat(fd)
+        if made is None or (st.st_dev, st.st_ino) != made:
+            raise OSError(errno.ESTALE, "replaced by another file since it was made", tmp)
+    except BaseException:
         os.close(fd)
-        raise OSError(errno.ESTALE, "replaced by another file since it was made", tmp)
+        raise
     return fd
 
 

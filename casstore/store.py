@@ -1168,6 +1168,11 @@ class Store:
             # midway (a crash, a full disk), no index names an artifact not yet there.
             g.staged.sort(key=lambda es: (-es[0].path.count("/"), es[0].path))
             try:
+                # Every temp file is checked (still the file written) and given its mode
+                # before the first rename: one swapped by someone else fails the group
+                # before any of it appears.
+                for _, staged in g.staged:
+                    staged.give_mode()
                 for entry, staged in g.staged:
                     outcomes.append((entry, staged.publish(), staged))
             except OSError as e:  # renaming failed: the rest of the group is discarded
@@ -1380,6 +1385,25 @@ class _Staged:
     # this host record the file (statcache.py).
     verified: bool = False
     written: localfs.Signature | None = None  # the complete temp file's state
+    moded: bool = False  # the temp file has its saved mode
+
+    def give_mode(self, fd: int | None = None) -> None:
+        """Give the complete temp file its saved mode exactly (the umask, a default ACL or a
+        caller's thread changing the umask meanwhile have no say), set only now: until the
+        rename, the file is its owner's alone. Through ``fd``, a descriptor of the temp file
+        still open, or else through one opened anew and checked to be the very file the
+        load wrote (``written``)."""
+        if self.tmp is None or self.moded:
+            return
+        try:
+            if self.chmod is not None and fd is not None:
+                os.fchmod(fd, self.chmod)
+            elif self.chmod is not None:
+                self.written = _chmod_checked(self.tmp, self.written, self.chmod)
+        except BaseException:
+            self.discard()
+            raise
+        self.moded = True
 
     def publish(self, fd: int | None = None) -> str:
         """Put the file in place. ``fd``: a descriptor of the temp file, still open.
@@ -1389,19 +1413,11 @@ class _Staged:
         another writer renamed into place in between: read through ``fd`` when there is
         one, else by path and kept only if it is still the same file."""
         if self.tmp is None:
-            if self.chmod is not None:
-                checked = self.signature
-                os.chmod(self.target, self.chmod)
-                self.signature = _same_file(checked, localfs.current_signature(self.target))
+            if self.chmod is not None:  # through a descriptor, checked: never a symlink
+                self.signature = _chmod_checked(self.target, self.signature, self.chmod)
             return "skipped"
+        self.give_mode(fd)
         try:
-            # The saved mode exactly (the umask, a default ACL or a caller's thread changing
-            # the umask meanwhile have no say), set only now: until the rename, the file
-            # is its owner's alone.
-            if self.chmod is not None and fd is not None:
-                os.fchmod(fd, self.chmod)
-            elif self.chmod is not None:
-                _chmod_made(self.tmp, self.written, self.chmod)
             written = self.written
             if fd is None and written is None:
                 written = localfs.current_signature(self.tmp)
@@ -1426,16 +1442,18 @@ class _Staged:
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
-def _chmod_made(tmp: str, written: localfs.Signature | None, mode: int) -> None:
-    """Give ``tmp`` ``mode`` if it is still the file the load wrote (``written``): never
-    through a symlink, nor to another file, put there by whoever else can write the
-    directory while the file waited for the rest of its group."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+def _chmod_checked(path: str, checked: localfs.Signature | None, mode: int) -> localfs.Signature:
+    """Give ``path`` ``mode`` if it is still the file the load wrote or checked
+    (``checked``), and return its state then: never through a symlink, nor to another
+    file, put there by whoever else can write the directory (a temp file waiting for the
+    rest of its group, a present file while it was hashed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
-        if written is None or (st.st_dev, st.st_ino) != written[:2]:
-            raise OSError(errno.ESTALE, "replaced by another file since it was written", tmp)
+        if checked is None or (st.st_dev, st.st_ino) != checked[:2]:
+            raise OSError(errno.ESTALE, "replaced by another file since it was checked", path)
         os.fchmod(fd, mode)
+        return localfs.signature_of(os.fstat(fd))
     finally:
         os.close(fd)
 

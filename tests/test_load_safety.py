@@ -446,15 +446,15 @@ def test_a_grouped_temp_file_swapped_for_a_symlink_is_not_given_its_mode(
     victim = tmp_path / "victim"
     victim.write_bytes(b"V")
     victim.chmod(0o600)
-    real = casstore.store._Staged.publish
+    real = casstore.store._Staged.give_mode
 
-    def swap_then_publish(self: casstore.store._Staged, fd: int | None = None) -> str:
+    def swap_then_give_mode(self: casstore.store._Staged, fd: int | None = None) -> None:
         if self.tmp is not None and fd is None and not os.path.islink(self.tmp):
             os.unlink(self.tmp)
             os.symlink(victim, self.tmp)
-        return real(self, fd)
+        real(self, fd)
 
-    monkeypatch.setattr(casstore.store._Staged, "publish", swap_then_publish)
+    monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_then_give_mode)
     report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "g")
     assert victim.stat().st_mode & 0o777 == 0o600
     assert sorted(report.missing) == ["g/a", "g/b"]
@@ -484,3 +484,62 @@ def test_bytes_changed_between_the_chmod_and_the_rename_are_not_recorded(
     report = Store(tmp_path / "store").load(KEY, tmp_path / "dst")
     assert report.written == 1
     assert (tmp_path / "dst/f").read_bytes() == b"good" * 1000
+
+
+def test_a_present_file_swapped_for_a_symlink_is_not_given_its_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file already in place with the saved bytes and another mode is given the saved
+    mode: swapped for a symlink meanwhile (while it was hashed, while its group waited),
+    the file the symlink points to keeps its mode."""
+    import casstore.store
+
+    write_tree(
+        tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100}, {"g/a": 0o666, "g/b": 0o666}
+    )
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    (tmp_path / "dst/g/a").chmod(0o600)  # or a copy of the same bytes, 0444, put there
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"secret")
+    victim.chmod(0o600)
+    real = casstore.store._Staged.publish
+
+    def swap_then_publish(self: casstore.store._Staged, fd: int | None = None) -> str:
+        if self.tmp is None and self.chmod is not None and not os.path.islink(self.target):
+            os.unlink(self.target)
+            os.symlink(victim, self.target)
+        return real(self, fd)
+
+    monkeypatch.setattr(casstore.store._Staged, "publish", swap_then_publish)
+    for group in (None, lambda p: "g"):
+        Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=group)
+        assert victim.stat().st_mode & 0o777 == 0o600
+
+
+def test_one_swapped_temp_file_fails_its_group_before_any_of_it_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every temp file of a group is checked before the first rename: one swapped for a
+    symlink fails the whole group, none of it published, no temp file left."""
+    import casstore.store
+
+    write_tree(tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"V")
+    victim.chmod(0o600)
+    real = casstore.store._Staged.give_mode
+
+    def swap_b_then_check(self: casstore.store._Staged, fd: int | None = None) -> None:
+        if self.tmp is not None and self.target.endswith("/b") and not os.path.islink(self.tmp):
+            os.unlink(self.tmp)
+            os.symlink(victim, self.tmp)
+        real(self, fd)
+
+    monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_b_then_check)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "g")
+    assert sorted(report.missing) == ["g/a", "g/b"]
+    assert not (tmp_path / "dst/g/a").exists() and not (tmp_path / "dst/g/b").exists()
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert temp_files(tmp_path / "dst") == []
