@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -104,7 +105,15 @@ def _reopen(tmp: str, made: tuple[int, int] | None) -> int:
     fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
-        if made is None or (st.st_dev, st.st_ino) != made:
+        # The inode number alone could be another file's made in its place (ext4 reuses
+        # numbers at once): still this process's own regular file with one name, too.
+        if (
+            made is None
+            or (st.st_dev, st.st_ino) != made
+            or not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or st.st_nlink != 1
+        ):
             raise OSError(errno.ESTALE, "replaced by another file since it was made", tmp)
     except BaseException:
         os.close(fd)

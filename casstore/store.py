@@ -1168,9 +1168,9 @@ class Store:
             # midway (a crash, a full disk), no index names an artifact not yet there.
             g.staged.sort(key=lambda es: (-es[0].path.count("/"), es[0].path))
             try:
-                # Every temp file is checked (still the file written) and given its mode
-                # before the first rename: one swapped by someone else fails the group
-                # before any of it appears.
+                # Every file is checked (still the file written, or hashed) and given its
+                # mode before the first rename: one swapped by someone else fails the
+                # group before any of it appears.
                 for _, staged in g.staged:
                     staged.give_mode()
                 for entry, staged in g.staged:
@@ -1385,21 +1385,26 @@ class _Staged:
     # this host record the file (statcache.py).
     verified: bool = False
     written: localfs.Signature | None = None  # the complete temp file's state
-    moded: bool = False  # the temp file has its saved mode
+    moded: bool = False  # the file has its saved mode
 
     def give_mode(self, fd: int | None = None) -> None:
-        """Give the complete temp file its saved mode exactly (the umask, a default ACL or a
-        caller's thread changing the umask meanwhile have no say), set only now: until the
-        rename, the file is its owner's alone. Through ``fd``, a descriptor of the temp file
-        still open, or else through one opened anew and checked to be the very file the
-        load wrote (``written``)."""
-        if self.tmp is None or self.moded:
+        """Give the file its saved mode exactly (the umask, a default ACL or a caller's
+        thread changing the umask meanwhile have no say). A temp file gets it only once
+        complete (until the rename it is its owner's alone): through ``fd``, a descriptor
+        of it still open, or else through one opened anew and checked to be the very file
+        the load wrote, in the very state it left it (``written``). A present file whose
+        mode differs gets it the same way, checked against the state it was hashed in."""
+        if self.moded or self.chmod is None:
+            return
+        if self.tmp is None:
+            self.signature = _chmod_checked(self.target, self.signature, self.chmod)
+            self.moded = True
             return
         try:
-            if self.chmod is not None and fd is not None:
+            if fd is not None:
                 os.fchmod(fd, self.chmod)
-            elif self.chmod is not None:
-                self.written = _chmod_checked(self.tmp, self.written, self.chmod)
+            else:
+                self.written = _chmod_checked(self.tmp, self.written, self.chmod, made=True)
         except BaseException:
             self.discard()
             raise
@@ -1412,11 +1417,9 @@ class _Staged:
         checked after the rename or chmod (which change its ctime), never that of a file
         another writer renamed into place in between: read through ``fd`` when there is
         one, else by path and kept only if it is still the same file."""
-        if self.tmp is None:
-            if self.chmod is not None:  # through a descriptor, checked: never a symlink
-                self.signature = _chmod_checked(self.target, self.signature, self.chmod)
-            return "skipped"
         self.give_mode(fd)
+        if self.tmp is None:
+            return "skipped"
         try:
             written = self.written
             if fd is None and written is None:
@@ -1442,16 +1445,26 @@ class _Staged:
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
-def _chmod_checked(path: str, checked: localfs.Signature | None, mode: int) -> localfs.Signature:
+def _chmod_checked(
+    path: str, checked: localfs.Signature | None, mode: int, *, made: bool = False
+) -> localfs.Signature:
     """Give ``path`` ``mode`` if it is still the file the load wrote or checked
     (``checked``), and return its state then: never through a symlink, nor to another
     file, put there by whoever else can write the directory (a temp file waiting for the
-    rest of its group, a present file while it was hashed)."""
+    rest of its group, a present file while it was hashed). ``made``: a file this
+    process made, so also its own, with one name."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
+        # The whole state, not the inode number alone: a file removed and another made in
+        # its place may get the same number at once (ext4 reuses it); its ctime differs
+        # but for one made within the same timestamp tick, which another user's is not.
         st = os.fstat(fd)
-        if checked is None or (st.st_dev, st.st_ino) != checked[:2]:
-            raise OSError(errno.ESTALE, "replaced by another file since it was checked", path)
+        if (
+            checked is None
+            or localfs.signature_of(st) != checked
+            or (made and (st.st_uid != os.geteuid() or st.st_nlink != 1))
+        ):
+            raise OSError(errno.ESTALE, "replaced or changed since it was checked", path)
         os.fchmod(fd, mode)
         return localfs.signature_of(os.fstat(fd))
     finally:

@@ -543,3 +543,64 @@ def test_one_swapped_temp_file_fails_its_group_before_any_of_it_appears(
     assert not (tmp_path / "dst/g/a").exists() and not (tmp_path / "dst/g/b").exists()
     assert victim.stat().st_mode & 0o777 == 0o600
     assert temp_files(tmp_path / "dst") == []
+
+
+def test_a_present_file_swapped_in_a_group_fails_the_group_before_any_of_it_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A present file of a group whose mode must be fixed is checked and given its mode
+    with the group's temp files, before the first rename: swapped for a symlink, it fails
+    the whole group, the group's new file included."""
+    import casstore.store
+
+    write_tree(tmp_path / "src", {"g/top": b"t" * 100, "g/sub/new": b"n" * 100}, {"g/top": 0o644})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    Store(tmp_path / "store").load(KEY, tmp_path / "dst")
+    (tmp_path / "dst/g/top").chmod(0o600)
+    (tmp_path / "dst/g/sub/new").unlink()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v")
+    victim.chmod(0o600)
+    real = casstore.store._Staged.give_mode
+
+    def swap_then_give_mode(self: casstore.store._Staged, fd: int | None = None) -> None:
+        if self.tmp is None and self.chmod is not None and not os.path.islink(self.target):
+            os.unlink(self.target)
+            os.symlink(victim, self.target)
+        real(self, fd)
+
+    monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_then_give_mode)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "g")
+    assert sorted(report.missing) == ["g/sub/new", "g/top"]
+    assert not (tmp_path / "dst/g/sub/new").exists()
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert temp_files(tmp_path / "dst") == []
+
+
+def test_a_grouped_temp_file_replaced_by_another_file_fails_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grouped temp file removed and another of the same size made in its place while it
+    waits (ext4 may give the new one the very inode number): the whole state is compared,
+    not the number alone, so the group fails and the other bytes are never recorded."""
+    import casstore.store
+
+    write_tree(tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100})
+    Store(tmp_path / "store").save(tmp_path / "src", KEY)
+    real = casstore.store._Staged.give_mode
+
+    def replace_then_give_mode(self: casstore.store._Staged, fd: int | None = None) -> None:
+        if self.tmp is not None and fd is None and self.target.endswith("/a"):
+            mtime = os.lstat(self.tmp).st_mtime_ns
+            os.unlink(self.tmp)
+            made = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(made, b"E" * 100)
+            os.close(made)
+            os.utime(self.tmp, ns=(mtime + 10**9, mtime + 10**9))  # a later tick
+        real(self, fd)
+
+    monkeypatch.setattr(casstore.store._Staged, "give_mode", replace_then_give_mode)
+    report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst", group=lambda p: "g")
+    assert sorted(report.missing) == ["g/a", "g/b"]
+    assert not (tmp_path / "dst/g/a").exists()
+    assert temp_files(tmp_path / "dst") == []
