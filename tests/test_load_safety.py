@@ -387,6 +387,21 @@ def test_a_temp_file_removed_between_its_chunks_costs_only_its_file(
     assert temp_files(tmp_path / "dst") == []
 
 
+def _victim(tmp_path: Path) -> Path:
+    """A file of the loading user's outside the destination (0600, ten bytes): what a
+    symlink someone else swaps into the destination would point the load at."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"V" * 10)
+    victim.chmod(0o600)
+    return victim
+
+
+def _swap_for_symlink(path: str, victim: Path) -> None:
+    """What whoever else can write the destination directory does to ``path``."""
+    os.unlink(path)
+    os.symlink(victim, path)
+
+
 def _swap_for_symlink_after_first_write(monkeypatch: pytest.MonkeyPatch, victim: Path) -> list[str]:
     """Whoever else can write the destination directory replaces a temp file with a
     symlink to ``victim`` right after its first chunk is written."""
@@ -400,8 +415,7 @@ def _swap_for_symlink_after_first_write(monkeypatch: pytest.MonkeyPatch, victim:
         path = os.readlink(f"/proc/self/fd/{fd}")
         if not swapped and "/dst/" in path:
             swapped.append(path)
-            os.unlink(path)
-            os.symlink(victim, path)
+            _swap_for_symlink(path, victim)
 
     monkeypatch.setattr(restore, "_write_all", write_then_swap)
     return swapped
@@ -419,9 +433,7 @@ def test_a_temp_file_swapped_for_a_symlink_is_not_written_through(
         {"big.bin": 0o666},
     )
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"V" * 10)
-    victim.chmod(0o600)
+    victim = _victim(tmp_path)
     swapped = _swap_for_symlink_after_first_write(monkeypatch, victim)
     report = Store(tmp_path / "store", threads=1).load(KEY, tmp_path / "dst")
     assert swapped
@@ -443,15 +455,12 @@ def test_a_grouped_temp_file_swapped_for_a_symlink_is_not_given_its_mode(
         tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100}, {"g/a": 0o666, "g/b": 0o666}
     )
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"V")
-    victim.chmod(0o600)
+    victim = _victim(tmp_path)
     real = casstore.store._Staged.give_mode
 
     def swap_then_give_mode(self: casstore.store._Staged, fd: int | None = None) -> None:
         if self.tmp is not None and fd is None and not os.path.islink(self.tmp):
-            os.unlink(self.tmp)
-            os.symlink(victim, self.tmp)
+            _swap_for_symlink(self.tmp, victim)
         real(self, fd)
 
     monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_then_give_mode)
@@ -500,15 +509,12 @@ def test_a_present_file_swapped_for_a_symlink_is_not_given_its_mode(
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
     Store(tmp_path / "store").load(KEY, tmp_path / "dst")
     (tmp_path / "dst/g/a").chmod(0o600)  # or a copy of the same bytes, 0444, put there
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"secret")
-    victim.chmod(0o600)
+    victim = _victim(tmp_path)
     real = casstore.store._Staged.publish
 
     def swap_then_publish(self: casstore.store._Staged, fd: int | None = None) -> str:
         if self.tmp is None and self.chmod is not None and not os.path.islink(self.target):
-            os.unlink(self.target)
-            os.symlink(victim, self.target)
+            _swap_for_symlink(self.target, victim)
         return real(self, fd)
 
     monkeypatch.setattr(casstore.store._Staged, "publish", swap_then_publish)
@@ -526,15 +532,12 @@ def test_one_swapped_temp_file_fails_its_group_before_any_of_it_appears(
 
     write_tree(tmp_path / "src", {"g/a": b"a" * 100, "g/b": b"b" * 100})
     Store(tmp_path / "store").save(tmp_path / "src", KEY)
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"V")
-    victim.chmod(0o600)
+    victim = _victim(tmp_path)
     real = casstore.store._Staged.give_mode
 
     def swap_b_then_check(self: casstore.store._Staged, fd: int | None = None) -> None:
         if self.tmp is not None and self.target.endswith("/b") and not os.path.islink(self.tmp):
-            os.unlink(self.tmp)
-            os.symlink(victim, self.tmp)
+            _swap_for_symlink(self.tmp, victim)
         real(self, fd)
 
     monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_b_then_check)
@@ -558,15 +561,12 @@ def test_a_present_file_swapped_in_a_group_fails_the_group_before_any_of_it_appe
     Store(tmp_path / "store").load(KEY, tmp_path / "dst")
     (tmp_path / "dst/g/top").chmod(0o600)
     (tmp_path / "dst/g/sub/new").unlink()
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"v")
-    victim.chmod(0o600)
+    victim = _victim(tmp_path)
     real = casstore.store._Staged.give_mode
 
     def swap_then_give_mode(self: casstore.store._Staged, fd: int | None = None) -> None:
         if self.tmp is None and self.chmod is not None and not os.path.islink(self.target):
-            os.unlink(self.target)
-            os.symlink(victim, self.target)
+            _swap_for_symlink(self.target, victim)
         real(self, fd)
 
     monkeypatch.setattr(casstore.store._Staged, "give_mode", swap_then_give_mode)
