@@ -5,6 +5,7 @@ finding a safe directory to restore into. Nothing here touches the store.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -43,6 +44,32 @@ def current_signature(path: str | os.PathLike[str]) -> Signature | None:
         return signature_of(os.lstat(path))
     except OSError:
         return None
+
+
+def open_checked(
+    path: str, flags: int, same: Callable[[os.stat_result], bool]
+) -> tuple[int, os.stat_result]:
+    """(fd, stat) of ``path`` opened again by name (``flags``, never through a symlink, never
+    waiting on a FIFO) if ``same(stat)`` says it is still the file expected there; else
+    OSError(ESTALE), the descriptor closed. For files in a directory others may write:
+    whatever they put in a file's place between two steps is refused, not written to.
+    The caller closes the fd."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not same(st):
+            raise OSError(errno.ESTALE, "replaced or changed since it was checked", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def made_here(st: os.stat_result) -> bool:
+    """Whether ``st`` can be a file this process made: a regular file of its user's with
+    one name. With the inode number, what tells it from another file made in its place
+    (ext4 hands a removed file's number to the next one made at once)."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
 
 
 def scan_tree(

@@ -20,14 +20,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from casstore import packs
+from casstore import localfs, packs
 from casstore.backends.base import Backend
 from casstore.chunk_index import ChunkIndex, Location, list_trashed
 from casstore.errors import CasstoreError, CorruptObject, NotFound
@@ -102,22 +101,11 @@ def _reopen(tmp: str, made: tuple[int, int] | None) -> int:
     """The temp file ``tmp`` again, for a later chunk: the very file the load made, never
     a symlink or another file put in its place by whoever else can write the directory (a
     write through it would land outside the destination)."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        # The inode number alone could be another file's made in its place (ext4 reuses
-        # numbers at once): still this process's own regular file with one name, too.
-        if (
-            made is None
-            or (st.st_dev, st.st_ino) != made
-            or not stat.S_ISREG(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or st.st_nlink != 1
-        ):
-            raise OSError(errno.ESTALE, "replaced by another file since it was made", tmp)
-    except BaseException:
-        os.close(fd)
-        raise
+    fd, _ = localfs.open_checked(
+        tmp,
+        os.O_WRONLY,
+        lambda st: (st.st_dev, st.st_ino) == made and localfs.made_here(st),
+    )
     return fd
 
 

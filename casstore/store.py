@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import collections
-import errno
 import functools
 import itertools
 import json
@@ -1421,9 +1420,6 @@ class _Staged:
         if self.tmp is None:
             return "skipped"
         try:
-            written = self.written
-            if fd is None and written is None:
-                written = localfs.current_signature(self.tmp)
             os.replace(self.tmp, self.target)
         except BaseException:
             self.discard()
@@ -1432,7 +1428,7 @@ class _Staged:
         if fd is not None:
             self.signature = localfs.signature_of(os.fstat(fd))
         else:
-            self.signature = _same_file(written, localfs.current_signature(self.target))
+            self.signature = _same_file(self.written, localfs.current_signature(self.target))
         return "written"
 
     def discard(self) -> None:
@@ -1453,18 +1449,15 @@ def _chmod_checked(
     file, put there by whoever else can write the directory (a temp file waiting for the
     rest of its group, a present file while it was hashed). ``made``: a file this
     process made, so also its own, with one name."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    # The whole state, not the inode number alone: a file removed and another made in its
+    # place may get the same number at once (ext4 reuses it); its ctime differs but for
+    # one made within the same timestamp tick, which another user's is not.
+    fd, _ = localfs.open_checked(
+        path,
+        os.O_RDONLY,
+        lambda st: localfs.signature_of(st) == checked and (not made or localfs.made_here(st)),
+    )
     try:
-        # The whole state, not the inode number alone: a file removed and another made in
-        # its place may get the same number at once (ext4 reuses it); its ctime differs
-        # but for one made within the same timestamp tick, which another user's is not.
-        st = os.fstat(fd)
-        if (
-            checked is None
-            or localfs.signature_of(st) != checked
-            or (made and (st.st_uid != os.geteuid() or st.st_nlink != 1))
-        ):
-            raise OSError(errno.ESTALE, "replaced or changed since it was checked", path)
         os.fchmod(fd, mode)
         return localfs.signature_of(os.fstat(fd))
     finally:
