@@ -119,15 +119,11 @@ def open_stable(f: LocalFile) -> tuple[int, os.stat_result] | None:
     vanished or is something else now. The caller closes the fd.
 
     O_NONBLOCK: a file swapped for a FIFO since the scan must not make the open wait for
-    a writer (the fstat below then refuses it). A regular file is read in blocking mode
+    a writer (its check then refuses it). A regular file is read in blocking mode
     again, whatever a network filesystem would make of the flag."""
     try:
-        fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd, before = open_checked(f.path, os.O_RDONLY, lambda st: stat.S_ISREG(st.st_mode))
     except OSError:
-        return None
-    before = os.fstat(fd)
-    if not stat.S_ISREG(before.st_mode):
-        os.close(fd)
         return None
     os.set_blocking(fd, True)
     return fd, before
